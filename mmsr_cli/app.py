@@ -1,0 +1,165 @@
+"""The `mmsr` Typer application: shared options, config files, and one-line error handling.
+
+Commands live in ``mmsr_cli/commands/<stage>.py``; each is thin: it parses options, calls the
+stage's library function and prints a one-line summary.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+import tomllib
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+try:  # typer >= 0.20 vendors its own click
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover - older typer uses the click package
+    from click import exceptions as click_exc
+
+from .errors import MmsrError
+
+app = typer.Typer(
+    name="mmsr",
+    help="Multi-modal sequential recommendation (MMSR, CIKM 2023): from raw logs, images and "
+    "texts to a trained recommender and ranked next-item lists.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+console = Console(stderr=True)  # progress and summaries; stdout is kept for data (recommend)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"mmsr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version."),
+    ] = False,
+) -> None:
+    """Multi-modal sequential recommendation: download -> preprocess -> extract-features ->
+    build-codes -> build-graphs -> train -> evaluate / recommend."""
+
+
+def _load_config(ctx: typer.Context, param: object, value: Optional[Path]) -> Optional[Path]:
+    """Eager ``--config`` callback: the file's options become this command's defaults.
+
+    The TOML file may hold top-level keys (shared by all commands, e.g. ``dataset``) and one
+    table per command (``[train]``, ``[build-codes]``); the command's table wins over top-level
+    keys, and flags given on the command line win over both.
+    """
+    if value is None:
+        return None
+    try:
+        data = tomllib.loads(Path(value).read_text())
+    except FileNotFoundError:
+        raise typer.BadParameter(f"{value}: file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise typer.BadParameter(f"{value}: not valid TOML ({e})") from None
+    name = ctx.command.name
+    known = {p.name for p in ctx.command.params if p.name and p.name != "config"}
+    defaults: dict = {}
+    for key, val in data.items():
+        if isinstance(val, dict):
+            continue
+        key = key.replace("-", "_")
+        if key in known:
+            defaults[key] = val
+    section = data.get(name, {})
+    if not isinstance(section, dict):
+        raise typer.BadParameter(f"{value}: [{name}] must be a table")
+    for key, val in section.items():
+        key_ = key.replace("-", "_")
+        if key_ not in known:
+            raise typer.BadParameter(f"{value}: [{name}] has unknown option '{key}'")
+        defaults[key_] = val
+    for key, val in defaults.items():
+        if isinstance(val, list):  # TOML lists become the comma-separated form our flags take
+            defaults[key] = ",".join(str(v) for v in val)
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+# Options every command takes. Use as annotations: ``workdir: WorkdirOpt = None``.
+WorkdirOpt = Annotated[
+    Optional[Path],
+    typer.Option("--workdir", envvar="MMSR_WORKDIR", help="Working directory [default: ./workdir]."),
+]
+DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="Dataset name (folder under the workdir).")]
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--config",
+        is_eager=True,
+        callback=_load_config,
+        help="TOML file of options (top-level keys and a [command] table); flags win.",
+    ),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+
+
+def parse_list(value: str | None, option: str) -> list[str]:
+    """Comma-separated option value -> list of non-empty stripped strings."""
+    if value is None:
+        return []
+    items = [v.strip() for v in value.split(",")]
+    if any(not v for v in items):
+        raise MmsrError(f"{option}: empty entry in {value!r}")
+    return items
+
+
+def _crash_log(exc: BaseException) -> Path:
+    fd, path = tempfile.mkstemp(prefix=f"mmsr-crash-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        traceback.print_exception(exc, file=f)
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: one line on stderr and a non-zero exit for every failure."""
+    from . import commands  # noqa: F401  (registers the commands)
+
+    cmd = typer.main.get_command(app)
+    try:
+        cmd.main(args=argv, prog_name="mmsr", standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except click_exc.ClickException as e:  # usage errors, bad parameters
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `mmsr`: show the help
+            print(e.format_message())
+            sys.exit(e.exit_code)
+        ctx_name = getattr(getattr(e, "ctx", None), "command_path", "mmsr")
+        console.print(f"{ctx_name}: error: {e.format_message()}", markup=False, highlight=False)
+        sys.exit(e.exit_code)
+    except MmsrError as e:
+        console.print(f"mmsr: error: {e}", markup=False, highlight=False)
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        console.print("mmsr: interrupted; completed outputs are kept, re-run to resume", markup=False)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(141)
+    except Exception as e:  # a bug: keep the traceback for the report, show one line
+        log = _crash_log(e)
+        console.print(
+            f"mmsr: internal error: {type(e).__name__}: {e} (traceback in {log})",
+            markup=False,
+            highlight=False,
+        )
+        sys.exit(1)

@@ -1,0 +1,3 @@
+"""CLI commands, one module per stage. Importing this package registers them on ``app``."""
+
+# Each line registers one stage's command; a stage that is not built has no line here.

@@ -1,0 +1,188 @@
+"""Data contracts between pipeline stages: file names, Parquet schemas and stage names.
+
+Every stage reads and writes only through the names defined here, so the layout of a dataset
+folder (``<workdir>/<dataset>/``) is documented in one place:
+
+    raw/                         download: source files exactly as fetched (or ingested --from)
+      sequences.tsv, items.jsonl   sequence format (synthetic, ../shared/data), or
+      reviews.json.gz, meta.json.gz  Amazon 2014 review + metadata files, or
+      interactions.csv|parquet     generic (user, item, timestamp) log
+      images/<item_id>.<ext>       item images (optional)
+    items.parquet                preprocess: one row per kept item, dense ``item_idx``
+    users.parquet                preprocess: one row per kept user, dense ``user_idx``
+    interactions.parquet         preprocess: kept interactions in chronological order
+    samples_{train,valid,test}.parquet  preprocess: (history, target) samples
+    features/<modality>.pt       extract-features: float tensor [n_items, dim] (+ mask)
+    features/<modality>.parquet  extract-features: item_idx -> row, missing flag
+    codes/<modality>.parquet     build-codes: item_idx -> top-k code ids and cosine sims
+    codes/<modality>.pt          build-codes: centre vectors [c, ae_dim]
+    graphs/<split>/...           build-graphs: flat numpy arrays, memory-mapped by train
+    runs/<run_name>/...          train: checkpoints, config, metrics history
+    manifests/<stage>.json       one manifest per stage (see workdir.py)
+    logs/<stage>.log             log file of each stage
+
+Conventions: item and user indices are dense, 0-based ``int32``; there is no padding id in any
+file (padding is a batching concern of the models). Histories are stored oldest first, at most
+``max_len`` items (the most recent ones).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+
+# ----------------------------------------------------------------------------------------------
+# Dataset names and the datasets `download` knows.
+
+DATASET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MODALITY_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+# ----------------------------------------------------------------------------------------------
+# Stage names (manifest keys). Per-modality stages are suffixed with ":<modality>".
+
+STAGE_DOWNLOAD = "download"
+STAGE_PREPROCESS = "preprocess"
+STAGE_FEATURES = "features"  # features:<modality>
+STAGE_CODES = "codes"  # codes:<modality>
+STAGE_GRAPHS = "graphs"
+
+
+def modality_stage(stage: str, modality: str) -> str:
+    return f"{stage}:{modality}"
+
+
+# ----------------------------------------------------------------------------------------------
+# File names, relative to the dataset folder.
+
+RAW_DIR = "raw"
+RAW_SEQUENCES = "raw/sequences.tsv"
+RAW_ITEMS = "raw/items.jsonl"
+RAW_REVIEWS = "raw/reviews.json.gz"
+RAW_META = "raw/meta.json.gz"
+RAW_IMAGES_DIR = "raw/images"
+
+ITEMS = "items.parquet"
+USERS = "users.parquet"
+INTERACTIONS = "interactions.parquet"
+SPLITS = ("train", "valid", "test")
+
+
+def samples_file(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}")
+    return f"samples_{split}.parquet"
+
+
+FEATURES_DIR = "features"
+CODES_DIR = "codes"
+GRAPHS_DIR = "graphs"
+RUNS_DIR = "runs"
+MANIFESTS_DIR = "manifests"
+LOGS_DIR = "logs"
+
+
+def features_tensor_file(modality: str) -> str:
+    return f"{FEATURES_DIR}/{modality}.pt"
+
+
+def features_index_file(modality: str) -> str:
+    return f"{FEATURES_DIR}/{modality}.parquet"
+
+
+def codes_file(modality: str) -> str:
+    return f"{CODES_DIR}/{modality}.parquet"
+
+
+def centres_file(modality: str) -> str:
+    return f"{CODES_DIR}/{modality}.pt"
+
+
+def graphs_split_dir(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}")
+    return f"{GRAPHS_DIR}/{split}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Parquet schemas. Writers cast to these; readers may rely on them.
+
+ITEMS_SCHEMA = pa.schema(
+    [
+        pa.field("item_idx", pa.int32(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),  # original id (ASIN)
+        pa.field("title", pa.string()),
+        pa.field("categories", pa.list_(pa.string())),
+        pa.field("brand", pa.string()),
+        pa.field("description", pa.string()),
+        pa.field("image_path", pa.string()),  # relative to the dataset folder; null if none
+        pa.field("n_interactions", pa.int32(), nullable=False),
+    ]
+)
+
+USERS_SCHEMA = pa.schema(
+    [
+        pa.field("user_idx", pa.int32(), nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("n_interactions", pa.int32(), nullable=False),
+    ]
+)
+
+INTERACTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("user_idx", pa.int32(), nullable=False),
+        pa.field("item_idx", pa.int32(), nullable=False),
+        pa.field("timestamp", pa.int64(), nullable=False),  # seconds; file order where absent
+        pa.field("position", pa.int32(), nullable=False),  # 0-based rank in the user's sequence
+    ]
+)
+
+SAMPLES_SCHEMA = pa.schema(
+    [
+        pa.field("sample_idx", pa.int64(), nullable=False),
+        pa.field("user_idx", pa.int32(), nullable=False),
+        pa.field("history", pa.list_(pa.int32()), nullable=False),  # oldest first, <= max_len
+        pa.field("target", pa.int32(), nullable=False),
+        pa.field("target_position", pa.int32(), nullable=False),  # position of target in sequence
+    ]
+)
+
+FEATURE_INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("item_idx", pa.int32(), nullable=False),
+        pa.field("row", pa.int32(), nullable=False),  # row in the features tensor
+        pa.field("missing", pa.bool_(), nullable=False),  # True: no usable input, row is not a feature
+        pa.field("reason", pa.string()),  # why missing (e.g. "image file not found"), else null
+    ]
+)
+
+CODES_SCHEMA = pa.schema(
+    [
+        pa.field("item_idx", pa.int32(), nullable=False),
+        pa.field("codes", pa.list_(pa.int32()), nullable=False),  # empty list: item has no codes
+        pa.field("similarities", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Item images: raw/images/<safe name>.<ext>. Item ids come from untrusted metadata, so they are
+# turned into a file name that cannot escape the images folder.
+
+_SAFE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def safe_item_filename(item_id: str) -> str:
+    """A file-system-safe, collision-free stem for an item id (no '/', no leading '.')."""
+    import hashlib
+
+    stem = _SAFE_CHARS.sub("_", item_id).lstrip(".")[:80]
+    if stem != item_id or not stem:
+        stem = f"{stem}-{hashlib.sha1(item_id.encode()).hexdigest()[:10]}"
+    return stem
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+
+# Graph variants built by `build-graphs`: modality nodes are shared codes, or one node per item.
+GRAPH_VARIANTS = ("codes", "items")

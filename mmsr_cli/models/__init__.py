@@ -1,0 +1,1 @@
+"""Models: HAN-GNN layers, MMSR, and baselines behind one interface (see base.py)."""

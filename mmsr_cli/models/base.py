@@ -1,0 +1,82 @@
+"""The one small interface every recommender implements, and the data a model is built from.
+
+A model takes a batch (a dict of tensors made by a split's ``collate``) and returns one user
+vector per sample; scores are dot products with the item embedding table (paper Eq. 7), so the
+training loss (cross-entropy over all items) and the full-ranking evaluation are shared by all
+models in the harness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class ModalityInfo:
+    """What a model needs to know about one named modality (from build-codes)."""
+
+    name: str
+    n_codes: int  # size of the code table (c clusters, or n_items for per-item nodes)
+    code_dim: int  # dimension of the centre / reduced vectors
+    centres: torch.Tensor | None = None  # [n_codes, code_dim] initial code embeddings
+    item_codes: np.ndarray | None = None  # [n_items, k] code ids per item, -1 = none (missing)
+
+
+@dataclass
+class DatasetInfo:
+    n_items: int
+    n_users: int
+    max_len: int
+    modalities: list[ModalityInfo] = field(default_factory=list)
+    item_popularity: np.ndarray | None = None  # [n_items] training target counts (Pop)
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters shared by the models; each model reads the fields it uses."""
+
+    model: str = "mmsr"
+    dim: int = 128  # paper: embedding size 128 for all models
+    layers: int = 2  # L: HAN-GNN layers / transformer blocks / GRU layers
+    heads: int = 2  # transformer heads (SASRec family)
+    dropout: float = 0.3
+    max_len: int = 50
+    modalities: tuple[str, ...] = ()  # empty: all modalities of the dataset
+    # MMSR ablations (paper sections 5.2-5.3)
+    fusion: str = "adaptive"  # adaptive | hohe | heho | synchronous | ho | he
+    invasive: bool = False  # phase 2 values from the intermediate state instead of h^(l)
+    pos_emb: bool = True
+    type_emb: bool = True
+    graph_variant: str = "codes"  # codes | items (--no-codes)
+    aggregator: str = "han"
+
+
+class SplitData(Protocol):
+    """One split (train/valid/test) as the harness sees it."""
+
+    def __len__(self) -> int: ...
+
+    def collate(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch for these sample indices; always holds ``target`` [B] and ``user_idx`` [B]."""
+        ...
+
+
+class Recommender(nn.Module):
+    """Batch in, user vectors out; scores against all items by dot product."""
+
+    #: which split data the model reads: "sequence" (padded histories) or "graph" (MSGraphs)
+    input_kind: ClassVar[str] = "sequence"
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # [B, d]
+        raise NotImplementedError
+
+    def item_embeddings(self) -> torch.Tensor:  # [n_items, d]
+        raise NotImplementedError
+
+    def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # [B, n_items]
+        return self(batch) @ self.item_embeddings().T

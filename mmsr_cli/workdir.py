@@ -1,0 +1,309 @@
+"""Dataset folders, atomic writes, and stage manifests.
+
+A manifest (``manifests/<stage>.json``) records what a stage read, with which options, and the
+content hash of everything it wrote. A later stage calls :func:`DatasetDir.require` to refuse to
+run on missing, corrupted or stale inputs with a message that says which command to run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import contracts as C
+from .errors import MmsrError
+
+MANIFEST_VERSION = 1
+
+# The command that produces each stage, for "run `...` first" hints.
+_STAGE_COMMAND = {
+    C.STAGE_DOWNLOAD: "mmsr download",
+    C.STAGE_PREPROCESS: "mmsr preprocess",
+    C.STAGE_FEATURES: "mmsr extract-features --name {modality}",
+    C.STAGE_CODES: "mmsr build-codes --modality {modality}",
+    C.STAGE_GRAPHS: "mmsr build-graphs",
+}
+
+
+def stage_command(stage: str, dataset: str) -> str:
+    base, _, modality = stage.partition(":")
+    cmd = _STAGE_COMMAND.get(base, f"mmsr {base}").format(modality=modality)
+    return f"{cmd} --dataset {dataset}"
+
+
+def resolve_workdir(workdir: str | os.PathLike | None) -> Path:
+    if workdir is None:
+        workdir = os.environ.get("MMSR_WORKDIR", "workdir")
+    return Path(workdir).expanduser().resolve()
+
+
+def validate_dataset_name(name: str) -> str:
+    if not C.DATASET_NAME_RE.match(name or ""):
+        raise MmsrError(
+            f"--dataset: invalid name {name!r} (letters, digits, '.', '_' and '-', at most 64)"
+        )
+    return name
+
+
+def validate_modality_name(name: str) -> str:
+    if not C.MODALITY_NAME_RE.match(name or ""):
+        raise MmsrError(
+            f"modality name {name!r} is invalid (lower-case letter first, then a-z, 0-9, '_')"
+        )
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Hashing and atomic writes
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def path_sha256(path: Path) -> str:
+    """Hash of a file, or of a directory's files (relative names and contents, sorted)."""
+    if path.is_dir():
+        h = hashlib.sha256()
+        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+            h.update(str(p.relative_to(path)).encode())
+            h.update(b"\0")
+            h.update(file_sha256(p).encode())
+        return h.hexdigest()
+    return file_sha256(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    Readers therefore see either the old complete file or the new complete file, never a
+    half-written one, and a failure leaves the previous output intact.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    except OSError as e:
+        raise MmsrError(f"{path.parent}: cannot write here ({e.strerror})") from e
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except OSError as e:
+        if e.errno == 28:  # ENOSPC
+            raise MmsrError(f"{path}: no space left on device; previous output kept") from e
+        raise
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_parquet_atomic(path: Path, table: pa.Table, schema: pa.Schema | None = None) -> None:
+    if schema is not None:
+        table = table.select(schema.names).cast(schema)
+    with atomic_path(path, ".parquet") as tmp:
+        # No statistics timestamps or writer-dependent metadata: same input -> same bytes.
+        pq.write_table(table, tmp, compression="zstd", write_statistics=True)
+
+
+def read_parquet(path: Path, schema: pa.Schema | None = None) -> pa.Table:
+    if not path.exists():
+        raise MmsrError(f"{path}: file not found")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise MmsrError(f"{path}: not a readable Parquet file ({e})") from e
+    if schema is not None:
+        missing = [n for n in schema.names if n not in table.column_names]
+        if missing:
+            raise MmsrError(f"{path}: missing column(s) {', '.join(missing)}")
+        table = table.select(schema.names)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Versions recorded in manifests
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    from importlib import metadata
+
+    for dist in ("mmsr", "torch", "torch_geometric", "numpy", "pyarrow", "polars", "scikit-learn",
+                 "transformers", "torchvision"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset folder
+
+
+@dataclass
+class DatasetDir:
+    workdir: Path
+    name: str
+
+    @classmethod
+    def open(cls, workdir: str | os.PathLike | None, name: str) -> "DatasetDir":
+        return cls(resolve_workdir(workdir), validate_dataset_name(name))
+
+    @property
+    def root(self) -> Path:
+        return self.workdir / self.name
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    # -- manifests ------------------------------------------------------------------------------
+
+    def manifest_path(self, stage: str) -> Path:
+        return self.root / C.MANIFESTS_DIR / (stage.replace(":", "__") + ".json")
+
+    def read_manifest(self, stage: str) -> dict | None:
+        p = self.manifest_path(stage)
+        if not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MmsrError(f"{p}: corrupt manifest ({e}); re-run `{stage_command(stage, self.name)}`") from e
+
+    def stages(self, prefix: str) -> list[str]:
+        """Stages with a manifest whose name starts with ``prefix`` (e.g. all ``codes:*``)."""
+        d = self.root / C.MANIFESTS_DIR
+        if not d.exists():
+            return []
+        names = sorted(p.stem.replace("__", ":") for p in d.glob("*.json"))
+        return [n for n in names if n == prefix or n.startswith(prefix + ":")]
+
+    def write_manifest(
+        self,
+        stage: str,
+        *,
+        inputs: Mapping[str, str] | None = None,
+        outputs: list[str],
+        options: Mapping[str, Any],
+        counts: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict:
+        """Record a finished stage.
+
+        ``inputs`` maps upstream stage names to the hash recorded when this stage read them
+        (use :meth:`require`'s return value); ``outputs`` are paths relative to the dataset
+        folder, hashed now.
+        """
+        out_hashes = {}
+        for rel in outputs:
+            p = self.path(rel)
+            if not p.exists():
+                raise MmsrError(f"{p}: expected output of stage {stage} is missing")
+            out_hashes[rel] = path_sha256(p)
+        manifest = {
+            "manifest_version": MANIFEST_VERSION,
+            "stage": stage,
+            "dataset": self.name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:]),
+            "versions": library_versions(),
+            "options": dict(options),
+            "inputs": dict(inputs or {}),
+            "outputs": out_hashes,
+            "counts": dict(counts or {}),
+        }
+        if extra:
+            manifest.update(extra)
+        manifest["fingerprint"] = _fingerprint(out_hashes)
+        write_json_atomic(self.manifest_path(stage), manifest)
+        return manifest
+
+    def require(self, stage: str, *, verify: bool = True) -> dict:
+        """Return the manifest of a finished upstream stage, or raise a clear error.
+
+        Checks that the stage ran, that its outputs still exist with the recorded content
+        (``verify``), and that its own inputs are still the current outputs of their stages
+        (an upstream stage re-run with other options makes everything after it stale).
+        """
+        m = self.read_manifest(stage)
+        hint = f"run `{stage_command(stage, self.name)}` first"
+        if m is None:
+            if not self.root.exists():
+                raise MmsrError(f"{self.root}: no such dataset folder; {hint}")
+            raise MmsrError(f"{self.manifest_path(stage)}: stage '{stage}' has not been run; {hint}")
+        for rel, digest in m["outputs"].items():
+            p = self.path(rel)
+            if not p.exists():
+                raise MmsrError(f"{p}: output of stage '{stage}' is missing; {hint}")
+            if verify and path_sha256(p) != digest:
+                raise MmsrError(f"{p}: changed since stage '{stage}' wrote it; {hint}")
+        for up_stage, fingerprint in m.get("inputs", {}).items():
+            up = self.read_manifest(up_stage)
+            if up is None or up.get("fingerprint") != fingerprint:
+                raise MmsrError(
+                    f"{self.manifest_path(stage)}: stage '{stage}' is stale ('{up_stage}' was re-run "
+                    f"since); re-run `{stage_command(stage, self.name)}`"
+                )
+        return m
+
+    # -- logging --------------------------------------------------------------------------------
+
+    def logger(self, stage: str) -> logging.Logger:
+        """A logger writing to ``logs/<stage>.log`` (appending, one line per record)."""
+        log_dir = self.root / C.LOGS_DIR
+        log_dir.mkdir(parents=True, exist_ok=True)
+        name = f"mmsr.{self.name}.{stage}"
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        path = log_dir / (stage.replace(":", "__") + ".log")
+        if not any(getattr(h, "baseFilename", None) == str(path) for h in logger.handlers):
+            handler = logging.FileHandler(path)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            logger.addHandler(handler)
+        return logger
+
+
+def _fingerprint(out_hashes: Mapping[str, str]) -> str:
+    h = hashlib.sha256()
+    for rel in sorted(out_hashes):
+        h.update(f"{rel}={out_hashes[rel]}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def upstream(manifest: dict) -> dict[str, str]:
+    """The ``inputs`` entry a downstream manifest records for an upstream manifest."""
+    return {manifest["stage"]: manifest["fingerprint"]}
