@@ -131,6 +131,11 @@ def _crash_log(exc: BaseException) -> Path:
     return Path(path)
 
 
+def _error_line(message: str) -> None:
+    """One line on stderr, whatever the message holds (no wrapping, no markup)."""
+    print(" ".join(message.split()), file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one line on stderr and a non-zero exit for every failure."""
     from . import commands  # noqa: F401  (registers the commands)
@@ -144,22 +149,17 @@ def main(argv: list[str] | None = None) -> None:
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `mmsr`: show the help
             print(e.format_message())
             sys.exit(e.exit_code)
-        ctx_name = getattr(getattr(e, "ctx", None), "command_path", "mmsr")
-        console.print(f"{ctx_name}: error: {e.format_message()}", markup=False, highlight=False)
+        _error_line(f"mmsr: error: {e.format_message()}")
         sys.exit(e.exit_code)
     except MmsrError as e:
-        console.print(f"mmsr: error: {e}", markup=False, highlight=False)
+        _error_line(f"mmsr: error: {e}")
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
-        console.print("mmsr: interrupted; completed outputs are kept, re-run to resume", markup=False)
+        _error_line("mmsr: interrupted; completed outputs are kept, re-run to resume")
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(141)
     except Exception as e:  # a bug: keep the traceback for the report, show one line
         log = _crash_log(e)
-        console.print(
-            f"mmsr: internal error: {type(e).__name__}: {e} (traceback in {log})",
-            markup=False,
-            highlight=False,
-        )
+        _error_line(f"mmsr: internal error: {type(e).__name__}: {e} (traceback in {log})")
         sys.exit(1)
