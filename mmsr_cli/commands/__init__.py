@@ -1,3 +1,4 @@
 """CLI commands, one module per stage. Importing this package registers them on ``app``."""
 
 # Each line registers one stage's command; a stage that is not built has no line here.
+from . import preprocess  # noqa: F401

@@ -1,0 +1,39 @@
+"""`mmsr preprocess`: raw/ -> items, users, interactions and train/valid/test samples."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..app import ConfigOpt, DatasetOpt, WorkdirOpt, app, console
+
+
+@app.command("preprocess")
+def preprocess_command(
+    dataset: DatasetOpt,
+    core: Annotated[
+        int, typer.Option("--core", help="k-core: keep users and items with >= K interactions (0 or 1: off).")
+    ] = 5,
+    max_len: Annotated[int, typer.Option("--max-len", help="Keep the last N items of each history.")] = 50,
+    split: Annotated[
+        str,
+        typer.Option(
+            "--split",
+            help="loo: last item test, second-to-last valid; ratio: last --test-ratio of each user test.",
+        ),
+    ] = "loo",
+    test_ratio: Annotated[
+        float, typer.Option("--test-ratio", help="Share of each sequence used as test cases (--split ratio).")
+    ] = 0.2,
+    workdir: WorkdirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Filter (k-core), order and number the raw interactions, then write the split samples."""
+    from ..preprocess import PreprocessOptions, run
+    from ..workdir import DatasetDir
+
+    opts = PreprocessOptions(core=core, max_len=max_len, split=split, test_ratio=test_ratio).validate()
+    ds = DatasetDir.open(workdir, dataset)
+    result = run(ds, opts)
+    console.print(result.summary(ds.name), markup=False, highlight=False, soft_wrap=True)
