@@ -301,6 +301,8 @@ _INTERACTION_COLUMNS = ("user", "item", "timestamp")
 
 def _coded_log(df: pl.DataFrame, path: Path, fmt: str) -> RawLog:
     """user/item strings + int64 timestamp (file order) -> first-appearance codes."""
+    if df.height == 0:
+        raise MmsrError(f"{path}: no interactions")
     df = df.with_row_index("order")
     user_names = df.select(pl.col("user").unique(maintain_order=True)).to_series().to_list()
     item_names = df.select(pl.col("item").unique(maintain_order=True)).to_series().to_list()
@@ -324,13 +326,34 @@ def _check_generic(df: pl.DataFrame, path: Path, row_label: Callable[[int], str]
         bad = df.select(pl.col(col).is_null() | (pl.col(col).str.strip_chars() == "")).to_series()
         if bad.any():
             raise MmsrError(f"{row_label(int(bad.arg_true()[0]))}: field '{col}' missing")
+    bad = df["timestamp"].is_null()
+    if bad.any():
+        raise MmsrError(f"{row_label(int(bad.arg_true()[0]))}: field 'timestamp' missing")
     return df
+
+
+def _locate_csv_error(path: Path) -> None:
+    """Slow path after a failed fast read: name the first line with a wrong field count."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            for row in reader:
+                if len(row) != len(header or []):
+                    raise MmsrError(
+                        f"{path}:{reader.line_num}: expected {len(header or [])} comma-separated fields, got {len(row)}"
+                    )
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise MmsrError(f"{path}: not a readable CSV file ({e})") from e
 
 
 def read_interactions_csv(path: Path) -> RawLog:
     try:
-        df = pl.read_csv(path, infer_schema=False, missing_utf8_is_empty_string=False)
+        df = pl.read_csv(path, infer_schema=False)
     except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as e:
+        _locate_csv_error(path)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MmsrError(f"{path}: not a readable CSV file ({first})") from e
     label = lambda row: f"{path}:{row + 2}"  # noqa: E731  (1-based line, after the header)
@@ -370,11 +393,7 @@ def read_interactions_parquet(path: Path) -> RawLog:
             raise MmsrError(f"{path}: column '{name}' must be strings or integers, got {col.type}")
         cols[name] = col.cast(pa.string())
     df = pl.from_arrow(pa.table({"user": cols["user"], "item": cols["item"], "timestamp": ts_col}))
-    df = _check_generic(df, path, label)
-    bad = df["timestamp"].is_null()
-    if bad.any():
-        raise MmsrError(f"{label(int(bad.arg_true()[0]))}: field 'timestamp' missing")
-    return _coded_log(df, path, "parquet")
+    return _coded_log(_check_generic(df, path, label), path, "parquet")
 
 
 # ----------------------------------------------------------------------------------------------
