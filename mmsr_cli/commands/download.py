@@ -1,0 +1,41 @@
+"""`mmsr download`: fetch a known dataset, ingest a local copy, or generate the synthetic one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..app import ConfigOpt, DatasetOpt, WorkdirOpt, app, console
+from ..download import KNOWN_DATASETS, DownloadOptions, run_download
+from ..workdir import DatasetDir
+
+
+@app.command("download")
+def download(
+    dataset: DatasetOpt,
+    from_dir: Annotated[
+        Optional[Path],
+        typer.Option("--from", help="Ingest a local copy from this folder instead of downloading "
+                     "(Amazon files, sequences.tsv + items.jsonl, or interactions.csv|parquet; "
+                     "optional images/). Any dataset name is allowed."),
+    ] = None,
+    images: Annotated[bool, typer.Option("--images/--no-images", help="Fetch (or copy) item images.")] = True,
+    workers: Annotated[int, typer.Option("--workers", help="Concurrent image downloads.")] = 8,
+    retries: Annotated[int, typer.Option("--retries", help="Extra attempts per file or image.")] = 5,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds without data before an attempt fails.")] = 60.0,
+    base_url: Annotated[
+        Optional[str],
+        typer.Option("--base-url", help="Host and folder of the Amazon files (a mirror) instead of the SNAP one."),
+    ] = None,
+    workdir: WorkdirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    f"""Fetch raw data into <workdir>/<dataset>/raw/. Known: {', '.join(KNOWN_DATASETS)}."""
+    ds = DatasetDir.open(workdir, dataset)
+    opts = DownloadOptions(
+        images=images, workers=workers, retries=retries, timeout=timeout, base_url=base_url, from_dir=from_dir
+    )
+    result = run_download(ds, opts)
+    console.print(f"{result.summary()} -> {ds.path('raw')}", highlight=False, markup=False, soft_wrap=True)
