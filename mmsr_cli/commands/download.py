@@ -12,7 +12,12 @@ from ..download import KNOWN_DATASETS, DownloadOptions, run_download
 from ..workdir import DatasetDir
 
 
-@app.command("download")
+@app.command(
+    "download",
+    help=f"Fetch raw data into <workdir>/<dataset>/raw/. Known datasets: {', '.join(KNOWN_DATASETS)} "
+    "(synthetic is generated locally); any other name needs --from DIR. Re-running skips complete "
+    "files and resumes partial ones.",
+)
 def download(
     dataset: DatasetOpt,
     from_dir: Annotated[
@@ -32,7 +37,6 @@ def download(
     workdir: WorkdirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    f"""Fetch raw data into <workdir>/<dataset>/raw/. Known: {', '.join(KNOWN_DATASETS)}."""
     ds = DatasetDir.open(workdir, dataset)
     opts = DownloadOptions(
         images=images, workers=workers, retries=retries, timeout=timeout, base_url=base_url, from_dir=from_dir
