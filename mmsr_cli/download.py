@@ -348,7 +348,10 @@ def fetch_image(url: str, item_id: str, images_dir: Path, opts: DownloadOptions)
 
     Raises _ImageRejected or _Retryable (after all attempts) with the reason.
     """
-    check = urllib.parse.urlsplit(url)
+    try:
+        check = urllib.parse.urlsplit(url)
+    except ValueError:
+        raise _ImageRejected(f"malformed URL {url[:200]!r}") from None
     if check.scheme not in ("http", "https") or not check.netloc:
         # Metadata is untrusted: never let it read file:// or other local resources.
         raise _ImageRejected(f"not an http(s) URL: {url[:200]!r}")
@@ -425,25 +428,27 @@ def fetch_images(
     log.info("images: %d present, %d to fetch, %d items without URL", result.ok, len(todo), no_url)
     if not todo:
         return result
-    with progress() as bar, ThreadPoolExecutor(max_workers=opts.workers) as pool:
-        task = bar.add_task("images", total=len(todo))
-        futures = {pool.submit(fetch_image, url, item, images_dir, opts): item for item, url in todo.items()}
-        for fut in as_completed(futures):
-            item = futures[fut]
-            try:
-                size = fut.result()
-            except (_ImageRejected, _Retryable) as e:
-                result.failed[item] = str(e)
-                log.warning("image of %s (%s): %s", item, todo[item], e)
-            except MmsrError as e:  # e.g. the images folder is not writable: stop
-                for other in futures:
-                    other.cancel()
-                raise e
-            else:
-                result.ok += 1
-                result.new += 1
-                result.bytes += size
-            bar.advance(task)
+    pool = ThreadPoolExecutor(max_workers=opts.workers)
+    try:
+        with progress() as bar:
+            task = bar.add_task("images", total=len(todo))
+            futures = {pool.submit(fetch_image, url, item, images_dir, opts): item for item, url in todo.items()}
+            for fut in as_completed(futures):
+                item = futures[fut]
+                try:
+                    size = fut.result()
+                except (_ImageRejected, _Retryable) as e:
+                    result.failed[item] = str(e)
+                    log.warning("image of %s (%s): %s", item, todo[item], e)
+                else:
+                    result.ok += 1
+                    result.new += 1
+                    result.bytes += size
+                bar.advance(task)
+    finally:
+        # On Ctrl-C or a fatal error (e.g. disk full) drop the queued images instead of
+        # fetching them all first; images already written are complete files and are kept.
+        pool.shutdown(wait=True, cancel_futures=True)
     result.failed = dict(sorted(result.failed.items()))
     return result
 

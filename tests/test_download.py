@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -46,6 +47,8 @@ class ServerState:
         self.ignore_range: set[str] = set()  # always answer 200 with the whole body
         self.fail_times: dict[str, int] = {}  # path -> number of 503 answers before success
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        self.delay = 0.0  # seconds each answer takes, to observe concurrent requests
+        self.active = self.max_active = 0
         self.lock = threading.Lock()
 
     def add(self, path: str, body: bytes, content_type: str = "application/octet-stream") -> None:
@@ -74,6 +77,17 @@ def _handler(state: ServerState):
             if failing:
                 self.send_error(503, "busy")
                 return
+            with state.lock:
+                state.active += 1
+                state.max_active = max(state.max_active, state.active)
+            try:
+                time.sleep(state.delay)
+                self._answer(rng, truncate)
+            finally:
+                with state.lock:
+                    state.active -= 1
+
+        def _answer(self, rng: str | None, truncate: bool) -> None:
             if self.path not in state.files:
                 self.send_error(404, "Not Found")
                 return
@@ -277,9 +291,12 @@ def test_image_cap_and_concurrency(server, tmp_path):
     urls = {f"I{i}": f"{base}/i{i}.png" for i in range(12)}
     urls["HUGE"] = f"{base}/huge.png"
     urls["LOCAL"] = "file:///etc/passwd"  # metadata may not read local files
+    urls["BROKEN"] = "http://[::1"
+    state.delay = 0.05
     res = fetch_images(urls, tmp_path / "images", fast_opts(workers=4, max_image_bytes=1000))
     assert res.ok == 12 and res.new == 12
-    assert set(res.failed) == {"HUGE", "LOCAL"}
+    assert 2 <= state.max_active <= 4  # concurrent, and limited to --workers
+    assert set(res.failed) == {"HUGE", "LOCAL", "BROKEN"}
     assert "cap" in res.failed["HUGE"] and "http" in res.failed["LOCAL"]
     assert not list((tmp_path / "images").glob("HUGE*")) and not list((tmp_path / "images").glob(".*"))
 
