@@ -3,3 +3,4 @@
 # Each line registers one stage's command; a stage that is not built has no line here.
 from . import preprocess  # noqa: F401
 from . import download  # noqa: F401,E402
+from . import build_graphs  # noqa: F401,E402
