@@ -194,7 +194,12 @@ def _build_chunk(
         to_global.append(g)
         offset_in_sample += cnt
     entry_item_g = to_global[0][entry_item]
-    entry_codes_g = [np.where(ec >= 0, to_global[m + 1][np.maximum(ec, 0)], -1) for m, ec in enumerate(entry_codes)]
+    entry_codes_g = []
+    for m, ec in enumerate(entry_codes):
+        ecg = np.full(ec.shape, -1, dtype=np.int64)
+        present = ec >= 0
+        ecg[present] = to_global[m + 1][ec[present]]
+        entry_codes_g.append(ecg)
 
     # Positions: (node, position) pairs, deduplicated, sorted by node then position.
     max_pos = int(lengths.max(initial=1))
@@ -590,6 +595,8 @@ class GraphSplit:
         self._type_map[NODE_TYPE_ITEM] = NODE_TYPE_ITEM
         for new, name in enumerate(names):
             self._type_map[stored.index(name) + 1] = new + 1
+        kept_types = self._type_map[self._type_map >= 0]
+        self._reordered = bool(np.any(np.diff(kept_types) < 0))
         self._all_kept = bool((self._type_map >= 0).all() and (self._type_map == np.arange(len(stored) + 1)).all())
         self.arrays = {}
         for name, dtype in ARRAY_DTYPES.items():
@@ -662,13 +669,20 @@ class GraphSplit:
         if not self._all_kept:
             new_type = self._type_map[node_type]
             keep = new_type >= 0
-            new_id = np.cumsum(keep) - 1
+            kept = np.nonzero(keep)[0]
+            if self._reordered:  # nodes of a graph stay ordered by (batch type, ref)
+                kept = kept[np.argsort(node_graph[kept] * len(self._type_map) + new_type[kept], kind="stable")]
+            new_id = np.full(len(node_type), -1, dtype=np.int64)
+            new_id[kept] = np.arange(len(kept))
             keep_edge = keep[edge_index[0]] & keep[edge_index[1]]
             edge_index = new_id[edge_index[:, keep_edge]]
             edge_rel = edge_rel[keep_edge]
             keep_pos = keep[pos_node]
             pos_index, pos_node = pos_index[keep_pos], new_id[pos_node[keep_pos]]
-            node_type, node_ref, node_graph = new_type[keep], node_ref[keep], node_graph[keep]
+            if self._reordered:
+                by_node = np.argsort(pos_node, kind="stable")
+                pos_index, pos_node = pos_index[by_node], pos_node[by_node]
+            node_type, node_ref, node_graph = new_type[kept], node_ref[kept], node_graph[kept]
             last_node = new_id[last_node]  # item nodes are always kept
 
         t = torch.from_numpy
