@@ -72,7 +72,7 @@ ARRAY_DTYPES: dict[str, np.dtype] = {
 
 META_FILE = "meta.json"
 # Entries (history items) built at once; bounds peak memory of the vectorised construction.
-CHUNK_ENTRIES = 400_000
+CHUNK_ENTRIES = 100_000
 
 
 def variant_dir(variant: str) -> str:
@@ -144,6 +144,29 @@ def _segment_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.repeat(np.asarray(starts, dtype=np.int64) - out_start, counts) + np.arange(total)
 
 
+def _unique(keys: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (sort-based: numpy's hash-based ``unique`` is far slower here)."""
+    keys = np.sort(keys)
+    if len(keys) < 2:
+        return keys
+    first = np.empty(len(keys), dtype=bool)
+    first[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    return keys[first]
+
+
+def _unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sorted distinct values, index of each key's value, index of one key per value)."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    first = np.ones(len(keys), dtype=bool)
+    if len(keys) > 1:
+        np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    inverse = np.empty(len(keys), dtype=np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    return ordered[first], inverse, order[first]
+
+
 def _exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
     out = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=out[1:])
@@ -162,7 +185,7 @@ def _build_chunk(
     entry_pos = lengths[entry_sample] - 1 - entry_t  # distance from the end of the history
 
     # Nodes per type, as sorted unique (sample, ref) keys; type-local id = rank among the keys.
-    item_keys, entry_item = np.unique(entry_sample * n_items + hist, return_inverse=True)
+    item_keys, entry_item, item_first_entry = _unique_inverse(entry_sample * n_items + hist)
     type_sample = [item_keys // n_items]
     type_ref = [item_keys % n_items]
     # entry_codes[M]: [T, k_M] type-local node id of each code of each entry, -1 = none
@@ -171,7 +194,7 @@ def _build_chunk(
         n_codes = int(codes.max(initial=-1)) + 1
         ec = codes[hist]  # [T, k]
         present = ec >= 0
-        keys, inv = np.unique((entry_sample[:, None] * max(n_codes, 1) + ec)[present], return_inverse=True)
+        keys, inv, _ = _unique_inverse((entry_sample[:, None] * max(n_codes, 1) + ec)[present])
         local = np.full(ec.shape, -1, dtype=np.int64)
         local[present] = inv
         entry_codes.append(local)
@@ -182,6 +205,10 @@ def _build_chunk(
     type_counts = [np.bincount(ts, minlength=S) for ts in type_sample]
     node_ptr = _exclusive_cumsum(np.sum(type_counts, axis=0))
     N = int(node_ptr[-1])
+    nb = max(int(N).bit_length(), 1)  # node ids fit in nb bits: pairs pack into one int64 key
+    mask = (1 << nb) - 1
+    if 2 * nb + 3 > 62:
+        raise ValueError("chunk too large to pack node pairs into int64 keys; lower chunk_entries")
     node_type = np.empty(N, dtype=np.int8)
     node_ref = np.empty(N, dtype=np.int32)
     to_global: list[np.ndarray] = []
@@ -209,7 +236,7 @@ def _build_chunk(
         present = ecg >= 0
         pair_node.append(ecg[present])
         pair_pos.append(np.broadcast_to(entry_pos[:, None], ecg.shape)[present])
-    pos_keys = np.unique(np.concatenate(pair_node) * max_pos + np.concatenate(pair_pos))
+    pos_keys = _unique(np.concatenate(pair_node) * max_pos + np.concatenate(pair_pos))
     pos_node = pos_keys // max_pos
     pos_ptr = _exclusive_cumsum(np.bincount(pos_node, minlength=N))
     pos = (pos_keys % max_pos).astype(np.int16)
@@ -226,10 +253,12 @@ def _build_chunk(
         fwd_b.append(b[ok])
     fa, fb = np.concatenate(fwd_a), np.concatenate(fwd_b)
     not_self = fa != fb  # a repeat or a shared code is not a transition
-    fwd = np.unique(fa[not_self] * N + fb[not_self])
-    fa, fb = fwd // N, fwd % N
-    rev_pos = np.searchsorted(fwd, fb * N + fa)
-    both_ways = (rev_pos < len(fwd)) & (fwd[np.minimum(rev_pos, len(fwd) - 1)] == fb * N + fa)
+    fwd = _unique((fa[not_self] << nb) | fb[not_self])
+    fa, fb = fwd >> nb, fwd & mask
+    reverse = (fb << nb) | fa
+    rev_pos = np.searchsorted(fwd, reverse)
+    both_ways = fwd[np.minimum(rev_pos, len(fwd) - 1)] == reverse
+    del reverse, rev_pos
     one_way = ~both_ways
     # b aggregates from a (a precedes b): IN; a aggregates from b (b follows a): OUT. A pair seen
     # both ways gets BI on a -> b here and on b -> a from its reverse transition.
@@ -243,37 +272,57 @@ def _build_chunk(
         ]
     )
 
-    # Heterogeneous: item <-> its codes, and codes of different modalities of the same item.
+    # Heterogeneous, from each item node (one entry of it stands for all: an item's codes are
+    # fixed): item <-> its codes (distinct within a row, so no duplicates), and codes of two
+    # modalities of the same item (two items may share both codes: deduplicated).
+    node_item_g = entry_item_g[item_first_entry]
+    node_codes_g = [ecg[item_first_entry] for ecg in entry_codes_g]
     het_src: list[np.ndarray] = []
     het_dst: list[np.ndarray] = []
-    for ecg in entry_codes_g:
-        items = np.broadcast_to(entry_item_g[:, None], ecg.shape)
-        ok = ecg >= 0
-        het_src += [items[ok], ecg[ok]]
-        het_dst += [ecg[ok], items[ok]]
-    for m1, ecg1 in enumerate(entry_codes_g):
-        for m2, ecg2 in enumerate(entry_codes_g):
-            if m1 == m2:
-                continue
-            a = np.broadcast_to(ecg1[:, :, None], (T, ecg1.shape[1], ecg2.shape[1]))
-            b = np.broadcast_to(ecg2[:, None, :], a.shape)
-            ok = (a >= 0) & (b >= 0)
-            het_src.append(a[ok])
-            het_dst.append(b[ok])
-    het = np.unique(np.concatenate(het_src) * N + np.concatenate(het_dst)) if het_src else np.zeros(0, np.int64)
+    for ncg in node_codes_g:
+        items = np.broadcast_to(node_item_g[:, None], ncg.shape)
+        ok = ncg >= 0
+        het_src += [items[ok], ncg[ok]]
+        het_dst += [ncg[ok], items[ok]]
+    cross: list[np.ndarray] = []
+    for m1, ncg1 in enumerate(node_codes_g):
+        for m2, ncg2 in enumerate(node_codes_g):
+            if m1 != m2:
+                a = np.broadcast_to(ncg1[:, :, None], (len(node_item_g), ncg1.shape[1], ncg2.shape[1]))
+                b = np.broadcast_to(ncg2[:, None, :], a.shape)
+                ok = (a >= 0) & (b >= 0)
+                cross.append((a[ok] << nb) | b[ok])
+    if cross:
+        cross_keys = _unique(np.concatenate(cross))
+        het_src.append(cross_keys >> nb)
+        het_dst.append(cross_keys & mask)
+    het_src_a = np.concatenate(het_src) if het_src else np.zeros(0, np.int64)
+    het_dst_a = np.concatenate(het_dst) if het_dst else np.zeros(0, np.int64)
 
+    # All edges as one sorted key (target, source, relation): a graph's edges are contiguous
+    # (node ids are grouped by sample) and sorted by target, then source. (src, dst) pairs are
+    # distinct across the three groups (different node types or relations), so no dedup is needed.
     self_loops = np.arange(N, dtype=np.int64)
-    src = np.concatenate([homo_src, het // N, self_loops])
-    dst = np.concatenate([homo_dst, het % N, self_loops])
-    rel = np.concatenate([homo_rel, np.full(len(het), REL_HETERO, np.int8), np.zeros(N, np.int8)])
-    # Edges of a graph are contiguous and sorted by (target, source): node ids are grouped by sample.
-    order = np.argsort(dst * N + src, kind="stable")
-    src, dst, rel = src[order], dst[order], rel[order]
-    node_sample = np.repeat(np.arange(S, dtype=np.int64), np.diff(node_ptr))
-    edge_sample = node_sample[dst]
-    edge_ptr = _exclusive_cumsum(np.bincount(edge_sample, minlength=S))
-    base = node_ptr[:-1][edge_sample]
-    edge_index = np.stack([src - base, dst - base]).astype(np.int32)
+    rel_bits = 3  # relation ids 0..4
+    keys = np.concatenate(
+        [
+            (((homo_dst << nb) | homo_src) << rel_bits) | homo_rel,
+            (((het_dst_a << nb) | het_src_a) << rel_bits) | REL_HETERO,
+            (((self_loops << nb) | self_loops) << rel_bits) | REL_SELF,
+        ]
+    )
+    keys.sort()
+    rel = (keys & ((1 << rel_bits) - 1)).astype(np.int8)
+    keys >>= rel_bits
+    dst = keys >> nb
+    edge_ptr = np.searchsorted(dst, node_ptr)  # edges are sorted by target, targets grouped by sample
+    node_local = (np.arange(N, dtype=np.int64) - np.repeat(node_ptr[:-1], np.diff(node_ptr))).astype(np.int32)
+    edge_index = np.empty((2, len(keys)), dtype=np.int32)
+    edge_index[1] = node_local[dst]
+    del dst
+    keys &= mask
+    edge_index[0] = node_local[keys]
+    del keys
     last_node = (entry_item_g[hist_ptr[1:] - 1] - node_ptr[:-1]).astype(np.int32)
     return GraphArrays(
         node_ptr=node_ptr,
@@ -314,6 +363,16 @@ def _concat(chunks: list[GraphArrays]) -> GraphArrays:
     )
 
 
+def _distinct_codes(codes: np.ndarray) -> np.ndarray:
+    """Each row's codes sorted, a code listed twice kept once (-1 fills the gaps)."""
+    codes = np.sort(np.where(codes >= 0, codes, -1), axis=1)
+    if codes.shape[1] > 1:
+        repeated = np.zeros(codes.shape, dtype=bool)
+        repeated[:, 1:] = (codes[:, 1:] == codes[:, :-1]) & (codes[:, 1:] >= 0)
+        codes[repeated] = -1
+    return codes
+
+
 def build_msgraphs(
     hist: np.ndarray,
     hist_ptr: np.ndarray,
@@ -331,7 +390,7 @@ def build_msgraphs(
     """
     hist = np.asarray(hist, dtype=np.int64)
     hist_ptr = np.asarray(hist_ptr, dtype=np.int64)
-    codes = [np.asarray(c, dtype=np.int64).reshape(n_items, -1) for c in item_codes]
+    codes = [_distinct_codes(np.asarray(c, dtype=np.int64).reshape(n_items, -1)) for c in item_codes]
     S = len(hist_ptr) - 1
     if S == 0:
         return _build_chunk(hist[:0], np.zeros(1, np.int64), codes, n_items)

@@ -245,8 +245,9 @@ def graph_inputs(draw):
     for _ in range(n_mod):
         k = draw(st.integers(1, 3))
         n_codes = draw(st.integers(1, 6))
+        distinct = draw(st.booleans())  # build-codes' top-k are distinct; repeats must not matter
         rows = [
-            draw(st.lists(st.integers(0, n_codes - 1), max_size=min(k, n_codes), unique=True))
+            draw(st.lists(st.integers(0, n_codes - 1), max_size=min(k, n_codes) if distinct else k, unique=distinct))
             for _ in range(n_items)
         ]
         item_codes.append(np.array([r + [-1] * (k - len(r)) for r in rows], dtype=np.int64).reshape(n_items, k))

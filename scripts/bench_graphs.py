@@ -1,0 +1,112 @@
+"""Benchmark MSGraph construction and batching on a preprocessed dataset.
+
+    python scripts/bench_graphs.py --workdir /tmp/gw --dataset beauty [--modalities 2 --clusters 32 --k 3]
+
+Needs `mmsr preprocess` to have run. Codes: by default random top-k code sets (``--modalities``
+modalities, ``--clusters`` codes each, ``--k`` per item, ``--missing`` share of items without the
+modality) so the figures do not depend on build-codes; ``--real`` times the whole
+`mmsr build-graphs` stage on the dataset's own codes instead. Reports, per split: build time
+(median of ``--repeat`` runs, one core: set OMP/MKL threads to 1 yourself if you want to be sure),
+graphs' size on disk, mean nodes and edges per graph; and the collate time of ``--batch``-sample
+batches drawn at random (median over 200 batches), and the peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mmsr_cli import contracts as C
+from mmsr_cli import graphs as G
+from mmsr_cli.workdir import DatasetDir
+
+
+def random_codes(n_items: int, n_codes: int, k: int, missing: float, rng: np.random.Generator) -> np.ndarray:
+    # k distinct codes per item: the first k of a random permutation of the codes
+    codes = np.argsort(rng.random((n_items, n_codes)), axis=1)[:, :k].astype(np.int64)
+    codes[rng.random(n_items) < missing] = -1
+    return codes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--modalities", type=int, default=2)
+    ap.add_argument("--clusters", type=int, default=32)
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--missing", type=float, default=0.0)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--splits", default="train,valid,test")
+    ap.add_argument("--real", action="store_true", help="time `build-graphs` on the dataset's codes")
+    args = ap.parse_args()
+    ds = DatasetDir.open(args.workdir, args.dataset)
+    ds.require(C.STAGE_PREPROCESS)
+    splits = args.splits.split(",")
+    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}, numpy {np.__version__}")
+
+    if args.real:
+        times = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            result = G.build_graphs(ds, G.BuildGraphsOptions(splits=tuple(splits)))
+            times.append(time.perf_counter() - t0)
+        print(f"build-graphs ({', '.join(result.modalities) or 'no modalities'}): median {statistics.median(times):.2f}s "
+              f"of {args.repeat}, {result.bytes_written / 2**20:.1f} MiB")
+        for split, c in result.counts.items():
+            print(f"  {split}: {c['samples']} graphs, {c['mean_nodes']:.1f} nodes, {c['mean_edges']:.1f} edges each")
+        folder_of = {s: ds.path(G.split_dir(result.variant, s)) for s in splits}
+        meta = {"variant": result.variant, "modalities": result.modalities}
+    else:
+        n_items = G._n_items(ds)
+        rng = np.random.default_rng(0)
+        codes = [random_codes(n_items, args.clusters, args.k, args.missing, rng) for _ in range(args.modalities)]
+        print(f"random codes: {args.modalities} modalities, c={args.clusters}, k={args.k}, missing={args.missing}")
+        out = Path(tempfile.mkdtemp(prefix="bench-graphs-"))
+        folder_of = {}
+        meta = {"variant": "codes", "modalities": [f"m{i}" for i in range(args.modalities)]}
+        for split in splits:
+            flat, ptr, target, user_idx, _ = G._read_samples(ds.path(C.samples_file(split)))
+            times = []
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                arrays = G.build_msgraphs(flat, ptr, codes, n_items)
+                times.append(time.perf_counter() - t0)
+            arrays.target, arrays.user_idx = target.astype(np.int32), user_idx.astype(np.int32)
+            folder_of[split] = out / split
+            G._save_arrays(folder_of[split], arrays)
+            size = sum(p.stat().st_size for p in folder_of[split].iterdir())
+            S = arrays.n_samples
+            print(
+                f"  {split}: {S} graphs ({len(flat)} history entries) built in median {statistics.median(times):.2f}s "
+                f"(min {min(times):.2f}s); {size / 2**20:.1f} MiB; {arrays.node_ptr[-1] / S:.1f} nodes, "
+                f"{arrays.edge_ptr[-1] / S:.1f} edges, {arrays.pos_ptr[-1] / S:.1f} positions per graph"
+            )
+
+    rng = np.random.default_rng(1)
+    for split, folder in folder_of.items():
+        gs = G.GraphSplit(folder, meta)
+        subset = G.GraphSplit(folder, meta, modalities=meta["modalities"][:1]) if meta["modalities"] else None
+        for name, split_data in (("all", gs), ("first modality", subset)):
+            if split_data is None:
+                continue
+            times = []
+            for _ in range(200):
+                idx = rng.integers(0, len(split_data), args.batch)
+                t0 = time.perf_counter()
+                split_data.collate(idx)
+                times.append(time.perf_counter() - t0)
+            print(f"  collate {split} ({name}), batch {args.batch}: median {statistics.median(times) * 1e3:.2f} ms")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
