@@ -442,8 +442,13 @@ def _load_modality_info(ds: DatasetDir, name: str, variant: str) -> ModalityInfo
 
 
 def _available_modalities(ds: DatasetDir) -> list[str]:
-    from . import codes
-
+    try:
+        from . import codes
+    except ImportError as e:  # an installation without the build-codes stage: item-only graphs
+        built = [stage.partition(":")[2] for stage in ds.stages(C.STAGE_CODES)]
+        if built:
+            raise MmsrError(f"codes of {', '.join(built)} exist but this mmsr cannot read them ({e})") from e
+        return []
     return list(codes.available_modalities(ds))
 
 
@@ -602,7 +607,8 @@ def build_graphs(ds: DatasetDir, opts: BuildGraphsOptions, progress=None) -> Bui
             "n_codes": {i.name: int(i.n_codes) for i in infos},
             "codes_per_item": {i.name: int(np.asarray(i.item_codes).shape[1]) for i in infos},
             "splits": splits,
-            "counts": counts,
+            # no timings here: identical inputs must give identical bytes (and fingerprint)
+            "counts": {sp: {k: v for k, v in c.items() if k != "seconds"} for sp, c in counts.items()},
             "relations": dict(enumerate(RELATION_NAMES)),
             "node_types": ["item", *names],
         }

@@ -557,3 +557,10 @@ def test_codes_of_the_wrong_shape_are_refused(toy, cli, monkeypatch):
     monkeypatch.setattr(G, "_load_modality_info", lambda ds, n, v: ModalityInfo(n, 3, 8, None, np.zeros((2, 1), np.int64)))
     line = _one_error_line(cli(_args(toy)))
     assert "codes of modality 'text' have shape (2, 1), expected [4, k]" in line
+
+
+def test_rebuilding_gives_byte_identical_graphs(toy, cli):
+    assert cli(_args(toy)).exit_code == 0
+    first = toy.read_manifest("graphs:codes")["outputs"]
+    assert cli(_args(toy)).exit_code == 0
+    assert toy.read_manifest("graphs:codes")["outputs"] == first
