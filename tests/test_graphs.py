@@ -564,3 +564,40 @@ def test_rebuilding_gives_byte_identical_graphs(toy, cli):
     first = toy.read_manifest("graphs:codes")["outputs"]
     assert cli(_args(toy)).exit_code == 0
     assert toy.read_manifest("graphs:codes")["outputs"] == first
+
+
+def test_reads_codes_through_the_build_codes_loader(tmp_path, cli):
+    """No fakes: codes files in build-codes' format, read by mmsr_cli.codes.load_modality_info."""
+    codes_mod = pytest.importorskip("mmsr_cli.codes")
+    ds = DatasetDir.open(tmp_path, "toy")
+    ds.root.mkdir(parents=True)
+    _preprocess(ds)
+    for name, codes in FAKE_CODES.items():
+        lists = [[int(c) for c in row if c >= 0] for row in codes]
+        table = pa.table(
+            {
+                "item_idx": pa.array(range(N_ITEMS), pa.int32()),
+                "codes": pa.array(lists, pa.list_(pa.int32())),
+                "similarities": pa.array([[1.0] * len(r) for r in lists], pa.list_(pa.float32())),
+            }
+        )
+        write_parquet_atomic(ds.path(C.codes_file(name)), table, C.CODES_SCHEMA)
+        n_codes = int(codes.max()) + 1
+        torch.save({"centres": torch.randn(n_codes, 3), "reduced": torch.randn(N_ITEMS, 3)}, ds.path(C.centres_file(name)))
+        ds.write_manifest(
+            C.modality_stage(C.STAGE_CODES, name),
+            outputs=[C.codes_file(name), C.centres_file(name)],
+            options={"codes_mode": "clusters", "top_k": codes.shape[1]},
+        )
+    assert codes_mod.available_modalities(ds) == ["image", "text"]  # the dataset's modality order
+    res = cli(_args(ds))
+    assert res.exit_code == 0, res.stderr
+    split = GraphSplit.open(ds, "train")
+    assert split.modality_names == ["image", "text"]
+    expected = build(HISTORIES, [IMAGE, TEXT], N_ITEMS)
+    batch = split.collate(np.arange(len(HISTORIES)))
+    for g in range(len(HISTORIES)):
+        assert canon_batch(batch, g) == canon_stored(expected, g)
+    assert cli(_args(ds, "--no-codes", "--modalities", "image")).exit_code == 0
+    items = GraphSplit.open(ds, "train", variant="items").collate(np.array([0]))
+    assert canon_batch(items, 0)["nodes"] == [I(A), I(B), M(1, A), M(1, B)]
