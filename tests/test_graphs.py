@@ -21,7 +21,7 @@ from mmsr_cli import graphs as G
 from mmsr_cli.errors import MmsrError
 from mmsr_cli.graphs import REL_BI, REL_HETERO, REL_IN, REL_OUT, REL_SELF, GraphSplit, build_msgraphs
 from mmsr_cli.models.base import ModalityInfo
-from mmsr_cli.workdir import DatasetDir, upstream, write_parquet_atomic
+from mmsr_cli.workdir import DatasetDir, write_parquet_atomic
 
 
 def I(item):  # noqa: E743 - item node key
