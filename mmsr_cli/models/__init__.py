@@ -1,1 +1,47 @@
-"""Models: HAN-GNN layers, MMSR, and baselines behind one interface (see base.py)."""
+"""Models: HAN-GNN layers, MMSR, and baselines behind one interface (see base.py).
+
+The registry maps a model name (``mmsr train --model NAME``) to ``"module:Class"``; modules are
+imported only when their model is built, so a broken or heavy model module never slows down or
+breaks the others. Adding a model is one class (``Class(config, info)``, a
+:class:`~mmsr_cli.models.base.Recommender`) plus one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import MmsrError
+from .base import DatasetInfo, ModelConfig, Recommender
+
+REGISTRY: dict[str, str] = {
+    "mmsr": "mmsr_cli.models.mmsr:MMSR",
+    "pop": "mmsr_cli.models.baselines:Pop",
+    "gru4rec": "mmsr_cli.models.baselines:GRU4Rec",
+    "sasrec": "mmsr_cli.models.baselines:SASRec",
+    "sasrecf": "mmsr_cli.models.baselines:SASRecF",
+}
+
+
+def model_names() -> list[str]:
+    return list(REGISTRY)
+
+
+def check_model_name(name: str) -> str:
+    if name not in REGISTRY:
+        raise MmsrError(f"--model: unknown model {name!r} (expected one of {', '.join(REGISTRY)})")
+    return name
+
+
+def model_class(name: str) -> type[Recommender]:
+    """The class registered under ``name`` (imported now)."""
+    module_name, _, class_name = REGISTRY[check_model_name(name)].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise MmsrError(f"--model {name}: its module {module_name} cannot be imported ({e})") from e
+    return getattr(module, class_name)
+
+
+def build_model(config: ModelConfig, info: DatasetInfo) -> Recommender:
+    """A freshly initialised model of ``config.model`` for the dataset described by ``info``."""
+    return model_class(config.model)(config, info)

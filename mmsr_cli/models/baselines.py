@@ -1,0 +1,232 @@
+"""Baselines of the paper's Table 2, in the shared harness (base.Recommender).
+
+All of them score candidates by a dot product with the item-ID embedding table (paper Eq. 7) and
+are trained with cross-entropy over all items, like MMSR, so that differences come from the
+representation learning only. Sequence inputs are left-padded histories (``mmsr_cli.data``):
+``history`` [B, L] with pad id ``n_items``, most recent item in the last column.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import MmsrError
+from .base import DatasetInfo, ModelConfig, Recommender
+
+
+class Pop(Recommender):
+    """Most-popular baseline: every user gets the same ranking by training-target counts.
+
+    No parameters. Scores are ``log(1 + count)``, a monotone transform of the counts (so the
+    ranking is exactly the count ranking) whose softmax is the add-one popularity distribution,
+    which makes its cross-entropy a meaningful reference value.
+    """
+
+    def __init__(self, config: ModelConfig, info: DatasetInfo):
+        super().__init__()
+        if info.item_popularity is None:
+            raise MmsrError("model pop: the dataset info has no training-target counts")
+        counts = torch.as_tensor(np.asarray(info.item_popularity), dtype=torch.float32)
+        if counts.shape != (info.n_items,):
+            raise MmsrError(f"model pop: expected {info.n_items} item counts, got {tuple(counts.shape)}")
+        self.register_buffer("log_counts", torch.log1p(counts).view(-1, 1))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.log_counts.new_ones(len(batch["target"]), 1)
+
+    def item_embeddings(self) -> torch.Tensor:
+        return self.log_counts
+
+
+class _ItemTable(Recommender):
+    """Item-ID embeddings with a padding row ``n_items``; scoring uses rows 0..n_items-1."""
+
+    def __init__(self, config: ModelConfig, info: DatasetInfo):
+        super().__init__()
+        self.n_items = info.n_items
+        self.dim = config.dim
+        self.item_emb = nn.Embedding(info.n_items + 1, config.dim, padding_idx=info.n_items)
+        nn.init.normal_(self.item_emb.weight, std=config.dim**-0.5)
+        with torch.no_grad():
+            self.item_emb.weight[info.n_items].zero_()
+
+    def item_embeddings(self) -> torch.Tensor:
+        return self.item_emb.weight[: self.n_items]
+
+
+class GRU4Rec(_ItemTable):
+    """GRU4Rec (Hidasi et al., ICLR 2016; paper ref. [18]): item embeddings -> GRU -> last hidden.
+
+    The left-padded histories are re-aligned to the left and packed, so the GRU never reads a
+    padding step; the user vector is the final hidden state of the top layer.
+    """
+
+    def __init__(self, config: ModelConfig, info: DatasetInfo):
+        super().__init__(config, info)
+        self.emb_dropout = nn.Dropout(config.dropout)
+        self.gru = nn.GRU(
+            config.dim,
+            config.dim,
+            num_layers=config.layers,
+            batch_first=True,
+            dropout=config.dropout if config.layers > 1 else 0.0,
+        )
+        self.out_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        history, lengths = batch["history"], batch["lengths"]
+        B, L = history.shape
+        # Row b's items occupy columns L-len_b .. L-1; roll them to 0 .. len_b-1.
+        cols = (torch.arange(L, device=history.device)[None, :] + (L - lengths)[:, None]) % L
+        x = self.emb_dropout(self.item_emb(history.gather(1, cols)))
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        _, h_n = self.gru(packed)
+        return self.out_dropout(h_n[-1])
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where position i sees positions <= i holding items (and itself)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        if dim % heads:
+            raise MmsrError(f"--heads: {heads} does not divide --dim {dim}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed[:, None], dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + Attn(LN(x)), then x + FFN(LN(x)) (SASRec, Kang & McAuley 2018, sec. III-B/C)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, heads, dropout)
+        self.ffn_norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), allowed))
+        x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        return x * keep  # padding positions stay zero
+
+
+class SASRec(_ItemTable):
+    """SASRec (Kang & McAuley, ICDM 2018; paper ref. [22]).
+
+    Item embeddings (scaled by sqrt(d)) plus learned absolute position embeddings, ``layers``
+    causal self-attention blocks, a final LayerNorm; the user vector is the output at the last
+    (most recent) position. Trained with cross-entropy over all items, as the paper's harness
+    does for every model (not the original's sampled binary cross-entropy).
+    """
+
+    def __init__(self, config: ModelConfig, info: DatasetInfo):
+        super().__init__(config, info)
+        self.max_len = info.max_len
+        self.pos_emb = nn.Embedding(info.max_len, config.dim)
+        self.emb_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(config.dim, config.heads, config.dropout) for _ in range(config.layers))
+        self.final_norm = nn.LayerNorm(config.dim)
+
+    def input_embeddings(self, history: torch.Tensor) -> torch.Tensor:
+        """[B, L, d] embeddings of the history items (padding rows are zero)."""
+        return self.item_emb(history)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        history = batch["history"]
+        B, L = history.shape
+        if L > self.max_len:
+            raise MmsrError(f"history length {L} exceeds the model's max_len {self.max_len}")
+        is_item = history != self.n_items  # [B, L]
+        keep = is_item.unsqueeze(-1).to(self.item_emb.weight.dtype)
+        positions = torch.arange(self.max_len - L, self.max_len, device=history.device)
+        x = self.input_embeddings(history) * math.sqrt(self.dim) + self.pos_emb(positions)[None]
+        x = self.emb_dropout(x) * keep
+        causal = torch.ones(L, L, dtype=torch.bool, device=history.device).tril()
+        # Attend to earlier real items and always to oneself (a padding row then never sees an
+        # empty key set, which would give NaN).
+        allowed = causal[None] & (is_item[:, None, :] | torch.eye(L, dtype=torch.bool, device=history.device)[None])
+        for block in self.blocks:
+            x = block(x, allowed, keep)
+        return self.final_norm(x[:, -1])
+
+
+class SASRecF(SASRec):
+    """SASRec^F: early fusion of item ID and modality channels (paper section 3.1, Eq. 3-4).
+
+    Each history item's channels are fused first, ``E_i = sigma(W cat[e_v; e_m1; e_m2; ...])``
+    (sigma: GELU), then SASRec models the fused sequence (Eq. 4). A modality channel ``e_m`` of an
+    item is the mean of the embeddings of its modality codes (build-codes' top-k codes); the code
+    tables start from the cluster centres and are trained. An item without codes in a modality has
+    that channel masked to zero, so only its available channels feed W. Candidates are scored
+    against the item-ID table (Eq. 7) like the other models.
+    """
+
+    def __init__(self, config: ModelConfig, info: DatasetInfo):
+        super().__init__(config, info)
+        if not info.modalities:
+            raise MmsrError("model sasrecf needs at least one modality with codes; run `mmsr build-codes` first")
+        self.modality_names = [m.name for m in info.modalities]
+        self.code_tables = nn.ModuleList()
+        in_dim = config.dim
+        for i, m in enumerate(info.modalities):
+            if m.item_codes is None:
+                raise MmsrError(f"model sasrecf: modality '{m.name}' has no item codes")
+            codes = torch.as_tensor(np.asarray(m.item_codes), dtype=torch.long).view(info.n_items, -1)
+            if codes.numel() and (codes.max() >= m.n_codes or codes.min() < -1):
+                raise MmsrError(f"model sasrecf: modality '{m.name}' has code ids outside 0..{m.n_codes - 1}")
+            # Padding row n_items has no codes.
+            codes = torch.cat([codes, codes.new_full((1, codes.shape[1]), -1)])
+            self.register_buffer(f"item_codes_{i}", codes, persistent=False)
+            table = nn.Embedding(m.n_codes, m.code_dim)
+            if m.centres is not None:
+                centres = torch.as_tensor(m.centres, dtype=torch.float32)
+                if centres.shape != (m.n_codes, m.code_dim):
+                    raise MmsrError(
+                        f"model sasrecf: modality '{m.name}' centres have shape {tuple(centres.shape)}, "
+                        f"expected {(m.n_codes, m.code_dim)}"
+                    )
+                with torch.no_grad():
+                    table.weight.copy_(centres)
+            self.code_tables.append(table)
+            in_dim += m.code_dim
+        self.fuse = nn.Linear(in_dim, config.dim)  # W of Eq. 3
+        self.fuse_act = nn.GELU()  # sigma of Eq. 3
+
+    def modality_channel(self, i: int, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean code embedding of modality ``i`` for ``items`` [N] -> ([N, code_dim], available [N])."""
+        codes = getattr(self, f"item_codes_{i}")[items]  # [N, k]
+        valid = codes >= 0
+        emb = self.code_tables[i](codes.clamp(min=0)) * valid.unsqueeze(-1)
+        count = valid.sum(-1, keepdim=True)
+        return emb.sum(1) / count.clamp(min=1), count.squeeze(-1) > 0
+
+    def fused_item_table(self) -> torch.Tensor:
+        """Eq. 3 for every item: [n_items + 1, d]; the padding row is zero."""
+        items = torch.arange(self.n_items + 1, device=self.item_emb.weight.device)
+        channels = [self.item_emb(items)]
+        for i in range(len(self.code_tables)):
+            emb, _ = self.modality_channel(i, items)  # missing -> zero channel (masked)
+            channels.append(emb)
+        fused = self.fuse_act(self.fuse(torch.cat(channels, dim=-1)))
+        return fused * (items != self.n_items).unsqueeze(-1)
+
+    def input_embeddings(self, history: torch.Tensor) -> torch.Tensor:
+        # Fusing the whole table is cheaper than fusing B * L history slots once B * L > n_items.
+        return F.embedding(history, self.fused_item_table())
