@@ -16,7 +16,8 @@ folder (``<workdir>/<dataset>/``) is documented in one place:
     features/<modality>.parquet  extract-features: item_idx -> row, missing flag
     codes/<modality>.parquet     build-codes: item_idx -> top-k code ids and cosine sims
     codes/<modality>.pt          build-codes: centre vectors [c, ae_dim]
-    graphs/<split>/...           build-graphs: flat numpy arrays, memory-mapped by train
+    graphs/<variant>/<split>/    build-graphs: flat numpy arrays, memory-mapped by train
+                                 (variant "codes", or "items" with --no-codes; see graphs.py)
     runs/<run_name>/...          train: checkpoints, config, metrics history
     manifests/<stage>.json       one manifest per stage (see workdir.py)
     logs/<stage>.log             log file of each stage
@@ -96,12 +97,6 @@ def codes_file(modality: str) -> str:
 
 def centres_file(modality: str) -> str:
     return f"{CODES_DIR}/{modality}.pt"
-
-
-def graphs_split_dir(split: str) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}")
-    return f"{GRAPHS_DIR}/{split}"
 
 
 # ----------------------------------------------------------------------------------------------

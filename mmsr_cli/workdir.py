@@ -32,7 +32,7 @@ MANIFEST_VERSION = 1
 _STAGE_COMMAND = {
     C.STAGE_DOWNLOAD: "mmsr download",
     C.STAGE_PREPROCESS: "mmsr preprocess",
-    C.STAGE_FEATURES: "mmsr extract-features --name {modality}",
+    C.STAGE_FEATURES: "mmsr extract-features --modality image|text --name {modality}",
     C.STAGE_CODES: "mmsr build-codes --modality {modality}",
     C.STAGE_GRAPHS: "mmsr build-graphs",
 }
@@ -40,6 +40,8 @@ _STAGE_COMMAND = {
 
 def stage_command(stage: str, dataset: str) -> str:
     base, _, modality = stage.partition(":")
+    if stage == f"{C.STAGE_GRAPHS}:items":
+        return f"mmsr build-graphs --no-codes --dataset {dataset}"
     cmd = _STAGE_COMMAND.get(base, f"mmsr {base}").format(modality=modality)
     return f"{cmd} --dataset {dataset}"
 
