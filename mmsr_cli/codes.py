@@ -14,6 +14,8 @@ models read them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import contracts as C
@@ -101,3 +103,269 @@ def load_modality_info(ds: DatasetDir, name: str, variant: str = "codes"):
         centres=centres,
         item_codes=item_codes,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the codes
+
+
+@dataclass
+class CodesOptions:
+    modalities: list[str] | None = None  # None: every modality with extracted features
+    ae_dim: int = 128  # autoencoder bottleneck: dimension of reduced vectors and centres
+    clusters: int = 30  # c: K-means clusters (codes) per modality
+    top_k: int = 3  # k: codes linked to each item (nearest centres by cosine)
+    no_codes: bool = False  # one node per item instead of shared codes (Fig. 5 baseline)
+    seed: int = 0
+    epochs: int = 200  # autoencoder: most epochs
+    patience: int = 10  # autoencoder: stop after this many epochs without held-out improvement
+    lr: float = 1e-3
+    batch_size: int = 256
+    n_init: int = 10  # K-means restarts (fixed so that a seed decides the result)
+
+    def validate(self) -> "CodesOptions":
+        for opt, value in (("--ae-dim", self.ae_dim), ("--clusters", self.clusters), ("--top-k", self.top_k),
+                           ("--epochs", self.epochs), ("--patience", self.patience),
+                           ("--batch-size", self.batch_size)):
+            if value < 1:
+                raise MmsrError(f"{opt}: must be at least 1, got {value}")
+        if not self.lr > 0:
+            raise MmsrError(f"--lr: must be positive, got {self.lr}")
+        if not self.no_codes and self.top_k > self.clusters:
+            raise MmsrError(f"--top-k {self.top_k}: must not exceed --clusters {self.clusters}")
+        for name in self.modalities or []:
+            try:
+                validate_modality_name(name)
+            except MmsrError as e:
+                raise MmsrError(f"--modality: {e}") from None
+        return self
+
+
+@dataclass
+class ModalityCodesResult:
+    name: str
+    n_items: int
+    n_missing: int
+    dim: int
+    ae_dim: int
+    ae_mse: float  # held-out reconstruction MSE of the autoencoder
+    ae_epochs: int
+    mode: str  # clusters | items
+    n_codes: int
+    sizes: np.ndarray  # items linked to each code
+    seconds: float
+
+    def summary(self, dataset: str) -> str:
+        head = (f"build-codes {dataset}/{self.name}: {self.n_items} items ({self.n_missing} without "
+                f"features), AE {self.dim}->{self.ae_dim} held-out MSE {self.ae_mse:.4g} "
+                f"({self.ae_epochs} epochs)")
+        if self.mode == "items":
+            return f"{head}, --no-codes: one node per item ({self.n_codes}), {self.seconds:.1f} s"
+        empty = float((self.sizes == 0).mean()) if len(self.sizes) else 0.0
+        return (f"{head}, {self.n_codes} codes: items per code min {int(self.sizes.min())} / median "
+                f"{float(np.median(self.sizes)):g} / max {int(self.sizes.max())}, {empty:.0%} empty, "
+                f"{self.seconds:.1f} s")
+
+
+def train_autoencoder(x, opts: CodesOptions, log=None):
+    """Linear autoencoder (paper 4.1): encoder Linear(dim, ae_dim), decoder Linear(ae_dim, dim).
+
+    MSE loss, Adam; 10% of the items are held out and training stops when their loss has not
+    improved for ``patience`` epochs; the best encoder is kept. Returns (encoder, held-out MSE,
+    epochs run). Deterministic for a seed on one machine (CPU, fixed shuffling generator).
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(opts.seed)
+    gen = torch.Generator().manual_seed(opts.seed)
+    n, dim = x.shape
+    perm = torch.randperm(n, generator=gen)
+    n_held = max(1, n // 10) if n >= 2 else 0
+    held, train = x[perm[:n_held]], x[perm[n_held:]]
+    encoder, decoder = nn.Linear(dim, opts.ae_dim), nn.Linear(opts.ae_dim, dim)
+    params = list(encoder.parameters()) + list(decoder.parameters())
+    optimiser = torch.optim.Adam(params, lr=opts.lr)
+    check = held if n_held else train  # a single item: nothing to hold out
+
+    def held_mse() -> float:
+        with torch.no_grad():
+            return float(nn.functional.mse_loss(decoder(encoder(check)), check))
+
+    best, best_state, stale, epochs = held_mse(), None, 0, 0
+    for epoch in range(opts.epochs):
+        epochs = epoch + 1
+        order = torch.randperm(len(train), generator=gen)
+        for b in range(0, len(train), opts.batch_size):
+            batch = train[order[b : b + opts.batch_size]]
+            loss = nn.functional.mse_loss(decoder(encoder(batch)), batch)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+        mse = held_mse()
+        if mse < best:
+            best, stale = mse, 0
+            best_state = {k: v.clone() for k, v in encoder.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= opts.patience:
+                break
+        if log is not None and epochs % 10 == 0:
+            log.info("autoencoder epoch %d: held-out MSE %.6g (best %.6g)", epochs, mse, best)
+    if best_state is not None:
+        encoder.load_state_dict(best_state)
+    return encoder, best, epochs
+
+
+def top_k_cosine(vectors: np.ndarray, centres: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices [n, k] of each vector's k most cosine-similar centres (ties: lower index) and the sims."""
+    eps = 1e-12
+    v = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), eps)
+    c = centres / np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), eps)
+    sims = (v @ c.T).astype(np.float32)
+    idx = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return idx.astype(np.int32), np.take_along_axis(sims, idx, axis=1)
+
+
+def _load_features(ds: DatasetDir, name: str):
+    import torch
+
+    path = ds.path(C.features_tensor_file(name))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        feats = obj["features"].to(torch.float32)
+    except Exception as e:
+        raise MmsrError(f"{path}: not a readable features file ({type(e).__name__}); re-run "
+                        f"`mmsr extract-features --name {name} --dataset {ds.name}`") from e
+    index = read_parquet(ds.path(C.features_index_file(name)), C.FEATURE_INDEX_SCHEMA)
+    n = index.num_rows
+    if not np.array_equal(index.column("item_idx").to_numpy(), np.arange(n)) or feats.shape[0] != n:
+        raise MmsrError(f"{ds.path(C.features_index_file(name))}: rows do not match {path}; re-run "
+                        f"`mmsr extract-features --name {name} --dataset {ds.name}`")
+    rows = index.column("row").to_numpy().astype(np.int64)
+    missing = index.column("missing").to_numpy(zero_copy_only=False).astype(bool)
+    return feats[torch.from_numpy(rows)], missing
+
+
+def _check_present(ds: DatasetDir, name: str, opts: CodesOptions, n_present: int) -> None:
+    if n_present == 0:
+        raise MmsrError(f"{ds.path(C.features_index_file(name))}: no item has features for modality '{name}'")
+    if not opts.no_codes and opts.clusters > n_present:
+        raise MmsrError(f"--clusters {opts.clusters}: more than the {n_present} items with '{name}' features")
+
+
+def _check_counts(ds: DatasetDir, name: str, opts: CodesOptions) -> None:
+    index = read_parquet(ds.path(C.features_index_file(name)), C.FEATURE_INDEX_SCHEMA)
+    missing = index.column("missing").to_numpy(zero_copy_only=False)
+    _check_present(ds, name, opts, int((~missing.astype(bool)).sum()))
+
+
+def build_modality(ds: DatasetDir, name: str, opts: CodesOptions) -> ModalityCodesResult:
+    import time
+
+    import pyarrow as pa
+    import torch
+
+    from .workdir import atomic_path, upstream, write_parquet_atomic
+
+    t0 = time.perf_counter()
+    stage = C.modality_stage(C.STAGE_CODES, name)
+    feat_manifest = ds.require(C.modality_stage(C.STAGE_FEATURES, name))
+    log = ds.logger(stage)
+    feats, missing = _load_features(ds, name)
+    n_items, dim = feats.shape
+    present = np.flatnonzero(~missing)
+    n_present = len(present)
+    _check_present(ds, name, opts, n_present)
+    log.info("start: %d items (%d with features), dim %d, options %s", n_items, n_present, dim, opts)
+
+    encoder, ae_mse, ae_epochs = train_autoencoder(feats[torch.from_numpy(present)], opts, log)
+    with torch.no_grad():
+        reduced_present = encoder(feats[torch.from_numpy(present)]).numpy().astype(np.float32)
+    reduced = np.zeros((n_items, opts.ae_dim), dtype=np.float32)
+    reduced[present] = reduced_present
+
+    offsets = np.zeros(n_items + 1, dtype=np.int32)
+    if opts.no_codes:
+        mode, k = "items", 1
+        centres = reduced
+        code_values = present.astype(np.int32)
+        sim_values = np.ones(n_present, dtype=np.float32)
+        sizes = np.ones(n_items, dtype=np.int64)
+        sizes[missing] = 0
+    else:
+        from sklearn.cluster import KMeans
+
+        mode, k = "clusters", opts.top_k
+        km = KMeans(n_clusters=opts.clusters, n_init=opts.n_init, random_state=opts.seed)
+        km.fit(reduced_present.astype(np.float64))  # float64: identical results across runs
+        centres = km.cluster_centers_.astype(np.float32)
+        idx, sims = top_k_cosine(reduced_present, centres, k)
+        code_values, sim_values = idx.reshape(-1), sims.reshape(-1)
+        sizes = np.bincount(code_values, minlength=opts.clusters)
+    lengths = np.zeros(n_items, dtype=np.int32)
+    lengths[present] = k
+    offsets[1:] = np.cumsum(lengths)
+
+    codes_rel, centres_rel = C.codes_file(name), C.centres_file(name)
+    table = pa.table(
+        {
+            "item_idx": pa.array(np.arange(n_items, dtype=np.int32)),
+            "codes": pa.ListArray.from_arrays(pa.array(offsets), pa.array(code_values, pa.int32())),
+            "similarities": pa.ListArray.from_arrays(pa.array(offsets), pa.array(sim_values, pa.float32())),
+        }
+    )
+    write_parquet_atomic(ds.path(codes_rel), table, C.CODES_SCHEMA)
+    with atomic_path(ds.path(centres_rel), ".pt") as tmp:
+        torch.save({"centres": torch.from_numpy(np.ascontiguousarray(centres)),
+                    "reduced": torch.from_numpy(reduced)}, tmp)
+    seconds = time.perf_counter() - t0
+    ds.write_manifest(
+        stage,
+        inputs=upstream(feat_manifest),
+        outputs=[codes_rel, centres_rel],
+        options={
+            "codes_mode": mode,
+            "ae_dim": opts.ae_dim,
+            "clusters": opts.clusters if mode == "clusters" else None,
+            "top_k": k,
+            "seed": opts.seed,
+            "epochs": opts.epochs,
+            "patience": opts.patience,
+            "lr": opts.lr,
+            "batch_size": opts.batch_size,
+            "kmeans_n_init": opts.n_init if mode == "clusters" else None,
+        },
+        counts={
+            "n_items": n_items,
+            "n_missing": int(missing.sum()),
+            "n_codes": int(centres.shape[0]),
+            "feature_dim": int(dim),
+            "ae_heldout_mse": ae_mse,
+            "ae_epochs": ae_epochs,
+            "empty_codes": int((sizes == 0).sum()) if mode == "clusters" else 0,
+        },
+    )
+    result = ModalityCodesResult(name, n_items, int(missing.sum()), int(dim), opts.ae_dim, ae_mse, ae_epochs,
+                                 mode, int(centres.shape[0]), sizes, seconds)
+    log.info(result.summary(ds.name))
+    return result
+
+
+def run(ds: DatasetDir, opts: CodesOptions) -> list[ModalityCodesResult]:
+    """Build codes for the chosen modalities (default: every modality with features)."""
+    opts.validate()
+    names = opts.modalities
+    if not names:
+        prefix = C.STAGE_FEATURES + ":"
+        names = [s[len(prefix):] for s in ds.stages(C.STAGE_FEATURES) if s.startswith(prefix)]
+        if not names:
+            ds.require(C.STAGE_PREPROCESS)  # a missing dataset or preprocess says so first
+            raise MmsrError(
+                f"{ds.root / C.MANIFESTS_DIR}: no modality has features; run `mmsr extract-features "
+                f"--dataset {ds.name} --modality image|text` first"
+            )
+    for name in names:  # check every modality's inputs and options before writing anything
+        ds.require(C.modality_stage(C.STAGE_FEATURES, name))
+        _check_counts(ds, name, opts)
+    return [build_modality(ds, name, opts) for name in names]

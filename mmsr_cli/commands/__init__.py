@@ -5,3 +5,4 @@ from . import preprocess  # noqa: F401
 from . import download  # noqa: F401,E402
 from . import build_graphs  # noqa: F401,E402
 from . import extract_features  # noqa: F401,E402
+from . import build_codes  # noqa: F401,E402
