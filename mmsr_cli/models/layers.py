@@ -1,0 +1,234 @@
+"""HAN-GNN: the Heterogeneity-aware, Asynchronous and Non-invasive graph layer (paper section 4.3.2).
+
+A batch is one disjoint graph of MSGraphs (see ``graphs.py``): nodes carry a type (0 = item,
+m + 1 = modality m), edges ``j -> i`` (row 0 = source j, row 1 = target i, "i aggregates from j")
+carry a relation. The homogeneous neighbourhood of i holds its SELF/IN/OUT/BI edges, the
+heterogeneous one its SELF/HETERO edges (the self loop belongs to both).
+
+Building blocks, one per concept:
+
+* :class:`TypedLinear` - the type-specific projections W_{Q,t}, W_{K,t}, W_{V,t};
+* :class:`HomogeneousAttention` - content-based scores with one vector a_r per relation (Eq. 12);
+* :class:`HeterogeneousAttention` - key-value scores between node types (Eq. 13);
+* :func:`neighbourhood_softmax` and :func:`aggregate` - sft(e | N_i) and the value sum (Eq. 14);
+* :class:`UpdateGate` - the adaptive choice between the two update orders (Eq. 16-17);
+* :class:`HANLayer` - one propagation layer: both phases of both orders, then fusion.
+
+Choices the paper leaves open (documented here, tested in tests/test_layers.py):
+
+* sft is the softmax of Eq. 11, LeakyReLU(0.2) included, for both attention kinds;
+* heterogeneous scores are scaled by 1/sqrt(d), as in Transformer key-value attention;
+* single head; no residual connection and no LayerNorm (the paper has none, and training is stable
+  without them);
+* the gate MLP is Linear(2d, d) -> tanh -> Linear(d, 2), and beta is the softmax of its two
+  scores so that Eq. 17 is a convex combination of the two paths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.utils import softmax as pyg_softmax
+
+# Relation ids of ``edge_rel`` (same values as graphs.REL_*; kept here so layers import nothing
+# from the data side).
+REL_SELF, REL_IN, REL_OUT, REL_BI, REL_HETERO = 0, 1, 2, 3, 4
+N_HOMOGENEOUS_RELATIONS = 4  # SELF, IN, OUT, BI: one a_r each (Eq. 12)
+
+FUSION_MODES = ("adaptive", "hohe", "heho", "synchronous", "ho", "he")
+ATTENTION_SLOPE = 0.2  # LeakyReLU slope inside sft (Eq. 11)
+
+
+@dataclass
+class TypeIndex:
+    """Nodes grouped by type, so type-specific weights run as one matmul per type.
+
+    ``order`` sorts the nodes by type (None when they already are); ``counts[t]`` is the number
+    of nodes of type t.
+    """
+
+    order: Tensor | None
+    inverse: Tensor | None
+    counts: list[int]
+
+    @classmethod
+    def build(cls, node_type: Tensor, n_types: int) -> "TypeIndex":
+        if node_type.numel() and int(node_type.max()) >= n_types:
+            raise ValueError(f"node type {int(node_type.max())} but the layer knows {n_types} types")
+        counts = torch.bincount(node_type, minlength=n_types).tolist()
+        if node_type.numel() < 2 or bool((node_type[1:] >= node_type[:-1]).all()):
+            return cls(None, None, counts)
+        order = torch.argsort(node_type, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+        return cls(order, inverse, counts)
+
+
+@dataclass
+class RelationEdges:
+    """The two neighbourhoods of a batch: homogeneous (SELF/IN/OUT/BI) and heterogeneous (SELF/HETERO)."""
+
+    ho_index: Tensor  # [2, E_ho] (source j, target i)
+    ho_rel: Tensor  # [E_ho] in 0..3
+    he_index: Tensor  # [2, E_he]
+
+    @classmethod
+    def split(cls, edge_index: Tensor, edge_rel: Tensor) -> "RelationEdges":
+        ho = edge_rel <= REL_BI
+        he = (edge_rel == REL_SELF) | (edge_rel == REL_HETERO)
+        return cls(edge_index[:, ho], edge_rel[ho], edge_index[:, he])
+
+
+class TypedLinear(nn.Module):
+    """x_i -> W_{t_i} x_i with one [d_in, d_out] matrix per node type (stacked as [T, d_in, d_out])."""
+
+    def __init__(self, n_types: int, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_types, d_in, d_out))
+        bound = math.sqrt(6.0 / (d_in + d_out))  # Xavier per type: keeps the scale of h through the layers
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: Tensor, types: TypeIndex) -> Tensor:
+        xs = x if types.order is None else x[types.order]
+        parts = [
+            chunk @ self.weight[t]
+            for t, chunk in enumerate(torch.split(xs, types.counts))
+            if chunk.shape[0]
+        ]
+        out = torch.cat(parts) if parts else x.new_zeros(0, self.weight.shape[2])
+        return out if types.inverse is None else out[types.inverse]
+
+
+class HomogeneousAttention(nn.Module):
+    """Eq. 12: e_ij = a_r . (W_V h_i  (.)  W_V h_j), one vector a_r per homogeneous relation r."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.relation_vectors = nn.Parameter(torch.empty(N_HOMOGENEOUS_RELATIONS, dim))
+        bound = 1.0 / math.sqrt(dim)
+        nn.init.uniform_(self.relation_vectors, -bound, bound)
+
+    def forward(self, v: Tensor, edge_index: Tensor, edge_rel: Tensor) -> Tensor:
+        """Scores [E] from the value projections ``v`` [N, d] of the nodes."""
+        src, dst = edge_index
+        # (a_r (.) v_i) for every node and relation, then one gather per edge instead of three
+        target_side = (v.unsqueeze(1) * self.relation_vectors).reshape(-1, v.shape[1])
+        return (target_side.index_select(0, dst * N_HOMOGENEOUS_RELATIONS + edge_rel) * v.index_select(0, src)).sum(-1)
+
+
+class HeterogeneousAttention(nn.Module):
+    """Eq. 13: e_ij = (W_Q,tj h_j) . (W_K,ti h_i) / sqrt(d): query from the neighbour, key from the target."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = 1.0 / math.sqrt(dim)
+
+    def forward(self, q: Tensor, k: Tensor, edge_index: Tensor) -> Tensor:
+        src, dst = edge_index
+        return (q.index_select(0, src) * k.index_select(0, dst)).sum(-1) * self.scale
+
+
+def neighbourhood_softmax(scores: Tensor, edge_index: Tensor, n_nodes: int) -> Tensor:
+    """sft(e_ij | N_i) of Eq. 11: softmax of LeakyReLU(e_ij) over the edges into each target i."""
+    return pyg_softmax(F.leaky_relu(scores, ATTENTION_SLOPE), edge_index[1], num_nodes=n_nodes)
+
+
+def aggregate(alpha: Tensor, values: Tensor, edge_index: Tensor) -> Tensor:
+    """Eq. 14: h_i = sum_j alpha_ij v_j over the edges j -> i."""
+    src, dst = edge_index
+    out = values.new_zeros(values.shape)
+    return out.index_add_(0, dst, alpha.unsqueeze(-1) * values.index_select(0, src))
+
+
+class UpdateGate(nn.Module):
+    """Eq. 16-17: beta = softmax(MLP([h^hohe; h^heho])), h = beta_0 h^hohe + beta_1 h^heho."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, dim), nn.Tanh(), nn.Linear(dim, 2))
+
+    def forward(self, h_hohe: Tensor, h_heho: Tensor) -> tuple[Tensor, Tensor]:
+        beta = torch.softmax(self.mlp(torch.cat([h_hohe, h_heho], dim=-1)), dim=-1)  # Eq. 16
+        return beta[:, :1] * h_hohe + beta[:, 1:] * h_heho, beta  # Eq. 17
+
+
+class HANLayer(nn.Module):
+    """One HAN-GNN propagation layer h^(l) -> h^(l+1).
+
+    Both update orders run in two phases:
+
+    * hohe: h -> h^ho (homogeneous attention, Eq. 12 + 14) -> h^hohe (heterogeneous attention
+      whose scores come from h^ho, Eq. 13 + 14);
+    * heho: h -> h^he -> h^heho symmetrically.
+
+    Non-invasive (default): phase 2 takes its attention scores from the intermediate state but
+    aggregates the values W_V h^(l) of the layer input; invasive: the values W_V of the
+    intermediate state. ``fusion`` picks what h^(l+1) is: ``adaptive`` (update gate over both
+    orders, Eq. 16-17), ``hohe`` / ``heho`` (one order), ``synchronous`` (Linear([h^ho; h^he]),
+    both from h^(l), Eq. 15), ``ho`` / ``he`` (one neighbourhood only, one phase).
+    """
+
+    def __init__(self, dim: int, n_types: int, fusion: str = "adaptive", invasive: bool = False):
+        super().__init__()
+        if fusion not in FUSION_MODES:
+            raise ValueError(f"fusion '{fusion}' is not one of {', '.join(FUSION_MODES)}")
+        self.dim, self.n_types, self.fusion, self.invasive = dim, n_types, fusion, invasive
+        self.query = TypedLinear(n_types, dim, dim)  # W_Q,t
+        self.key = TypedLinear(n_types, dim, dim)  # W_K,t
+        self.value = TypedLinear(n_types, dim, dim)  # W_V,t
+        self.homogeneous = HomogeneousAttention(dim)
+        self.heterogeneous = HeterogeneousAttention(dim)
+        self.gate = UpdateGate(dim) if fusion == "adaptive" else None
+        self.synchronous = nn.Linear(2 * dim, dim) if fusion == "synchronous" else None  # Eq. 15
+        #: beta [N, 2] of the last forward (adaptive fusion only), detached, in input node order
+        self.last_gate: Tensor | None = None
+
+    # -- the two aggregations (Eq. 14), scores from ``state``, values given --------------------
+    def _homogeneous(self, v_state: Tensor, values: Tensor, edges: RelationEdges) -> Tensor:
+        scores = self.homogeneous(v_state, edges.ho_index, edges.ho_rel)  # Eq. 12
+        alpha = neighbourhood_softmax(scores, edges.ho_index, values.shape[0])
+        return aggregate(alpha, values, edges.ho_index)  # Eq. 14, * = ho
+
+    def _heterogeneous(self, state: Tensor, values: Tensor, edges: RelationEdges, types: TypeIndex) -> Tensor:
+        scores = self.heterogeneous(self.query(state, types), self.key(state, types), edges.he_index)  # Eq. 13
+        alpha = neighbourhood_softmax(scores, edges.he_index, values.shape[0])
+        return aggregate(alpha, values, edges.he_index)  # Eq. 14, * = he
+
+    def attention(self, h: Tensor, edges: RelationEdges, types: TypeIndex, kind: str) -> Tensor:
+        """alpha [E_kind] of one aggregation from state h (kind: "ho" or "he"), for inspection and tests."""
+        if kind == "ho":
+            v = self.value(h, types)
+            return neighbourhood_softmax(self.homogeneous(v, edges.ho_index, edges.ho_rel), edges.ho_index, h.shape[0])
+        scores = self.heterogeneous(self.query(h, types), self.key(h, types), edges.he_index)
+        return neighbourhood_softmax(scores, edges.he_index, h.shape[0])
+
+    def forward(self, h: Tensor, edges: RelationEdges, types: TypeIndex) -> Tensor:
+        v = self.value(h, types)  # W_V h^(l): phase-1 values, and phase-2 values when non-invasive
+        fusion = self.fusion
+        out_hohe = out_heho = h_ho = h_he = None
+        if fusion in ("adaptive", "hohe", "synchronous", "ho"):
+            h_ho = self._homogeneous(v, v, edges)  # phase 1 of hohe: h -> h^ho
+        if fusion in ("adaptive", "heho", "synchronous", "he"):
+            h_he = self._heterogeneous(h, v, edges, types)  # phase 1 of heho: h -> h^he
+        if fusion in ("adaptive", "hohe"):  # phase 2: h^ho -> h^hohe
+            values = self.value(h_ho, types) if self.invasive else v
+            out_hohe = self._heterogeneous(h_ho, values, edges, types)
+        if fusion in ("adaptive", "heho"):  # phase 2: h^he -> h^heho
+            v_he = self.value(h_he, types)
+            out_heho = self._homogeneous(v_he, v_he if self.invasive else v, edges)
+
+        if fusion == "adaptive":
+            out, beta = self.gate(out_hohe, out_heho)
+            self.last_gate = beta.detach()
+            return out
+        if fusion == "hohe":
+            return out_hohe
+        if fusion == "heho":
+            return out_heho
+        if fusion == "synchronous":
+            return self.synchronous(torch.cat([h_ho, h_he], dim=-1))  # Eq. 15
+        return h_ho if fusion == "ho" else h_he

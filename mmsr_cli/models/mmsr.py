@@ -1,0 +1,166 @@
+"""MMSR: node representations (section 4.2), L HAN-GNN layers (4.3.2), last pooling (4.4).
+
+The model reads a graph batch (``graphs.GraphSplit.collate``) and returns one user vector per
+sample; scores against all items are dot products with the item-ID table (Eq. 7, in
+:meth:`Recommender.score`), which is shared with the input so that ``item_embeddings()`` is the
+same table the item nodes start from.
+
+Node types: 0 = item, m + 1 = modality m, in the order of ``config.modalities`` when given (the
+order ``GraphSplit`` gives the batch types when opened with those modalities), else the order of
+``info.modalities``. Zero modalities (item-only graphs) is fine.
+
+Deviations and choices (the paper leaves them open):
+
+* code tables keep the dimension of the cluster centres; a per-modality Linear(code_dim, d) maps
+  them to d when the two differ;
+* initial code embeddings are the centres rescaled to unit mean row norm (directions kept),
+  matching the scale of the item table (N(0, 1/d) entries, unit expected norm), so that the
+  merge W of section 4.2 sees comparable inputs from every node type;
+* dropout on h^(0) and on the output of each layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.utils import scatter
+
+from .base import DatasetInfo, ModalityInfo, ModelConfig, Recommender
+from .layers import HANLayer, RelationEdges, TypeIndex
+
+
+def select_modalities(config: ModelConfig, info: DatasetInfo) -> list[ModalityInfo]:
+    """The modalities the model has node types for, in batch node-type order."""
+    if not config.modalities:
+        return list(info.modalities)
+    by_name = {m.name: m for m in info.modalities}
+    missing = [name for name in config.modalities if name not in by_name]
+    if missing:
+        known = ", ".join(by_name) or "none"
+        raise ValueError(f"modalities {', '.join(missing)} not in the dataset (has {known})")
+    return [by_name[name] for name in config.modalities]
+
+
+class NodeEncoder(nn.Module):
+    """Section 4.2: e~_n = W [e_n; e_n^ty; e_n^po], e^po the mean over the node's positions."""
+
+    def __init__(self, config: ModelConfig, info: DatasetInfo, modalities: list[ModalityInfo]):
+        super().__init__()
+        d = config.dim
+        self.item_embedding = nn.Embedding(info.n_items, d)
+        nn.init.normal_(self.item_embedding.weight, std=1.0 / math.sqrt(d))
+        self.code_embeddings = nn.ModuleList()
+        self.code_projections = nn.ModuleList()
+        for m in modalities:
+            table = nn.Embedding(m.n_codes, m.code_dim)
+            if m.centres is not None:
+                centres = torch.as_tensor(m.centres, dtype=torch.float32)
+                if tuple(centres.shape) != (m.n_codes, m.code_dim):
+                    raise ValueError(
+                        f"modality '{m.name}': centres have shape {tuple(centres.shape)}, "
+                        f"expected ({m.n_codes}, {m.code_dim})"
+                    )
+                mean_norm = centres.norm(dim=1).mean().clamp_min(1e-12)
+                table.weight.data.copy_(centres / mean_norm)
+            else:
+                nn.init.normal_(table.weight, std=1.0 / math.sqrt(m.code_dim))
+            self.code_embeddings.append(table)
+            self.code_projections.append(nn.Linear(m.code_dim, d) if m.code_dim != d else nn.Identity())
+        self.n_types = 1 + len(modalities)
+        self.type_embedding = nn.Embedding(self.n_types, d) if config.type_emb else None
+        self.position_embedding = nn.Embedding(info.max_len, d) if config.pos_emb else None
+        n_parts = 1 + int(config.type_emb) + int(config.pos_emb)
+        self.merge = nn.Linear(n_parts * d, d)  # W of section 4.2
+
+    def content(self, node_ref: Tensor, types: TypeIndex) -> Tensor:
+        """e_n: item-ID embedding for items, (projected) code embedding for modality nodes.
+
+        Expects nodes sorted by type (``types.order is None``).
+        """
+        tables = [self.item_embedding] + [
+            lambda ref, emb=emb, proj=proj: proj(emb(ref))
+            for emb, proj in zip(self.code_embeddings, self.code_projections)
+        ]
+        parts = [tables[t](ref) for t, ref in enumerate(torch.split(node_ref, types.counts)) if ref.numel()]
+        if not parts:
+            return self.item_embedding.weight.new_zeros(0, self.item_embedding.embedding_dim)
+        return torch.cat(parts)
+
+    def forward(self, node_type: Tensor, node_ref: Tensor, pos_index: Tensor, pos_node: Tensor, types: TypeIndex) -> Tensor:
+        parts = [self.content(node_ref, types)]
+        if self.type_embedding is not None:
+            parts.append(self.type_embedding(node_type))
+        if self.position_embedding is not None:  # mean of the position embeddings of each node
+            parts.append(scatter(self.position_embedding(pos_index), pos_node, 0, node_type.shape[0], "mean"))
+        return self.merge(torch.cat(parts, dim=-1))
+
+
+class MMSR(Recommender):
+    """Multi-modality enriched sequential recommender over MSGraphs (HAN-GNN + last pooling)."""
+
+    input_kind = "graph"
+
+    def __init__(self, config: ModelConfig, info: DatasetInfo):
+        super().__init__()
+        self.config = config
+        self.modalities = select_modalities(config, info)
+        self.encoder = NodeEncoder(config, info, self.modalities)
+        self.n_types = self.encoder.n_types
+        self.layers = nn.ModuleList(
+            HANLayer(config.dim, self.n_types, config.fusion, config.invasive) for _ in range(config.layers)
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self._last_inverse: Tensor | None = None
+        self._last_node_type: Tensor | None = None
+
+    def item_embeddings(self) -> Tensor:
+        return self.encoder.item_embedding.weight
+
+    def node_states(self, batch: dict[str, Tensor]) -> Tensor:
+        """h^(L) [N, d] of every node, in the batch's node order."""
+        h, inverse = self._propagate(batch)
+        return h if inverse is None else h[inverse]
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        h, inverse = self._propagate(batch)
+        last = batch["last_node"]
+        if inverse is not None:  # position of each batch node in the type-sorted order
+            last = inverse[last]
+        return h[last]  # last pooling (section 4.4): P = h^(L) of the last history item
+
+    def _propagate(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        node_type, node_ref = batch["node_type"], batch["node_ref"]
+        pos_index, pos_node = batch["pos_index"], batch["pos_node"]
+        edge_index, edge_rel = batch["edge_index"], batch["edge_rel"]
+        # Sort nodes by type once, so every type-specific projection is a contiguous slice.
+        sorting = TypeIndex.build(node_type, self.n_types)
+        inverse = sorting.inverse
+        if sorting.order is not None:
+            node_type, node_ref = node_type[sorting.order], node_ref[sorting.order]
+            pos_node = inverse[pos_node]
+            edge_index = inverse[edge_index]
+        types = TypeIndex(None, None, sorting.counts)
+        edges = RelationEdges.split(edge_index, edge_rel)
+
+        h = self.dropout(self.encoder(node_type, node_ref, pos_index, pos_node, types))  # h^(0)
+        for layer in self.layers:
+            h = self.dropout(layer(h, edges, types))
+        self._last_inverse, self._last_node_type = inverse, batch["node_type"]
+        return h, inverse
+
+    def gate_values(self) -> list[Tensor]:
+        """beta [N, 2] (hohe, heho) of each layer in the last forward, in the batch's node order.
+
+        Empty unless fusion is adaptive. Pair with :attr:`gate_node_type` for per-type statistics.
+        """
+        if self.config.fusion != "adaptive" or self._last_node_type is None:
+            return []
+        inv = self._last_inverse
+        return [layer.last_gate if inv is None else layer.last_gate[inv] for layer in self.layers]
+
+    @property
+    def gate_node_type(self) -> Tensor | None:
+        """node_type [N] of the last forward's batch (the rows of :meth:`gate_values`)."""
+        return self._last_node_type
