@@ -113,3 +113,92 @@ def evaluate_split(model, split, batch_size: int, device: torch.device, progress
     finally:
         model.train(was_training)
     return {**acc.result(), "n": acc.n}
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluating trained runs (`mmsr evaluate`)
+
+
+def evaluate_run(ds, run: str, split: str = "test", checkpoint: str = "best", device: str = "auto") -> dict:
+    """Metrics of a run's checkpoint on ``split``, written to ``runs/<run>/metrics_<split>.json``."""
+    import time
+
+    from .runtime import progress, resolve_device
+    from .training import load_run
+    from .workdir import write_json_atomic
+
+    if split not in ("valid", "test"):
+        raise MmsrError(f"--split: expected valid or test, got {split!r}")
+    dev = resolve_device(device)
+    loaded = load_run(ds, run, checkpoint, dev)
+    data = loaded.bundle.open_split(ds, split)
+    t0 = time.perf_counter()
+    with progress(transient=True) as bar:
+        task = bar.add_task(f"{run} {split}", total=len(data))
+        metrics = evaluate_split(loaded.model, data, loaded.train_config.batch_size, dev, lambda n: bar.advance(task, n))
+    record = {
+        "run": run,
+        "dataset": ds.name,
+        "split": split,
+        "checkpoint": checkpoint,
+        "n": metrics.pop("n"),
+        "metrics": metrics,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "protocol": "full ranking over all items, pessimistic ties, history items not excluded",
+        "fingerprints": loaded.config.get("fingerprints", {}),
+    }
+    write_json_atomic(loaded.folder / f"metrics_{split}.json", record)
+    return {"config": loaded.config, **record}
+
+
+def experiment_key(config: dict) -> str:
+    """A run's configuration without what only distinguishes repetitions (seed, name, device)."""
+    import json
+
+    from .training import NOT_EXPERIMENT
+
+    train = {k: v for k, v in config["train"].items() if k not in NOT_EXPERIMENT}
+    return json.dumps({"model": config["model"], "train": train, "dataset": config["dataset"]}, sort_keys=True)
+
+
+def describe_experiment(config: dict) -> str:
+    """Short label of an experiment: the model plus the options that differ from the defaults."""
+    from dataclasses import asdict
+
+    from .models.base import ModelConfig
+    from .training import NOT_EXPERIMENT, TrainConfig
+
+    mdef, tdef = asdict(ModelConfig()), asdict(TrainConfig())
+    parts = [config["model"]["model"]]
+    for key, value in config["model"].items():
+        if key in ("model", "max_len") or key not in mdef:
+            continue
+        default = list(mdef[key]) if isinstance(mdef[key], tuple) else mdef[key]
+        if value != default:
+            parts.append(f"{key}={','.join(value) if isinstance(value, list) else value}")
+    for key, value in config["train"].items():
+        if key in NOT_EXPERIMENT or key == "model" or value == tdef.get(key):
+            continue
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def compare_runs(records: list[dict]) -> list[dict]:
+    """Group evaluated runs by experiment (config minus seed): mean and std (ddof 0) per metric."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(experiment_key(r["config"]), []).append(r)
+    out = []
+    for members in groups.values():
+        names = list(members[0]["metrics"])
+        values = {m: np.array([r["metrics"][m] for r in members], dtype=np.float64) for m in names}
+        out.append(
+            {
+                "experiment": describe_experiment(members[0]["config"]),
+                "runs": [r["run"] for r in members],
+                "seeds": [r["config"]["train"]["seed"] for r in members],
+                "mean": {m: float(v.mean()) for m, v in values.items()},
+                "std": {m: float(v.std()) for m, v in values.items()},
+            }
+        )
+    return out

@@ -1,0 +1,79 @@
+"""`mmsr evaluate`: full-ranking metrics of trained runs, alone or compared over seeds."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..app import ConfigOpt, DatasetOpt, WorkdirOpt, app, console, parse_list
+
+SHOWN = ("hr@5", "hr@10", "hr@20", "mrr@5", "mrr@10", "mrr@20", "ndcg@5", "ndcg@10", "ndcg@20")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    dataset: DatasetOpt,
+    run: Annotated[Optional[str], typer.Option("--run", help="Run name (folder under runs/).")] = None,
+    split: Annotated[str, typer.Option("--split", help="valid or test.")] = "test",
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best (validation) or last.")] = "best",
+    compare: Annotated[
+        Optional[str],
+        typer.Option("--compare", help="Comma-separated runs to evaluate side by side, grouped by config minus seed."),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+    workdir: WorkdirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Rank all items for every sample of a split (pessimistic ties); HR, MRR, NDCG @5/10/20.
+
+    Writes runs/<run>/metrics_<split>.json and prints a table on stdout.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..errors import MmsrError
+    from ..evaluation import compare_runs, evaluate_run
+    from ..workdir import DatasetDir
+
+    if (run is None) == (compare is None):
+        raise MmsrError("give exactly one of --run NAME or --compare RUN1,RUN2,...")
+    runs = [run] if run is not None else parse_list(compare, "--compare")
+    if len(set(runs)) != len(runs):
+        raise MmsrError(f"--compare: a run is named twice in {compare}")
+    ds = DatasetDir.open(workdir, dataset)
+    records = [evaluate_run(ds, r, split, checkpoint, device) for r in runs]
+
+    out = Console()  # stdout: the table is the command's data
+    if not out.is_terminal:  # piped: do not squeeze the columns into 80 characters
+        out = Console(width=250)
+    if run is not None:
+        rec = records[0]
+        out.print(f"{ds.name} / {run} / {split} ({checkpoint}.pt, {rec['n']:,} samples)", markup=False, highlight=False)
+        table = Table()
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for m in SHOWN:
+            table.add_row(m, f"{rec['metrics'][m]:.4f}")
+        out.print(table)
+        console.print(
+            f"{run}: {split} hr@10 {rec['metrics']['hr@10']:.4f}, ndcg@10 {rec['metrics']['ndcg@10']:.4f} "
+            f"-> {ds.path('runs')}/{run}/metrics_{split}.json",
+            markup=False, highlight=False, soft_wrap=True,
+        )
+        return
+    groups = compare_runs(records)
+    out.print(f"{ds.name} / {split} ({checkpoint}.pt): mean ± std over seeds", markup=False, highlight=False)
+    table = Table()
+    table.add_column("experiment")
+    table.add_column("seeds", justify="right")
+    for m in SHOWN:
+        table.add_column(m, justify="right")
+    for g in groups:
+        table.add_row(
+            g["experiment"],
+            ",".join(str(s) for s in g["seeds"]),
+            *(f"{g['mean'][m]:.4f} ± {g['std'][m]:.4f}" for m in SHOWN),
+        )
+    out.print(table)
+    console.print(f"compared {len(runs)} runs in {len(groups)} experiment(s)", markup=False, highlight=False)

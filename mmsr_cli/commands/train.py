@@ -1,0 +1,116 @@
+"""`mmsr train`: train MMSR or a baseline on a preprocessed dataset (runs/<run>/)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..app import ConfigOpt, DatasetOpt, SeedOpt, WorkdirOpt, app, console, parse_list
+
+FUSIONS = ("adaptive", "hohe", "heho", "synchronous", "ho", "he")
+
+# Options that only some models read; giving one to another model is an error, not a no-op.
+_MMSR_ONLY = ("fusion", "invasive", "no_pos_emb", "no_type_emb", "no_codes")
+_NOT_FOR = {
+    "pop": ("epochs", "lr", "weight_decay", "clip_norm", "dropout", "dim", "layers", "heads", "patience", "modalities"),
+    "gru4rec": ("heads", "modalities"),
+    "sasrec": ("modalities",),
+    "sasrecf": (),
+    "mmsr": ("heads",),
+}
+
+
+@app.command("train")
+def train_command(
+    dataset: DatasetOpt,
+    model: Annotated[str, typer.Option("--model", "-m", help="mmsr, pop, gru4rec, sasrec or sasrecf.")] = "mmsr",
+    run_name: Annotated[
+        Optional[str],
+        typer.Option("--run-name", help="Run folder under runs/ [default: <model>-<split>-s<seed>, split loo or ratio<r>]."),
+    ] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Maximum epochs [default: 50].")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per batch (training and evaluation).")] = 512,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate [default: 1e-3].")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Adam L2 weight decay [default: 0].")] = None,
+    clip_norm: Annotated[Optional[float], typer.Option("--clip-norm", help="Clip gradients to this norm [default: 0 = off].")] = None,
+    dropout: Annotated[Optional[float], typer.Option("--dropout", help="Dropout ratio [default: 0.3].")] = None,
+    dim: Annotated[Optional[int], typer.Option("--dim", help="Embedding size [default: 128].")] = None,
+    layers: Annotated[Optional[int], typer.Option("--layers", help="GNN layers / transformer blocks / GRU layers [default: 2].")] = None,
+    heads: Annotated[Optional[int], typer.Option("--heads", help="Attention heads, SASRec(F) [default: 2].")] = None,
+    patience: Annotated[
+        Optional[int], typer.Option("--patience", help="Stop after N epochs without validation improvement; 0 = never [default: 5].")
+    ] = None,
+    seed: SeedOpt = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+    modalities: Annotated[
+        Optional[str], typer.Option("--modalities", help="Comma-separated modalities (mmsr, sasrecf) [default: all built].")
+    ] = None,
+    fusion: Annotated[
+        Optional[str], typer.Option("--fusion", help="MMSR fusion order: adaptive, hohe, heho, synchronous, ho, he [default: adaptive].")
+    ] = None,
+    invasive: Annotated[bool, typer.Option("--invasive", help="MMSR: invasive phase-2 values (ablation).")] = False,
+    no_pos_emb: Annotated[bool, typer.Option("--no-pos-emb", help="MMSR: no position embeddings (ablation).")] = False,
+    no_type_emb: Annotated[bool, typer.Option("--no-type-emb", help="MMSR: no node-type embeddings (ablation).")] = False,
+    no_codes: Annotated[bool, typer.Option("--no-codes", help="MMSR: item-level modality nodes (graphs --no-codes).")] = False,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="At most N training batches per epoch (smoke runs); 0 = all.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the run from its last.pt if present.")] = True,
+    metric: Annotated[str, typer.Option("--metric", help="Validation metric for early stopping and best.pt.")] = "ndcg@10",
+    workdir: WorkdirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Train a model with cross-entropy over all items; validate every epoch; keep the best."""
+    from ..errors import MmsrError
+    from ..models import check_model_name
+    from ..models.base import ModelConfig
+    from ..training import TrainConfig, train
+    from ..workdir import DatasetDir
+
+    check_model_name(model)
+    given = {
+        "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "clip_norm": clip_norm, "dropout": dropout,
+        "dim": dim, "layers": layers, "heads": heads, "patience": patience, "modalities": modalities,
+        "fusion": fusion, "invasive": invasive or None, "no_pos_emb": no_pos_emb or None,
+        "no_type_emb": no_type_emb or None, "no_codes": no_codes or None,
+    }
+    refused = list(_NOT_FOR[model]) + ([] if model == "mmsr" else list(_MMSR_ONLY))
+    for name in refused:
+        if given[name] is not None:
+            raise MmsrError(f"--{name.replace('_', '-')}: not used by model {model}")
+    if fusion is not None and fusion not in FUSIONS:
+        raise MmsrError(f"--fusion: expected one of {', '.join(FUSIONS)}, got {fusion!r}")
+    names = parse_list(modalities, "--modalities")
+    if len(set(names)) != len(names):
+        raise MmsrError(f"--modalities: a modality is named twice in {modalities}")
+
+    defaults_t, defaults_m = TrainConfig(), ModelConfig()
+    tc = TrainConfig(
+        model=model,
+        run_name=run_name or "",
+        epochs=epochs if epochs is not None else defaults_t.epochs,
+        batch_size=batch_size,
+        lr=lr if lr is not None else defaults_t.lr,
+        weight_decay=weight_decay if weight_decay is not None else defaults_t.weight_decay,
+        clip_norm=clip_norm if clip_norm is not None else defaults_t.clip_norm,
+        patience=patience if patience is not None else defaults_t.patience,
+        seed=seed,
+        device=device,
+        max_steps=max_steps,
+        metric=metric,
+    ).validate()
+    mc = ModelConfig(
+        model=model,
+        dim=dim if dim is not None else defaults_m.dim,
+        layers=layers if layers is not None else defaults_m.layers,
+        heads=heads if heads is not None else defaults_m.heads,
+        dropout=dropout if dropout is not None else defaults_m.dropout,
+        modalities=tuple(names),
+        fusion=fusion or defaults_m.fusion,
+        invasive=invasive,
+        pos_emb=not no_pos_emb,
+        type_emb=not no_type_emb,
+        graph_variant="items" if no_codes else "codes",
+    )
+    ds = DatasetDir.open(workdir, dataset)
+    result = train(ds, tc, mc, resume=resume)
+    console.print(result.summary(tc.metric), markup=False, highlight=False, soft_wrap=True)

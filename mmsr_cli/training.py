@@ -1,0 +1,533 @@
+"""The training harness shared by MMSR and the baselines (`mmsr train`).
+
+One loop for every model (paper section 3.1): batches of a split's samples, user vectors scored
+against all items by dot product (Eq. 7), cross-entropy over all items, Adam with L2 weight decay,
+full-ranking validation after every epoch and early stopping on the validation metric (the test
+split is never looked at here).
+
+A run lives in ``<dataset>/runs/<run>/``:
+
+* ``config.json``: TrainConfig, ModelConfig, dataset sizes and the fingerprints of the stages the
+  run read (preprocess, codes:<m>, graphs:<variant>), so `evaluate`/`recommend` can refuse a
+  checkpoint that does not belong to the dataset's current files;
+* ``last.pt``: model, optimizer, epoch, torch RNG states, early-stopping state and history, written
+  atomically after every epoch; ``--resume`` (the default) continues from it, and on CPU the result
+  equals that of an uninterrupted run (shuffling is seeded per epoch, the dropout RNG is restored);
+* ``best.pt``: the model's state_dict at the best validation epoch;
+* ``history.json``, ``history.csv``, ``curve.png``: per-epoch loss, validation metrics and time.
+
+All ``.pt`` files hold only tensors and plain containers: ``torch.load(weights_only=True)`` reads them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import contracts as C
+from .errors import MmsrError
+from .evaluation import METRIC_NAMES, check_metric, evaluate_split, to_device
+from .models import build_model, check_model_name, model_class
+from .models.base import DatasetInfo, ModalityInfo, ModelConfig, Recommender
+from .workdir import DatasetDir, atomic_path, read_parquet, write_bytes_atomic, write_json_atomic
+
+CONFIG_FILE = "config.json"
+LAST_CKPT = "last.pt"
+BEST_CKPT = "best.pt"
+HISTORY_JSON = "history.json"
+HISTORY_CSV = "history.csv"
+CURVE_PNG = "curve.png"
+STAGE_TRAIN = "train"
+
+# Options that may change between a run and its resumption (they do not change the result).
+RESUMABLE_CHANGES = ("epochs", "device")
+# Options that are not part of an experiment's identity when comparing runs over seeds.
+NOT_EXPERIMENT = ("seed", "run_name", "device")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "sasrec"
+    run_name: str = ""  # "" -> default_run_name()
+    epochs: int = 50
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 0.0  # Adam's L2 penalty (paper: {0, 1e-1, ..., 1e-5})
+    clip_norm: float = 0.0  # max gradient norm; 0 = no clipping
+    patience: int = 5  # epochs without validation improvement before stopping; 0 = never stop
+    seed: int = 0
+    device: str = "auto"
+    max_steps: int = 0  # at most this many training batches per epoch (smoke runs); 0 = all
+    metric: str = "ndcg@10"  # validation metric for early stopping and best.pt
+
+    def validate(self) -> "TrainConfig":
+        check_model_name(self.model)
+        check_metric(self.metric)
+        for name, low in (("epochs", 1), ("batch_size", 1), ("patience", 0), ("max_steps", 0)):
+            if getattr(self, name) < low:
+                raise MmsrError(f"--{name.replace('_', '-')}: must be >= {low}, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "clip_norm"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise MmsrError(f"--{name.replace('_', '-')}: must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value}")
+        if self.run_name and not C.DATASET_NAME_RE.match(self.run_name):
+            raise MmsrError(f"--run-name: invalid name {self.run_name!r} (letters, digits, '.', '_' and '-')")
+        return self
+
+
+def check_model_config(cfg: ModelConfig) -> ModelConfig:
+    if cfg.dim < 1 or cfg.layers < 1 or cfg.heads < 1:
+        raise MmsrError("--dim, --layers and --heads must be >= 1")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise MmsrError(f"--dropout: must be in [0, 1), got {cfg.dropout}")
+    if cfg.model in ("sasrec", "sasrecf") and cfg.dim % cfg.heads:
+        raise MmsrError(f"--heads: {cfg.heads} does not divide --dim {cfg.dim}")
+    return cfg
+
+
+def default_run_name(ds: DatasetDir, cfg: TrainConfig) -> str:
+    """``<model>-<split>-s<seed>``, the split as preprocess made it: ``loo`` or ``ratio<r>``."""
+    opts = ds.require(C.STAGE_PREPROCESS, verify=False).get("options", {})
+    split = opts.get("split", "loo")
+    if split == "ratio":
+        split = f"ratio{opts.get('test_ratio')}"
+    return f"{cfg.model}-{split}-s{cfg.seed}"
+
+
+def run_dir(ds: DatasetDir, run: str) -> Path:
+    if not C.DATASET_NAME_RE.match(run or ""):
+        raise MmsrError(f"--run: invalid run name {run!r}")
+    return ds.path(f"{C.RUNS_DIR}/{run}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset side: sizes, modalities, splits, fingerprints
+
+
+def _codes_module():
+    try:
+        from . import codes
+    except ImportError as e:
+        raise MmsrError(f"this mmsr has no build-codes stage to read modality codes from ({e})") from e
+    return codes
+
+
+@dataclass
+class DatasetBundle:
+    """What a model of a given config is built and fed from."""
+
+    info: DatasetInfo
+    fingerprints: dict[str, str]
+    model_config: ModelConfig  # with the modalities resolved
+
+    def open_split(self, ds: DatasetDir, split: str):
+        cls = model_class(self.model_config.model)
+        if cls.input_kind == "graph":
+            from .graphs import GraphSplit
+
+            return GraphSplit.open(ds, split, self.model_config.graph_variant, list(self.model_config.modalities))
+        from .data import SequenceSplit
+
+        return SequenceSplit.open(ds, split, self.info.max_len, self.info.n_items)
+
+
+def train_target_counts(ds: DatasetDir, n_items: int) -> np.ndarray:
+    path = ds.path(C.samples_file("train"))
+    target = read_parquet(path).column("target").to_numpy().astype(np.int64)
+    if target.size and (target.min() < 0 or target.max() >= n_items):
+        raise MmsrError(f"{path}: field 'target' has item ids outside 0..{n_items - 1}")
+    return np.bincount(target, minlength=n_items)
+
+
+def load_dataset(ds: DatasetDir, model_cfg: ModelConfig, verify: bool = True) -> DatasetBundle:
+    """Check the upstream stages the model needs and describe the dataset for it.
+
+    Sequence models need ``preprocess``; SASRecF also ``codes:<m>``; MMSR also
+    ``graphs:<variant>`` (variant ``items`` with ``--no-codes``). Unset modalities mean every
+    modality available (MMSR: those the graphs were built with).
+    """
+    pre = ds.require(C.STAGE_PREPROCESS, verify=verify)
+    counts, options = pre.get("counts", {}), pre.get("options", {})
+    try:
+        n_items, n_users, max_len = int(counts["items"]), int(counts["users"]), int(options["max_len"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise MmsrError(f"{ds.manifest_path(C.STAGE_PREPROCESS)}: missing count/option {e}; re-run `mmsr preprocess --dataset {ds.name}`") from e
+    fingerprints = {C.STAGE_PREPROCESS: pre["fingerprint"]}
+    cls = model_class(model_cfg.model)
+    names = list(model_cfg.modalities)
+    modalities: list[ModalityInfo] = []
+    if cls.input_kind == "graph":
+        from .graphs import GraphSplit, graphs_stage
+
+        fingerprints[graphs_stage(model_cfg.graph_variant)] = ds.require(
+            graphs_stage(model_cfg.graph_variant), verify=verify
+        )["fingerprint"]
+        names = GraphSplit.open(ds, "train", model_cfg.graph_variant, names or None).modality_names
+    elif model_cfg.model == "sasrecf":
+        codes = _codes_module()
+        names = names or list(codes.available_modalities(ds))
+        if not names:
+            raise MmsrError(
+                f"--model sasrecf: dataset '{ds.name}' has no modality codes; run "
+                f"`mmsr build-codes --modality NAME --dataset {ds.name}` first"
+            )
+    elif names:
+        raise MmsrError(f"--modalities: model {model_cfg.model} uses no modalities")
+    if names:
+        codes = _codes_module()
+        for name in names:
+            stage = C.modality_stage(C.STAGE_CODES, name)
+            fingerprints[stage] = ds.require(stage, verify=verify)["fingerprint"]
+            modalities.append(codes.load_modality_info(ds, name, variant=model_cfg.graph_variant))
+    info = DatasetInfo(
+        n_items=n_items,
+        n_users=n_users,
+        max_len=max_len,
+        modalities=modalities,
+        item_popularity=train_target_counts(ds, n_items),
+    )
+    resolved = ModelConfig(**{**asdict(model_cfg), "modalities": tuple(names), "max_len": max_len})
+    return DatasetBundle(info, fingerprints, resolved)
+
+
+# ----------------------------------------------------------------------------------------------
+# Run files
+
+
+def config_record(ds: DatasetDir, tc: TrainConfig, bundle: DatasetBundle) -> dict:
+    mc = asdict(bundle.model_config)
+    mc["modalities"] = list(mc["modalities"])
+    return {
+        "dataset": ds.name,
+        "train": asdict(tc),
+        "model": mc,
+        "fingerprints": dict(bundle.fingerprints),
+        "data": {"n_items": bundle.info.n_items, "n_users": bundle.info.n_users, "max_len": bundle.info.max_len},
+    }
+
+
+def read_run_config(path: Path) -> dict:
+    if not path.exists():
+        raise MmsrError(f"{path}: run config not found; run `mmsr train` first or check --run")
+    try:
+        cfg = json.loads(path.read_text())
+        TrainConfig(**cfg["train"]), ModelConfig(**{**cfg["model"], "modalities": tuple(cfg["model"]["modalities"])})
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise MmsrError(f"{path}: not a valid run config ({type(e).__name__}: {e})") from e
+    return cfg
+
+
+def _config_difference(old: dict, new: dict) -> str | None:
+    """First difference between two run configs that forbids resuming, as 'field: a != b'."""
+    for section in ("dataset", "model", "fingerprints", "train"):
+        a, b = old.get(section), new.get(section)
+        if section == "train":
+            a = {k: v for k, v in (a or {}).items() if k not in RESUMABLE_CHANGES}
+            b = {k: v for k, v in (b or {}).items() if k not in RESUMABLE_CHANGES}
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                for key in sorted(set(a) | set(b)):
+                    if a.get(key) != b.get(key):
+                        return f"{section}.{key}: {a.get(key)!r} != {b.get(key)!r}"
+            return f"{section}: {a!r} != {b!r}"
+    return None
+
+
+def save_torch_atomic(path: Path, obj: Any) -> None:
+    with atomic_path(path, ".pt") as tmp:
+        torch.save(obj, tmp)
+
+
+def load_torch(path: Path) -> Any:
+    if not path.exists():
+        raise MmsrError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file or foreign pickle: one line, not a traceback
+        raise MmsrError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_history(folder: Path, history: list[dict], metric: str) -> None:
+    write_json_atomic(folder / HISTORY_JSON, history)
+    columns = ["epoch", "loss", "seconds", "train_seconds", "valid_seconds", "steps", *METRIC_NAMES]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({"epoch": row["epoch"], "loss": row["loss"], "seconds": row["seconds"],
+                         "train_seconds": row["train_seconds"], "valid_seconds": row["valid_seconds"],
+                         "steps": row["steps"], **row["valid"]})
+    write_bytes_atomic(folder / HISTORY_CSV, buf.getvalue().encode())
+    _write_curve(folder / CURVE_PNG, history, metric)
+
+
+def _write_curve(path: Path, history: list[dict], metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [h["loss"] for h in history], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss (CE)", title="loss")
+    ax_metric.plot(epochs, [h["valid"][metric] for h in history], marker="o", color="tab:green")
+    ax_metric.set(xlabel="epoch", ylabel=f"valid {metric}", title=f"validation {metric}")
+    fig.tight_layout()
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainResult:
+    run: str
+    folder: Path
+    best_epoch: int
+    best_valid: dict[str, float]
+    epochs_run: int  # epochs completed in total (resumed ones included)
+    seconds_per_epoch: float
+    stopped_early: bool
+    history: list[dict] = field(default_factory=list)
+
+    def summary(self, metric: str) -> str:
+        v = self.best_valid
+        shown = ", ".join(f"{m} {v[m]:.4f}" for m in dict.fromkeys([metric, "hr@10", "mrr@10", "ndcg@10"]))
+        stop = " (early stop)" if self.stopped_early else ""
+        return (
+            f"run {self.run}: best epoch {self.best_epoch}/{self.epochs_run}{stop}; valid {shown}; "
+            f"{self.seconds_per_epoch:.2f} s/epoch; {self.folder}"
+        )
+
+
+def _has_parameters(model: Recommender) -> bool:
+    return any(p.requires_grad for p in model.parameters())
+
+
+def train(
+    ds: DatasetDir,
+    tc: TrainConfig,
+    mc: ModelConfig,
+    *,
+    resume: bool = True,
+) -> TrainResult:
+    """Train (or resume) the run ``tc.run_name``; see the module docstring for the files."""
+    from .runtime import progress, resolve_device, set_seed
+
+    tc.validate()
+    mc = check_model_config(ModelConfig(**{**asdict(mc), "model": tc.model}))
+    device = resolve_device(tc.device)
+    bundle = load_dataset(ds, mc)
+    mc = bundle.model_config
+    run = tc.run_name or default_run_name(ds, tc)
+    tc = TrainConfig(**{**asdict(tc), "run_name": run})
+    folder = run_dir(ds, run)
+    log = ds.logger(STAGE_TRAIN)
+    record = config_record(ds, tc, bundle)
+
+    set_seed(tc.seed)
+    model = build_model(mc, bundle.info).to(device)
+    trainable = _has_parameters(model)
+    # Pop and other parameter-free models: one pass gives their (fixed) result.
+    epochs = tc.epochs if trainable else 1
+    optimizer = (
+        torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay) if trainable else None
+    )
+
+    history: list[dict] = []
+    best = {"epoch": 0, "value": -math.inf, "valid": {}}
+    bad_epochs, stopped, start_epoch = 0, False, 1
+    last_path = folder / LAST_CKPT
+    if resume and last_path.exists() and (folder / CONFIG_FILE).exists():
+        diff = _config_difference(read_run_config(folder / CONFIG_FILE), record)
+        if diff is not None:
+            raise MmsrError(
+                f"{folder}: run exists with another configuration ({diff}); use --no-resume to "
+                f"overwrite it or another --run-name"
+            )
+        ckpt = load_torch(last_path)
+        try:
+            model.load_state_dict(ckpt["model"])
+            if optimizer is not None:
+                optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise MmsrError(f"{last_path}: does not fit this model ({str(e).splitlines()[0]}); use --no-resume") from e
+        _set_rng_state(ckpt["rng"])
+        history = list(ckpt["history"])
+        best = dict(ckpt["best"])
+        bad_epochs, stopped = int(ckpt["bad_epochs"]), bool(ckpt["stopped"])
+        start_epoch = int(ckpt["epoch"]) + 1
+        log.info("resume %s from epoch %d", run, start_epoch - 1)
+    else:
+        if folder.exists():  # a fresh start must not leave files of an earlier run behind
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+    write_json_atomic(folder / CONFIG_FILE, record)
+    log.info("train %s on %s: %s %s (device %s)", run, ds.name, tc, mc, device)
+
+    train_split = bundle.open_split(ds, "train")
+    valid_split = bundle.open_split(ds, "valid")
+    if len(train_split) == 0 or len(valid_split) == 0:
+        raise MmsrError(f"{ds.root}: the train or valid split has no samples; re-run `mmsr preprocess`")
+    n_batches = math.ceil(len(train_split) / tc.batch_size)
+    if tc.max_steps:
+        n_batches = min(n_batches, tc.max_steps)
+    n_valid_batches = math.ceil(len(valid_split) / tc.batch_size)
+
+    with progress(transient=True) as bar:
+        for epoch in range(start_epoch, epochs + 1):
+            if stopped:
+                break
+            task = bar.add_task(f"{run} epoch {epoch}/{epochs}", total=n_batches + n_valid_batches)
+            t0 = time.perf_counter()
+            # Shuffling seeded per epoch: a resumed run sees the same order as a straight one.
+            order = np.random.default_rng([tc.seed, epoch]).permutation(len(train_split))
+            model.train()
+            loss_sum, steps = torch.zeros((), dtype=torch.float64, device=device), 0
+            for b in range(n_batches):
+                batch = to_device(train_split.collate(order[b * tc.batch_size : (b + 1) * tc.batch_size]), device)
+                if optimizer is None:
+                    with torch.no_grad():
+                        loss = F.cross_entropy(model.score(batch), batch["target"])
+                else:
+                    loss = F.cross_entropy(model.score(batch), batch["target"])  # Eq. 7 + CE over all items
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if tc.clip_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
+                    optimizer.step()
+                loss_sum += loss.detach()
+                steps += 1
+                bar.advance(task)
+            mean_loss = float(loss_sum) / max(steps, 1)
+            if not math.isfinite(mean_loss):
+                raise MmsrError(f"--lr {tc.lr}: training loss became {mean_loss} in epoch {epoch}; lower the learning rate")
+            t1 = time.perf_counter()
+            valid = evaluate_split(model, valid_split, tc.batch_size, device, lambda n: bar.advance(task, 1))
+            valid.pop("n")
+            t2 = time.perf_counter()
+            bar.remove_task(task)
+            row = {
+                "epoch": epoch,
+                "loss": round(mean_loss, 6),
+                "steps": steps,
+                "train_seconds": round(t1 - t0, 3),
+                "valid_seconds": round(t2 - t1, 3),
+                "seconds": round(t2 - t0, 3),
+                "valid": valid,
+            }
+            history.append(row)
+            value = valid[tc.metric]
+            if value > best["value"]:  # early stopping and best.pt follow the validation metric only
+                best = {"epoch": epoch, "value": value, "valid": valid}
+                bad_epochs = 0
+                save_torch_atomic(folder / BEST_CKPT, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+            else:
+                bad_epochs += 1
+            stopped = tc.patience > 0 and bad_epochs >= tc.patience
+            save_torch_atomic(
+                last_path,
+                {
+                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "optimizer": optimizer.state_dict() if optimizer is not None else {},
+                    "epoch": epoch,
+                    "rng": _rng_state(),
+                    "best": best,
+                    "bad_epochs": bad_epochs,
+                    "stopped": stopped,
+                    "history": history,
+                },
+            )
+            write_history(folder, history, tc.metric)
+            log.info("epoch %d: loss %.5f, valid %s, %.2fs", epoch, mean_loss, json.dumps(valid), t2 - t0)
+            if stopped:
+                log.info("early stop: no %s improvement for %d epochs", tc.metric, bad_epochs)
+
+    if not history:
+        raise MmsrError(f"{folder}: no epoch was trained")
+    seconds = float(np.mean([h["seconds"] for h in history]))
+    result = TrainResult(run, folder, best["epoch"], best["valid"], history[-1]["epoch"], seconds, stopped, history)
+    log.info("%s", result.summary(tc.metric))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a finished run (evaluate, recommend)
+
+
+@dataclass
+class LoadedRun:
+    name: str
+    folder: Path
+    config: dict
+    train_config: TrainConfig
+    model_config: ModelConfig
+    bundle: DatasetBundle
+    model: Recommender
+
+
+def load_run(ds: DatasetDir, run: str, checkpoint: str = "best", device: torch.device | None = None) -> LoadedRun:
+    """A trained model ready for scoring, after checking it belongs to this dataset's files."""
+    folder = run_dir(ds, run)
+    if not folder.exists():
+        raise MmsrError(f"{folder}: no such run; run `mmsr train --dataset {ds.name} --run-name {run}` first")
+    config = read_run_config(folder / CONFIG_FILE)
+    tc = TrainConfig(**config["train"])
+    mc = ModelConfig(**{**config["model"], "modalities": tuple(config["model"]["modalities"])})
+    if config.get("dataset") != ds.name:
+        raise MmsrError(f"{folder}: run was trained on dataset '{config.get('dataset')}', not '{ds.name}'")
+    check_model_name(mc.model)
+    bundle = load_dataset(ds, mc, verify=False)
+    for stage, fingerprint in config.get("fingerprints", {}).items():
+        current = bundle.fingerprints.get(stage)
+        if current is None:
+            manifest = ds.read_manifest(stage)
+            current = manifest.get("fingerprint") if manifest else None
+        if current != fingerprint:
+            raise MmsrError(
+                f"{folder}: run was trained on other '{stage}' data than dataset '{ds.name}' holds now "
+                f"(fingerprint {fingerprint} != {current}); retrain it"
+            )
+    if checkpoint not in ("best", "last"):
+        raise MmsrError(f"--checkpoint: expected best or last, got {checkpoint!r}")
+    path = folder / (BEST_CKPT if checkpoint == "best" else LAST_CKPT)
+    state = load_torch(path)
+    if checkpoint == "last":
+        state = state.get("model", {}) if isinstance(state, dict) else {}
+    model = build_model(bundle.model_config, bundle.info)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise MmsrError(f"{path}: does not fit model {mc.model} ({str(e).splitlines()[0]})") from e
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return LoadedRun(run, folder, config, tc, bundle.model_config, bundle, model)
