@@ -1,0 +1,150 @@
+"""Baselines: shapes, padding invariance, memorisation, Pop's ranking, SASRecF's modality masking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmsr_cli.errors import MmsrError
+from mmsr_cli.evaluation import pessimistic_ranks
+from mmsr_cli.models import REGISTRY, build_model, check_model_name, model_class
+from mmsr_cli.models.base import DatasetInfo, ModalityInfo, ModelConfig, Recommender
+from mmsr_cli.models.baselines import SASRecF
+
+N_ITEMS, MAX_LEN = 12, 5
+PAD = N_ITEMS
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models: thread start-up costs more than it saves, and the machine is shared.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def info(modalities=()) -> DatasetInfo:
+    return DatasetInfo(
+        n_items=N_ITEMS,
+        n_users=4,
+        max_len=MAX_LEN,
+        modalities=list(modalities),
+        item_popularity=np.array([5, 0, 2, 9, 2, 0, 0, 1, 0, 0, 0, 3]),
+    )
+
+
+def image_modality() -> ModalityInfo:
+    codes = np.full((N_ITEMS, 2), -1, dtype=np.int64)
+    codes[:, 0] = np.arange(N_ITEMS) % 4
+    codes[::2, 1] = (np.arange(0, N_ITEMS, 2) + 1) % 4
+    codes[3] = -1  # item 3 has no image
+    codes[5] = [2, -1]  # item 5: one code only
+    torch.manual_seed(1)
+    return ModalityInfo("image", n_codes=4, code_dim=6, centres=torch.randn(4, 6), item_codes=codes)
+
+
+def batch(rows: list[list[int]], length: int = MAX_LEN) -> dict[str, torch.Tensor]:
+    history = torch.full((len(rows), length), PAD)
+    for b, items in enumerate(rows):
+        history[b, length - len(items) :] = torch.tensor(items)
+    return {
+        "history": history,
+        "lengths": torch.tensor([len(r) for r in rows]),
+        "target": torch.zeros(len(rows), dtype=torch.long),
+        "user_idx": torch.arange(len(rows)),
+    }
+
+
+def make(name: str, modalities=(), **kw) -> Recommender:
+    torch.manual_seed(0)
+    cfg = ModelConfig(model=name, dim=16, layers=2, heads=2, dropout=kw.pop("dropout", 0.2), max_len=MAX_LEN, **kw)
+    return build_model(cfg, info(modalities))
+
+
+SEQUENCE_MODELS = ["pop", "gru4rec", "sasrec", "sasrecf"]
+
+
+@pytest.mark.parametrize("name", SEQUENCE_MODELS)
+def test_shapes_and_dot_product_scoring(name):
+    model = make(name, [image_modality()] if name == "sasrecf" else ()).eval()
+    b = batch([[1, 2, 3], [4], [5, 6, 7, 8, 9]])
+    users, items = model(b), model.item_embeddings()
+    assert users.shape[0] == 3 and items.shape == (N_ITEMS, users.shape[1])
+    assert torch.allclose(model.score(b), users @ items.T)
+    assert torch.isfinite(model.score(b)).all()
+
+
+@pytest.mark.parametrize("name", ["gru4rec", "sasrec", "sasrecf"])
+def test_padding_does_not_change_the_user_vector(name):
+    model = make(name, [image_modality()] if name == "sasrecf" else ()).eval()
+    short = model(batch([[7, 2]], length=2))
+    padded = model(batch([[7, 2]], length=MAX_LEN))
+    assert torch.allclose(short, padded, atol=1e-5)
+    # ... but the history's content and order do.
+    assert not torch.allclose(padded, model(batch([[2, 7]])), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "gru4rec"])
+def test_memorises_a_few_sequences_to_hr_at_1(name):
+    model = make(name, dropout=0.0)
+    b = batch([[0, 1, 2], [3, 4], [5, 6, 7, 8], [9], [2, 1]])
+    b["target"] = torch.tensor([3, 5, 9, 11, 0])
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(150):
+        loss = F.cross_entropy(model.score(b), b["target"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert pessimistic_ranks(model.score(b), b["target"]).tolist() == [1, 1, 1, 1, 1]
+
+
+def test_pop_ranks_by_training_counts_and_has_no_parameters():
+    model = make("pop")
+    assert not any(True for _ in model.parameters())
+    scores = model.score(batch([[1], [2, 3]]))
+    assert torch.equal(scores[0], scores[1])  # same list for everyone
+    order = torch.argsort(scores[0], descending=True, stable=True).tolist()
+    assert order[:4] == [3, 0, 11, 2]
+    # Items with equal counts tie, so the pessimistic rank of an unseen item is the last one.
+    assert pessimistic_ranks(scores[:1], torch.tensor([1])).item() == N_ITEMS
+
+
+def test_sasrecf_masks_missing_modalities():
+    mod = image_modality()
+    model = make("sasrecf", [mod]).eval()
+    # Code tables start from the centres.
+    assert torch.equal(model.code_tables[0].weight.detach(), torch.as_tensor(mod.centres))
+    with torch.no_grad():
+        channel, available = model.modality_channel(0, torch.arange(N_ITEMS + 1))
+        assert available.tolist() == [i not in (3, N_ITEMS) for i in range(N_ITEMS + 1)]
+        # missing -> zero channel; partial codes -> mean of the valid ones only
+        assert torch.count_nonzero(channel[3]) == 0
+        assert torch.allclose(channel[5], model.code_tables[0].weight[2])
+        assert torch.allclose(channel[0], model.code_tables[0].weight[[0, 1]].mean(0))
+        before = model.fused_item_table().clone()
+        model.code_tables[0].weight.add_(torch.randn_like(model.code_tables[0].weight))
+        after = model.fused_item_table()
+    # The item without an image is unaffected by the image codes; the others change.
+    assert torch.allclose(before[3], after[3])
+    assert not torch.allclose(before[4], after[4])
+    assert torch.count_nonzero(after[PAD]) == 0  # padding row stays zero
+
+
+def test_sasrecf_without_modalities_is_an_error():
+    with pytest.raises(MmsrError, match="sasrecf needs at least one modality"):
+        make("sasrecf")
+
+
+def test_registry_names_and_unknown_model():
+    assert set(REGISTRY) == {"mmsr", "pop", "gru4rec", "sasrec", "sasrecf"}
+    for name in ("pop", "gru4rec", "sasrec", "sasrecf"):
+        assert issubclass(model_class(name), Recommender)
+    assert model_class("sasrecf") is SASRecF
+    with pytest.raises(MmsrError) as e:
+        check_model_name("bert4rec")
+    assert str(e.value) == "--model: unknown model 'bert4rec' (expected one of mmsr, pop, gru4rec, sasrec, sasrecf)"
