@@ -176,6 +176,9 @@ class TextEncoder:
 
         transformers.logging.set_verbosity_error()  # no weight-init chatter on stderr
         transformers.utils.logging.disable_progress_bar()
+        import huggingface_hub
+
+        huggingface_hub.utils.logging.set_verbosity_error()  # offline retries are not one line
         source = packaged_model_dir(model)
         local = source is not None or Path(model).expanduser().exists()
         if source is None:
@@ -279,8 +282,9 @@ class ImageEncoder:
             self.weights_label = f"{enum.__name__}.{default.name}"
             ckpt = Path(torch.hub.get_dir()) / "checkpoints" / Path(default.url).name
             try:
-                # torch.hub announces downloads on stderr; errors must stay one line.
-                with contextlib.redirect_stderr(io.StringIO()):
+                # torch.hub announces downloads on stdout, which is kept for data; errors must stay
+                # one line on stderr.
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                     state = default.get_state_dict(progress=False)
             except Exception as e:  # URLError, HTTPError, socket errors: offline
                 raise MmsrError(
