@@ -251,3 +251,51 @@ def test_checkpoint_of_another_dataset_or_stale_data_is_refused(cli, tmp_path):
     r = evaluate(cli, first, "--run", "p")
     assert "run was trained on other 'preprocess' data than dataset 'first' holds now" in one_error_line(r)
     assert not (run_folder(first, "p") / "metrics_test.json").exists()
+
+
+def add_hand_made_codes(ds: DatasetDir, name: str = "image") -> None:
+    """codes:<name> as build-codes leaves it: item i has code i % 4, items 0-2 have none."""
+    import pyarrow as pa
+
+    from mmsr_cli.workdir import upstream, write_parquet_atomic
+
+    n = N_TOY_ITEMS
+    codes = [[] if i < 3 else [i % 4] for i in range(n)]
+    table = pa.table(
+        {
+            "item_idx": pa.array(np.arange(n, dtype=np.int32)),
+            "codes": pa.array(codes, pa.list_(pa.int32())),
+            "similarities": pa.array([[1.0] * len(c) for c in codes], pa.list_(pa.float32())),
+        }
+    )
+    write_parquet_atomic(ds.path(C.codes_file(name)), table, C.CODES_SCHEMA)
+    g = torch.Generator().manual_seed(0)
+    torch.save({"centres": torch.randn(4, 6, generator=g), "reduced": torch.randn(n, 6, generator=g)}, ds.path(C.centres_file(name)))
+    ds.write_manifest(
+        C.modality_stage(C.STAGE_CODES, name),
+        inputs=upstream(ds.require(C.STAGE_PREPROCESS)),
+        outputs=[C.codes_file(name), C.centres_file(name)],
+        options={"codes_mode": "clusters", "top_k": 1},
+    )
+
+
+def test_sasrecf_trains_on_modality_codes_and_records_their_fingerprint(cli, tmp_path):
+    ds = make_toy(tmp_path, "coded")
+    add_hand_made_codes(ds)
+    r = train(cli, ds, "--model", "sasrecf", "--epochs", "2", *FAST)
+    assert r.exit_code == 0, r.stderr
+    config = json.loads((run_folder(ds, "sasrecf-loo-s0") / "config.json").read_text())
+    assert config["model"]["modalities"] == ["image"]
+    assert set(config["fingerprints"]) == {"preprocess", "codes:image"}
+    assert evaluate(cli, ds, "--run", "sasrecf-loo-s0").exit_code == 0
+    r = train(cli, ds, "--model", "sasrecf", "--modalities", "text", "--run-name", "t", *FAST)
+    assert "stage 'codes:text' has not been run; run `mmsr build-codes --modality text --dataset coded` first" in one_error_line(r)
+    # New codes for the modality: the trained run no longer matches the dataset.
+    add_hand_made_codes(ds)  # same content, new manifest
+    torch.save({"centres": torch.zeros(4, 6), "reduced": torch.zeros(N_TOY_ITEMS, 6)}, ds.path(C.centres_file("image")))
+    ds.write_manifest(
+        C.modality_stage(C.STAGE_CODES, "image"),
+        inputs={}, outputs=[C.codes_file("image"), C.centres_file("image")], options={},
+    )
+    r = evaluate(cli, ds, "--run", "sasrecf-loo-s0")
+    assert "run was trained on other 'codes:image' data" in one_error_line(r)
