@@ -115,9 +115,9 @@ class HomogeneousAttention(nn.Module):
     def forward(self, v: Tensor, edge_index: Tensor, edge_rel: Tensor) -> Tensor:
         """Scores [E] from the value projections ``v`` [N, d] of the nodes."""
         src, dst = edge_index
-        # (a_r (.) v_i) for every node and relation, then one gather per edge instead of three
-        target_side = (v.unsqueeze(1) * self.relation_vectors).reshape(-1, v.shape[1])
-        return (target_side.index_select(0, dst * N_HOMOGENEOUS_RELATIONS + edge_rel) * v.index_select(0, src)).sum(-1)
+        products = v.index_select(0, dst) * v.index_select(0, src)  # W_V h_i (.) W_V h_j
+        # a_r . products for all four relations in one matmul, then each edge's own relation
+        return (products @ self.relation_vectors.T).gather(1, edge_rel.unsqueeze(1)).squeeze(1)
 
 
 class HeterogeneousAttention(nn.Module):

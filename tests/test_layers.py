@@ -1,0 +1,278 @@
+"""HAN-GNN layer (paper section 4.3.2) against hand computations on tiny hand-built graphs.
+
+The manual references below loop over edges in plain Python, following Eq. 11-17 directly, so
+they share no code with the vectorised layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmsr_cli.models.layers import (
+    FUSION_MODES,
+    REL_BI,
+    REL_HETERO,
+    REL_IN,
+    REL_OUT,
+    REL_SELF,
+    HANLayer,
+    RelationEdges,
+    TypedLinear,
+    TypeIndex,
+)
+
+D = 4
+
+
+def make_graph(edges: list[tuple[int, int, int]], node_type: list[int]):
+    """edges as (source j, target i, relation); a self loop is added for every node."""
+    n = len(node_type)
+    edges = edges + [(v, v, REL_SELF) for v in range(n)]
+    edge_index = torch.tensor([[j for j, _, _ in edges], [i for _, i, _ in edges]])
+    edge_rel = torch.tensor([r for _, _, r in edges])
+    return edge_index, edge_rel, torch.tensor(node_type)
+
+
+def path_edges(a: int, b: int) -> list[tuple[int, int, int]]:
+    """a transitions to b: b aggregates a (IN, a precedes b), a aggregates b (OUT)."""
+    return [(a, b, REL_IN), (b, a, REL_OUT)]
+
+
+# A history of three items 0 -> 1 -> 2, item 0 and 2 share the text code 3, item 1 has code 4,
+# node 5 is a modality-2 code of item 2 only. Types: items 0, modality-1 codes 1, modality-2 code 2.
+RICH_NODE_TYPE = [0, 0, 0, 1, 1, 2]
+RICH_EDGES = (
+    path_edges(0, 1)
+    + path_edges(1, 2)
+    + [(3, 4, REL_BI), (4, 3, REL_BI)]  # code 3 -> 4 -> 3: back and forth
+    + [(0, 3, REL_HETERO), (3, 0, REL_HETERO), (2, 3, REL_HETERO), (3, 2, REL_HETERO)]
+    + [(1, 4, REL_HETERO), (4, 1, REL_HETERO), (2, 5, REL_HETERO), (5, 2, REL_HETERO)]
+    + [(3, 5, REL_HETERO), (5, 3, REL_HETERO)]
+)
+
+
+def setup_layer(fusion="adaptive", invasive=False, n_types=3, seed=0):
+    torch.manual_seed(seed)
+    layer = HANLayer(D, n_types, fusion=fusion, invasive=invasive)
+    layer.eval()
+    return layer
+
+
+def graph_inputs(edges, node_type, n_types, seed=1):
+    edge_index, edge_rel, types = make_graph(edges, node_type)
+    torch.manual_seed(seed)
+    h = torch.randn(len(node_type), D)
+    return h, RelationEdges.split(edge_index, edge_rel), TypeIndex.build(types, n_types), edge_index, edge_rel, types
+
+
+# ---- manual references --------------------------------------------------------------------------
+
+
+def proj(weight: torch.Tensor, h: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+    return torch.stack([h[v] @ weight[int(types[v])] for v in range(len(h))])
+
+
+def manual_scores(layer, state, edge_index, edge_rel, types, kind):
+    """(i, j, e_ij) for every edge of the ``kind`` neighbourhood, Eq. 12 or Eq. 13."""
+    out = []
+    v = proj(layer.value.weight, state, types)
+    q = proj(layer.query.weight, state, types)
+    k = proj(layer.key.weight, state, types)
+    for e in range(edge_index.shape[1]):
+        j, i, r = int(edge_index[0, e]), int(edge_index[1, e]), int(edge_rel[e])
+        if kind == "ho" and r in (REL_SELF, REL_IN, REL_OUT, REL_BI):
+            out.append((i, j, float(layer.homogeneous.relation_vectors[r] @ (v[i] * v[j]))))  # Eq. 12
+        if kind == "he" and r in (REL_SELF, REL_HETERO):
+            out.append((i, j, float(q[j] @ k[i]) / math.sqrt(D)))  # Eq. 13
+    return out
+
+
+def manual_aggregate(layer, score_state, value_state, edge_index, edge_rel, types, kind):
+    """Eq. 14 with sft of Eq. 11 (LeakyReLU 0.2, softmax over the neighbourhood N_i)."""
+    scores = manual_scores(layer, score_state, edge_index, edge_rel, types, kind)
+    values = proj(layer.value.weight, value_state, types)
+    out = torch.zeros_like(value_state)
+    for i in range(len(value_state)):
+        mine = [(j, F.leaky_relu(torch.tensor(e), 0.2)) for t, j, e in scores if t == i]
+        z = sum(torch.exp(e) for _, e in mine)
+        for j, e in mine:
+            out[i] += torch.exp(e) / z * values[j]
+    return out
+
+
+# ---- tests --------------------------------------------------------------------------------------
+
+
+def test_typed_linear_uses_each_nodes_type_weight_in_any_node_order():
+    torch.manual_seed(0)
+    lin = TypedLinear(3, D, 5)
+    types = torch.tensor([2, 0, 1, 0, 2, 1])
+    x = torch.randn(6, D)
+    expected = torch.stack([x[v] @ lin.weight[int(types[v])] for v in range(6)])
+    torch.testing.assert_close(lin(x, TypeIndex.build(types, 3)), expected)
+    order = torch.argsort(types, stable=True)
+    torch.testing.assert_close(lin(x[order], TypeIndex.build(types[order], 3)), expected[order])
+
+
+def test_homogeneous_scores_eq12_on_a_three_node_path():
+    layer = setup_layer(n_types=1)
+    h, edges, types, edge_index, edge_rel, node_type = graph_inputs(path_edges(0, 1) + path_edges(1, 2), [0, 0, 0], 1)
+    v = layer.value(h, types)
+    got = layer.homogeneous(v, edges.ho_index, edges.ho_rel)
+    a = layer.homogeneous.relation_vectors.detach()
+    vm = (h @ layer.value.weight[0]).detach()
+    for e in range(edges.ho_index.shape[1]):
+        j, i, r = (int(x) for x in (edges.ho_index[0, e], edges.ho_index[1, e], edges.ho_rel[e]))
+        expected = sum(float(a[r, c] * vm[i, c] * vm[j, c]) for c in range(D))
+        assert float(got[e]) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    # each relation uses its own vector: IN and OUT scores of the symmetric pair (0, 1) differ
+    e_in = [e for e in range(edges.ho_index.shape[1]) if int(edges.ho_rel[e]) == REL_IN][0]
+    i, j = int(edges.ho_index[1, e_in]), int(edges.ho_index[0, e_in])
+    e_out = [e for e in range(edges.ho_index.shape[1]) if (int(edges.ho_index[1, e]), int(edges.ho_index[0, e])) == (j, i)][0]
+    assert int(edges.ho_rel[e_out]) == REL_OUT and float(got[e_in]) != pytest.approx(float(got[e_out]))
+
+
+def test_heterogeneous_scores_eq13_query_from_neighbour_key_from_target():
+    layer = setup_layer()
+    h, edges, types, edge_index, edge_rel, node_type = graph_inputs(RICH_EDGES, RICH_NODE_TYPE, 3)
+    got = layer.heterogeneous(layer.query(h, types), layer.key(h, types), edges.he_index)
+    expected = manual_scores(layer, h, edge_index, edge_rel, node_type, "he")
+    assert len(expected) == edges.he_index.shape[1]
+    for e, (i, j, score) in enumerate(expected):
+        assert (int(edges.he_index[1, e]), int(edges.he_index[0, e])) == (i, j)
+        assert float(got[e]) == pytest.approx(score, rel=1e-5, abs=1e-6)
+    # queries, keys and values are different projections (not Q = K = V)
+    assert not torch.allclose(layer.query.weight, layer.key.weight)
+    assert not torch.allclose(layer.key.weight, layer.value.weight)
+
+
+def test_softmax_sums_to_one_over_exactly_each_neighbourhood():
+    layer = setup_layer()
+    # node 6: an item with no transition and no modality node: only its self loop
+    h, edges, types, edge_index, edge_rel, node_type = graph_inputs(RICH_EDGES, RICH_NODE_TYPE + [0], 3)
+    for kind, index in (("ho", edges.ho_index), ("he", edges.he_index)):
+        alpha = layer.attention(h, edges, types, kind)
+        assert alpha.shape == (index.shape[1],) and bool((alpha > 0).all())
+        sums = torch.zeros(len(h)).index_add_(0, index[1], alpha)
+        torch.testing.assert_close(sums, torch.ones(len(h)))
+        lone = (index[1] == 6).nonzero().flatten()
+        assert len(lone) == 1 and int(index[0, lone[0]]) == 6 and float(alpha[lone[0]]) == pytest.approx(1.0)
+    # the neighbourhoods respect node types: homogeneous edges join equal types, heterogeneous
+    # ones different types (or the self loop)
+    same = node_type[edges.ho_index[0]] == node_type[edges.ho_index[1]]
+    assert bool(same.all())
+    he_src, he_dst = edges.he_index
+    assert bool(((node_type[he_src] != node_type[he_dst]) | (he_src == he_dst)).all())
+    # node 1's homogeneous set is {0, 1, 2}, its heterogeneous set {1, 4}
+    assert sorted(edges.ho_index[0, edges.ho_index[1] == 1].tolist()) == [0, 1, 2]
+    assert sorted(edges.he_index[0, edges.he_index[1] == 1].tolist()) == [1, 4]
+
+
+@pytest.mark.parametrize("kind", ["ho", "he"])
+def test_single_phase_aggregation_eq14_equals_manual(kind):
+    layer = setup_layer(fusion=kind)
+    h, edges, types, edge_index, edge_rel, node_type = graph_inputs(RICH_EDGES, RICH_NODE_TYPE, 3)
+    expected = manual_aggregate(layer, h, h, edge_index, edge_rel, node_type, kind)
+    torch.testing.assert_close(layer(h, edges, types), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("order", ["hohe", "heho"])
+def test_phase_two_values_non_invasive_vs_invasive(order):
+    first, second = ("ho", "he") if order == "hohe" else ("he", "ho")
+    outputs = {}
+    for invasive in (False, True):
+        layer = setup_layer(fusion=order, invasive=invasive)
+        h, edges, types, edge_index, edge_rel, node_type = graph_inputs(RICH_EDGES, RICH_NODE_TYPE, 3)
+        mid = manual_aggregate(layer, h, h, edge_index, edge_rel, node_type, first)  # phase 1
+        # phase 2: scores from the intermediate state; values from h^(l) unless invasive
+        expected = manual_aggregate(layer, mid, mid if invasive else h, edge_index, edge_rel, node_type, second)
+        outputs[invasive] = layer(h, edges, types)
+        torch.testing.assert_close(outputs[invasive], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(outputs[False], outputs[True])
+
+
+@pytest.mark.parametrize("favoured, bias", [("hohe", (50.0, -50.0)), ("heho", (-50.0, 50.0))])
+def test_gate_forced_to_one_path_gives_that_path(favoured, bias):
+    layer = setup_layer("adaptive")
+    with torch.no_grad():
+        layer.gate.mlp[-1].weight.zero_()
+        layer.gate.mlp[-1].bias.copy_(torch.tensor(bias))
+    single = setup_layer(favoured, seed=99)
+    missing, unexpected = single.load_state_dict(layer.state_dict(), strict=False)
+    assert not missing and all(k.startswith("gate.") for k in unexpected)
+    h, edges, types, *_ = graph_inputs(RICH_EDGES, RICH_NODE_TYPE, 3)
+    torch.testing.assert_close(layer(h, edges, types), single(h, edges, types))
+    beta = layer.last_gate
+    assert beta.shape == (len(h), 2)
+    torch.testing.assert_close(beta.sum(1), torch.ones(len(h)))
+    assert bool((beta[:, 0 if favoured == "hohe" else 1] > 0.999).all())
+
+
+def test_adaptive_gate_mixes_both_orders():
+    layer = setup_layer("adaptive")
+    h, edges, types, *_ = graph_inputs(RICH_EDGES, RICH_NODE_TYPE, 3)
+    out = layer(h, edges, types)
+    paths = {}
+    for order in ("hohe", "heho"):
+        single = setup_layer(order)
+        single.load_state_dict(layer.state_dict(), strict=False)
+        paths[order] = single(h, edges, types)
+    beta = layer.last_gate
+    torch.testing.assert_close(out, beta[:, :1] * paths["hohe"] + beta[:, 1:] * paths["heho"])  # Eq. 17
+    expected_beta = torch.softmax(layer.gate.mlp(torch.cat([paths["hohe"], paths["heho"]], 1)), 1)  # Eq. 16
+    torch.testing.assert_close(beta, expected_beta)
+
+
+def test_synchronous_fusion_eq15():
+    layer = setup_layer("synchronous")
+    h, edges, types, edge_index, edge_rel, node_type = graph_inputs(RICH_EDGES, RICH_NODE_TYPE, 3)
+    h_ho = manual_aggregate(layer, h, h, edge_index, edge_rel, node_type, "ho")
+    h_he = manual_aggregate(layer, h, h, edge_index, edge_rel, node_type, "he")
+    expected = layer.synchronous(torch.cat([h_ho, h_he], 1))
+    torch.testing.assert_close(layer(h, edges, types), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", FUSION_MODES)
+def test_every_fusion_mode_runs_and_backpropagates(fusion):
+    layer = setup_layer(fusion)
+    layer.train()
+    h, edges, types, *_ = graph_inputs(RICH_EDGES, RICH_NODE_TYPE, 3)
+    h.requires_grad_(True)
+    out = layer(h, edges, types)
+    assert out.shape == h.shape and bool(torch.isfinite(out).all())
+    out.square().sum().backward()
+    assert h.grad is not None and float(h.grad.abs().sum()) > 0
+
+
+def test_ho_ignores_heterogeneous_edges_and_he_ignores_homogeneous_ones():
+    h, edges, types, edge_index, edge_rel, node_type = graph_inputs(RICH_EDGES, RICH_NODE_TYPE, 3)
+    no_hetero = [e for e in RICH_EDGES if e[2] != REL_HETERO]
+    no_homo = [e for e in RICH_EDGES if e[2] == REL_HETERO]
+    _, edges_no_hetero, *_ = graph_inputs(no_hetero, RICH_NODE_TYPE, 3)
+    _, edges_no_homo, *_ = graph_inputs(no_homo, RICH_NODE_TYPE, 3)
+    ho, he = setup_layer("ho"), setup_layer("he")
+    torch.testing.assert_close(ho(h, edges, types), ho(h, edges_no_hetero, types))
+    torch.testing.assert_close(he(h, edges, types), he(h, edges_no_homo, types))
+    # ... while each does see its own relation set
+    assert not torch.allclose(ho(h, edges, types), ho(h, edges_no_homo, types))
+    assert not torch.allclose(he(h, edges, types), he(h, edges_no_hetero, types))
+
+
+def test_item_only_graph_without_heterogeneous_neighbours():
+    layer = setup_layer("adaptive", n_types=1)
+    h, edges, types, *_ = graph_inputs(path_edges(0, 1) + path_edges(1, 2), [0, 0, 0], 1)
+    alpha = layer.attention(h, edges, types, "he")
+    torch.testing.assert_close(alpha, torch.ones(3))  # each node attends only to itself
+    out = layer(h, edges, types)
+    assert out.shape == (3, D) and bool(torch.isfinite(out).all())
+
+
+def test_unknown_fusion_and_out_of_range_type_are_refused():
+    with pytest.raises(ValueError, match="fusion"):
+        HANLayer(D, 2, fusion="late")
+    with pytest.raises(ValueError, match="node type 3"):
+        TypeIndex.build(torch.tensor([0, 3]), 3)
