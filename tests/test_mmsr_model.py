@@ -1,0 +1,274 @@
+"""MMSR recommender (paper sections 4.2 and 4.4) on tiny hand-built graph batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmsr_cli import graphs
+from mmsr_cli.models.base import DatasetInfo, ModalityInfo, ModelConfig
+from mmsr_cli.models.layers import REL_BI, REL_HETERO, REL_IN, REL_OUT, REL_SELF
+from mmsr_cli.models.mmsr import MMSR
+
+D = 8
+N_ITEMS = 10
+
+
+def graph(node_type, node_ref, positions, edges, last_node):
+    """One sample's graph with local ids; edges (source j, target i, rel), self loops added."""
+    edges = list(edges) + [(v, v, REL_SELF) for v in range(len(node_type))]
+    return dict(node_type=node_type, node_ref=node_ref, positions=positions, edges=edges, last_node=last_node)
+
+
+def collate(samples, targets=None):
+    """Disjoint batch in the format of graphs.GraphSplit.collate."""
+    out = {k: [] for k in ("node_type", "node_ref", "pos_index", "pos_node", "src", "dst", "edge_rel", "node_graph", "last_node")}
+    base = 0
+    for g, s in enumerate(samples):
+        n = len(s["node_type"])
+        out["node_type"] += s["node_type"]
+        out["node_ref"] += s["node_ref"]
+        for v, ps in enumerate(s["positions"]):
+            out["pos_index"] += ps
+            out["pos_node"] += [base + v] * len(ps)
+        for j, i, r in s["edges"]:
+            out["src"].append(base + j)
+            out["dst"].append(base + i)
+            out["edge_rel"].append(r)
+        out["node_graph"] += [g] * n
+        out["last_node"].append(base + s["last_node"])
+        base += n
+    t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    B = len(samples)
+    return {
+        "node_type": t(out["node_type"]),
+        "node_ref": t(out["node_ref"]),
+        "pos_index": t(out["pos_index"]),
+        "pos_node": t(out["pos_node"]),
+        "edge_index": torch.stack([t(out["src"]), t(out["dst"])]),
+        "edge_rel": t(out["edge_rel"]),
+        "node_graph": t(out["node_graph"]),
+        "last_node": t(out["last_node"]),
+        "target": t(targets if targets is not None else [0] * B),
+        "user_idx": t(list(range(B))),
+    }
+
+
+def tr(a, b):
+    """a transitions to b."""
+    return [(a, b, REL_IN), (b, a, REL_OUT)]
+
+
+def het(a, b):
+    return [(a, b, REL_HETERO), (b, a, REL_HETERO)]
+
+
+# history 3 -> 5 -> 3 -> 7 with one modality "text" (codes: 3 -> {0}, 5 -> {1}, 7 -> {0, 2});
+# item nodes 0: item 3 (positions 1, 3), 1: item 5 (2), 2: item 7 (0); code nodes 3: c0, 4: c1, 5: c2
+SAMPLE_A = graph(
+    [0, 0, 0, 1, 1, 1],
+    [3, 5, 7, 0, 1, 2],
+    [[1, 3], [2], [0], [0, 1, 3], [2], [0]],
+    [(0, 1, REL_BI), (1, 0, REL_BI)] + tr(0, 2) + [(3, 4, REL_BI), (4, 3, REL_BI)] + tr(3, 5)
+    + het(0, 3) + het(1, 4) + het(2, 3) + het(2, 5),
+    last_node=2,
+)
+# history 1 -> 2, item 2 has no text code
+SAMPLE_B = graph([0, 0, 1], [1, 2, 1], [[1], [0], [1]], tr(0, 1) + het(0, 2), last_node=1)
+
+
+def info(n_modalities=1, code_dim=D, n_codes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mods = [
+        ModalityInfo(f"m{m}", n_codes, code_dim, torch.randn(n_codes, code_dim, generator=g)) for m in range(n_modalities)
+    ]
+    return DatasetInfo(n_items=N_ITEMS, n_users=5, max_len=6, modalities=mods)
+
+
+def model(config=None, data=None, seed=0):
+    torch.manual_seed(seed)
+    m = MMSR(config or ModelConfig(dim=D, layers=2, dropout=0.0), data or info())
+    return m.eval()
+
+
+def test_shapes_scores_and_shared_item_table():
+    m = model()
+    batch = collate([SAMPLE_A, SAMPLE_B])
+    user = m(batch)
+    assert user.shape == (2, D)
+    assert m.score(batch).shape == (2, N_ITEMS)
+    assert m.item_embeddings() is m.encoder.item_embedding.weight  # output table = input table
+    torch.testing.assert_close(m.score(batch), user @ m.encoder.item_embedding.weight.T)  # Eq. 7
+
+
+def test_last_pooling_picks_the_last_item_node():
+    m = model()
+    batch = collate([SAMPLE_A, SAMPLE_B])
+    states = m.node_states(batch)
+    torch.testing.assert_close(m(batch), states[batch["last_node"]])
+    assert batch["last_node"].tolist() == [2, 7]
+
+
+def test_node_order_in_the_batch_does_not_matter():
+    """Nodes are sorted by type inside the model; any input order gives the same result."""
+    m = model()
+    batch = collate([SAMPLE_A, SAMPLE_B])
+    perm = torch.tensor([8, 3, 0, 6, 1, 4, 7, 2, 5])
+    inverse = torch.argsort(perm)  # new id of old node v
+    shuffled = dict(batch)
+    for key in ("node_type", "node_ref", "node_graph"):
+        shuffled[key] = batch[key][perm]
+    shuffled["pos_node"] = inverse[batch["pos_node"]]
+    shuffled["edge_index"] = inverse[batch["edge_index"]]
+    shuffled["last_node"] = inverse[batch["last_node"]]
+    torch.testing.assert_close(m(shuffled), m(batch))
+    torch.testing.assert_close(m.node_states(shuffled), m.node_states(batch)[perm])
+
+
+def test_position_embedding_is_the_mean_over_the_nodes_positions():
+    m = model(ModelConfig(dim=D, layers=1, dropout=0.0, type_emb=False))
+    enc = m.encoder
+    assert enc.merge.in_features == 2 * D
+    with torch.no_grad():  # W selects the position part
+        enc.merge.weight.copy_(torch.cat([torch.zeros(D, D), torch.eye(D)], 1))
+        enc.merge.bias.zero_()
+    batch = collate([SAMPLE_A])
+    from mmsr_cli.models.layers import TypeIndex
+
+    types = TypeIndex.build(batch["node_type"], enc.n_types)
+    h0 = enc(batch["node_type"], batch["node_ref"], batch["pos_index"], batch["pos_node"], types)
+    pos = enc.position_embedding.weight
+    torch.testing.assert_close(h0[0], (pos[1] + pos[3]) / 2)  # item 3 at positions 1 and 3
+    torch.testing.assert_close(h0[3], (pos[0] + pos[1] + pos[3]) / 3)  # code 0 at 0, 1, 3
+    torch.testing.assert_close(h0[2], pos[0])
+
+
+def test_node_content_item_table_and_projected_code_tables():
+    data = info(code_dim=5)
+    m = model(ModelConfig(dim=D, layers=1, dropout=0.0, type_emb=False, pos_emb=False), data)
+    enc = m.encoder
+    assert enc.code_embeddings[0].weight.shape == (3, 5)  # kept at code_dim, projected to d
+    centres = data.modalities[0].centres
+    torch.testing.assert_close(
+        F.cosine_similarity(enc.code_embeddings[0].weight, centres), torch.ones(3)
+    )  # initialised from the centres (rescaled)
+    with torch.no_grad():
+        enc.merge.weight.copy_(torch.eye(D))
+        enc.merge.bias.zero_()
+    batch = collate([SAMPLE_A])
+    from mmsr_cli.models.layers import TypeIndex
+
+    h0 = enc(batch["node_type"], batch["node_ref"], batch["pos_index"], batch["pos_node"], TypeIndex.build(batch["node_type"], 2))
+    torch.testing.assert_close(h0[1], enc.item_embedding.weight[5])
+    torch.testing.assert_close(h0[5], enc.code_projections[0](enc.code_embeddings[0].weight[2]))
+
+
+@pytest.mark.parametrize("pos_emb, type_emb, parts", [(True, True, 3), (False, True, 2), (True, False, 2), (False, False, 1)])
+def test_position_and_type_ablations_change_the_merge_input(pos_emb, type_emb, parts):
+    m = model(ModelConfig(dim=D, layers=1, dropout=0.0, pos_emb=pos_emb, type_emb=type_emb))
+    assert m.encoder.merge.in_features == parts * D
+    assert (m.encoder.position_embedding is not None) == pos_emb
+    assert (m.encoder.type_embedding is not None) == type_emb
+    assert m(collate([SAMPLE_A, SAMPLE_B])).shape == (2, D)
+
+
+def test_gradients_reach_code_embeddings_and_projections():
+    m = model(data=info(code_dim=5))
+    m.train()
+    batch = collate([SAMPLE_A, SAMPLE_B], targets=[4, 6])
+    F.cross_entropy(m.score(batch), batch["target"]).backward()
+    grad = m.encoder.code_embeddings[0].weight.grad
+    assert grad is not None and bool((grad.abs().sum(1) > 0).all())  # all three codes are used
+    assert m.encoder.code_projections[0].weight.grad.abs().sum() > 0
+    assert m.encoder.type_embedding.weight.grad.abs().sum() > 0
+
+
+def test_zero_modality_item_only_graphs():
+    item_only = graph([0, 0, 0], [3, 5, 7], [[2], [1], [0]], tr(0, 1) + tr(1, 2), last_node=2)
+    single = graph([0], [4], [[0]], [], last_node=0)  # a history of one item: only a self loop
+    for fusion in ("adaptive", "synchronous", "he"):
+        m = model(ModelConfig(dim=D, layers=2, dropout=0.0, fusion=fusion), info(n_modalities=0))
+        out = m(collate([item_only, single]))
+        assert out.shape == (2, D) and bool(torch.isfinite(out).all())
+
+
+def test_gate_values_in_batch_node_order():
+    m = model()
+    batch = collate([SAMPLE_B, SAMPLE_A])  # types unsorted across graphs: sorted inside
+    m(batch)
+    gates = m.gate_values()
+    assert len(gates) == 2 and all(g.shape == (9, 2) for g in gates)
+    torch.testing.assert_close(gates[0].sum(1), torch.ones(9))
+    assert torch.equal(m.gate_node_type, batch["node_type"])
+    # row v is node v's gate: a batch holding only SAMPLE_A's graph gives the same rows for it
+    m(collate([SAMPLE_A]))
+    torch.testing.assert_close(m.gate_values()[0], gates[0][3:])
+    assert model(ModelConfig(dim=D, layers=1, dropout=0.0, fusion="hohe")).gate_values() == []
+
+
+def test_config_modalities_pick_node_types_by_name():
+    data = info(n_modalities=2, n_codes=3)
+    m = model(ModelConfig(dim=D, layers=1, dropout=0.0, modalities=("m1",)), data)
+    assert [x.name for x in m.modalities] == ["m1"] and m.n_types == 2
+    torch.testing.assert_close(
+        F.cosine_similarity(m.encoder.code_embeddings[0].weight, data.modalities[1].centres), torch.ones(3)
+    )
+    with pytest.raises(ValueError, match="m7"):
+        MMSR(ModelConfig(dim=D, modalities=("m7",)), data)
+
+
+def _graph_batch(histories, item_codes, targets):
+    """Batch all samples of graphs.build_msgraphs output (what GraphSplit.collate does)."""
+    flat = np.concatenate(histories)
+    ptr = np.concatenate([[0], np.cumsum([len(h) for h in histories])])
+    a = graphs.build_msgraphs(flat, ptr, item_codes, N_ITEMS)
+    n_count = np.diff(a.node_ptr)
+    e_count = np.diff(a.edge_ptr)
+    node_base = a.node_ptr[:-1]
+    t = lambda x: torch.from_numpy(np.ascontiguousarray(x).astype(np.int64))  # noqa: E731
+    return {
+        "node_type": t(a.node_type),
+        "node_ref": t(a.node_ref),
+        "pos_index": t(a.pos),
+        "pos_node": t(np.repeat(np.arange(len(a.node_type)), np.diff(a.pos_ptr))),
+        "edge_index": t(a.edge_index.astype(np.int64) + np.repeat(node_base, e_count)[None]),
+        "edge_rel": t(a.edge_rel),
+        "node_graph": t(np.repeat(np.arange(len(histories)), n_count)),
+        "last_node": t(a.last_node.astype(np.int64) + node_base),
+        "target": t(np.asarray(targets)),
+        "user_idx": t(np.arange(len(histories))),
+    }
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread (and don't stall when other processes load the CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_overfits_a_tiny_set_to_hit_rate_at_1(one_thread):
+    rng = np.random.default_rng(0)
+    histories = [rng.choice(N_ITEMS, size=n, replace=False) for n in (2, 3, 4, 5, 3, 4)]
+    # the same history prefix with different targets can't be memorised; these differ
+    targets = [1, 8, 3, 0, 9, 6]
+    item_codes = [rng.integers(0, 4, size=(N_ITEMS, 2)), rng.integers(0, 3, size=(N_ITEMS, 1))]
+    batch = _graph_batch(histories, item_codes, targets)
+    mods = [ModalityInfo("text", 4, 6, torch.randn(4, 6)), ModalityInfo("image", 3, D, torch.randn(3, D))]
+    data = DatasetInfo(n_items=N_ITEMS, n_users=6, max_len=6, modalities=mods)
+    torch.manual_seed(0)
+    m = MMSR(ModelConfig(dim=16, layers=2, dropout=0.0), data)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = F.cross_entropy(m.score(batch), batch["target"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        top1 = m.score(batch).argmax(1)
+    assert top1.tolist() == targets, float(loss)
