@@ -24,6 +24,7 @@ from .workdir import DatasetDir, read_parquet, validate_modality_name
 
 CODES_MODES = ("clusters", "items")  # manifest option codes_mode: shared codes, or one per item
 VARIANTS = ("codes", "items")
+MIN_REL_IMPROVEMENT = 1e-3  # autoencoder early stopping: smaller held-out gains count as none
 
 
 def available_modalities(ds: DatasetDir) -> list[str]:
@@ -217,13 +218,14 @@ def _train_autoencoder(x, opts: CodesOptions, log=None):
             loss.backward()
             optimiser.step()
         mse = held_mse()
+        # Patience counts epochs without a meaningful gain (0.1% relative): a loss creeping down
+        # by 1e-6 per epoch would otherwise keep training to --epochs for nothing.
+        stale = 0 if mse < best * (1 - MIN_REL_IMPROVEMENT) else stale + 1
         if mse < best:
-            best, stale = mse, 0
+            best = mse
             best_state = {k: v.clone() for k, v in encoder.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= opts.patience:
-                break
+        if stale >= opts.patience:
+            break
         if log is not None and epochs % 10 == 0:
             log.info("autoencoder epoch %d: held-out MSE %.6g (best %.6g)", epochs, mse, best)
     if best_state is not None:
