@@ -8,7 +8,7 @@ backward, Adam step. The reference is the harness's SASRec (``models.baselines.S
 d, 2 blocks, 2 heads) on the same histories as ``data.SequenceSplit`` batches them (left-padded
 to max_len = 50), with the same loss; the budget is MMSR <= 2.5x SASRec per epoch.
 
-    python scripts/bench_mmsr_model.py [--batch 512] [--steps 10] [--k 3] [--clusters 24]
+    python scripts/bench_mmsr_model.py [--batch 512] [--steps 10] [--k 3] [--clusters 24] [--threads N]
 """
 
 from __future__ import annotations
@@ -74,7 +74,10 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=24)
     ap.add_argument("--n-items", type=int, default=12101)
     ap.add_argument("--fusion", default="adaptive")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dim, max_len, n_batches = 128, 50, 4
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,6 +27,7 @@ Choices the paper leaves open (documented here, tested in tests/test_layers.py):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,10 @@ from torch_geometric.utils import softmax as pyg_softmax
 # from the data side).
 REL_SELF, REL_IN, REL_OUT, REL_BI, REL_HETERO = 0, 1, 2, 3, 4
 N_HOMOGENEOUS_RELATIONS = 4  # SELF, IN, OUT, BI: one a_r each (Eq. 12)
+
+# The CSR kernels used here (sparse @ dense, sampled_addmm) are stable on CPU; silence the
+# once-per-process "beta" notice torch prints when a CSR tensor is built.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 FUSION_MODES = ("adaptive", "hohe", "heho", "synchronous", "ho", "he")
 ATTENTION_SLOPE = 0.2  # LeakyReLU slope inside sft (Eq. 11)
@@ -68,19 +73,108 @@ class TypeIndex:
         return cls(order, inverse, counts)
 
 
-@dataclass
+class CsrGraph:
+    """Edges ``col -> row`` sorted by row, as CSR index arrays for the sparse kernels, both ways.
+
+    ``row`` must be sorted (and sorted by ``col`` within a row). The transposed structure
+    (``crow_t``, ``col_t``, ``order_t``: edge order sorted by ``col``) serves the backward passes.
+    """
+
+    def __init__(self, row: Tensor, col: Tensor, n_rows: int, n_cols: int):
+        self.row, self.col, self.n_rows, self.n_cols = row, col, n_rows, n_cols
+        self.crow = _offsets(row, n_rows)
+        self.order_t = torch.argsort(col, stable=True)
+        self.crow_t = _offsets(col, n_cols)
+        self.col_t = row[self.order_t]
+
+    def matrix(self, values: Tensor) -> Tensor:
+        """Sparse [n_rows, n_cols] matrix with ``values`` (in edge order) at the edges."""
+        return torch.sparse_csr_tensor(self.crow, self.col, values, (self.n_rows, self.n_cols))
+
+    def matrix_t(self, values: Tensor) -> Tensor:
+        """The transpose [n_cols, n_rows] of :meth:`matrix`."""
+        return torch.sparse_csr_tensor(self.crow_t, self.col_t, values[self.order_t], (self.n_cols, self.n_rows))
+
+
+def _offsets(sorted_ids: Tensor, n: int) -> Tensor:
+    crow = torch.zeros(n + 1, dtype=torch.long, device=sorted_ids.device)
+    crow[1:] = torch.cumsum(torch.bincount(sorted_ids, minlength=n), 0)
+    return crow
+
+
+def _sampled_dot(x_row: Tensor, x_col: Tensor, graph: CsrGraph) -> Tensor:
+    """[E]: x_row[row_k] . x_col[col_k], computed only at the edges (no [E, d] intermediate)."""
+    pattern = graph.matrix(x_row.new_ones(graph.row.shape[0]))
+    return torch.sparse.sampled_addmm(pattern, x_row, x_col.T, beta=0.0).values()
+
+
+class _EdgeDot(torch.autograd.Function):
+    """e_k = x_row[row_k] . x_col[col_k] for every edge k (a sampled dense-dense product)."""
+
+    @staticmethod
+    def forward(ctx, x_row: Tensor, x_col: Tensor, graph: CsrGraph) -> Tensor:
+        ctx.save_for_backward(x_row, x_col)
+        ctx.graph = graph
+        return _sampled_dot(x_row, x_col, graph)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x_row, x_col = ctx.saved_tensors
+        g = ctx.graph
+        grad_row = g.matrix(grad) @ x_col if ctx.needs_input_grad[0] else None
+        grad_col = g.matrix_t(grad) @ x_row if ctx.needs_input_grad[1] else None
+        return grad_row, grad_col, None
+
+
+class _Aggregate(torch.autograd.Function):
+    """out_i = sum_k alpha_k values[col_k] over the edges k with row_k = i (a sparse matmul)."""
+
+    @staticmethod
+    def forward(ctx, alpha: Tensor, values: Tensor, graph: CsrGraph) -> Tensor:
+        ctx.save_for_backward(alpha, values)
+        ctx.graph = graph
+        return graph.matrix(alpha) @ values
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        alpha, values = ctx.saved_tensors
+        g = ctx.graph
+        grad_alpha = _sampled_dot(grad, values, g) if ctx.needs_input_grad[0] else None
+        grad_values = g.matrix_t(alpha) @ grad if ctx.needs_input_grad[1] else None
+        return grad_alpha, grad_values, None
+
+
 class RelationEdges:
-    """The two neighbourhoods of a batch: homogeneous (SELF/IN/OUT/BI) and heterogeneous (SELF/HETERO)."""
+    """The two neighbourhoods of a batch: homogeneous (SELF/IN/OUT/BI) and heterogeneous (SELF/HETERO).
 
-    ho_index: Tensor  # [2, E_ho] (source j, target i)
-    ho_rel: Tensor  # [E_ho] in 0..3
-    he_index: Tensor  # [2, E_he]
+    Edges are sorted by target, so that the attention runs as sparse CSR kernels (sampled
+    dense-dense products for the scores, sparse matmuls for Eq. 14) that never materialise one
+    d-vector per edge.
+    """
 
-    @classmethod
-    def split(cls, edge_index: Tensor, edge_rel: Tensor) -> "RelationEdges":
+    def __init__(self, edge_index: Tensor, edge_rel: Tensor, n_nodes: int):
         ho = edge_rel <= REL_BI
         he = (edge_rel == REL_SELF) | (edge_rel == REL_HETERO)
-        return cls(edge_index[:, ho], edge_rel[ho], edge_index[:, he])
+        src, dst, rel = edge_index[0, ho], edge_index[1, ho], edge_rel[ho]
+        # sorted by (target, relation, source): by target for Eq. 14, by (target, relation) for Eq. 12
+        order = torch.argsort((dst * N_HOMOGENEOUS_RELATIONS + rel) * n_nodes + src)
+        src, dst, rel = src[order], dst[order], rel[order]
+        self.ho_index = torch.stack([src, dst])  # [2, E_ho] (source j, target i)
+        self.ho_rel = rel  # [E_ho] in 0..3
+        self.ho = CsrGraph(dst, src, n_nodes, n_nodes)
+        # rows (i, r) of the relation-scaled targets a_r (.) W_V h_i (Eq. 12)
+        self.ho_by_relation = CsrGraph(dst * N_HOMOGENEOUS_RELATIONS + rel, src, n_nodes * N_HOMOGENEOUS_RELATIONS, n_nodes)
+        src, dst = edge_index[0, he], edge_index[1, he]
+        order = torch.argsort(dst * n_nodes + src)
+        self.he_index = torch.stack([src[order], dst[order]])  # [2, E_he]
+        self.he = CsrGraph(self.he_index[1], self.he_index[0], n_nodes, n_nodes)
+        self.n_nodes = n_nodes
+
+    @classmethod
+    def split(cls, edge_index: Tensor, edge_rel: Tensor, n_nodes: int | None = None) -> "RelationEdges":
+        if n_nodes is None:
+            n_nodes = int(edge_index.max()) + 1 if edge_index.numel() else 0
+        return cls(edge_index, edge_rel, n_nodes)
 
 
 class TypedLinear(nn.Module):
@@ -112,12 +206,11 @@ class HomogeneousAttention(nn.Module):
         bound = 1.0 / math.sqrt(dim)
         nn.init.uniform_(self.relation_vectors, -bound, bound)
 
-    def forward(self, v: Tensor, edge_index: Tensor, edge_rel: Tensor) -> Tensor:
-        """Scores [E] from the value projections ``v`` [N, d] of the nodes."""
-        src, dst = edge_index
-        products = v.index_select(0, dst) * v.index_select(0, src)  # W_V h_i (.) W_V h_j
-        # a_r . products for all four relations in one matmul, then each edge's own relation
-        return (products @ self.relation_vectors.T).gather(1, edge_rel.unsqueeze(1)).squeeze(1)
+    def forward(self, v: Tensor, edges: RelationEdges) -> Tensor:
+        """Scores [E_ho] (edge order of ``edges.ho_index``) from the value projections ``v`` [N, d]."""
+        # a_r (.) W_V h_i for every node and relation: row i * 4 + r, the edge's row in ho_by_relation
+        targets = (v.unsqueeze(1) * self.relation_vectors).reshape(-1, v.shape[1])
+        return _EdgeDot.apply(targets, v, edges.ho_by_relation)
 
 
 class HeterogeneousAttention(nn.Module):
@@ -127,21 +220,19 @@ class HeterogeneousAttention(nn.Module):
         super().__init__()
         self.scale = 1.0 / math.sqrt(dim)
 
-    def forward(self, q: Tensor, k: Tensor, edge_index: Tensor) -> Tensor:
-        src, dst = edge_index
-        return (q.index_select(0, src) * k.index_select(0, dst)).sum(-1) * self.scale
+    def forward(self, q: Tensor, k: Tensor, edges: RelationEdges) -> Tensor:
+        """Scores [E_he] (edge order of ``edges.he_index``)."""
+        return _EdgeDot.apply(k, q, edges.he) * self.scale
 
 
-def neighbourhood_softmax(scores: Tensor, edge_index: Tensor, n_nodes: int) -> Tensor:
+def neighbourhood_softmax(scores: Tensor, graph: CsrGraph) -> Tensor:
     """sft(e_ij | N_i) of Eq. 11: softmax of LeakyReLU(e_ij) over the edges into each target i."""
-    return pyg_softmax(F.leaky_relu(scores, ATTENTION_SLOPE), edge_index[1], num_nodes=n_nodes)
+    return pyg_softmax(F.leaky_relu(scores, ATTENTION_SLOPE), graph.row, num_nodes=graph.n_rows)
 
 
-def aggregate(alpha: Tensor, values: Tensor, edge_index: Tensor) -> Tensor:
+def aggregate(alpha: Tensor, values: Tensor, graph: CsrGraph) -> Tensor:
     """Eq. 14: h_i = sum_j alpha_ij v_j over the edges j -> i."""
-    src, dst = edge_index
-    out = values.new_zeros(values.shape)
-    return out.index_add_(0, dst, alpha.unsqueeze(-1) * values.index_select(0, src))
+    return _Aggregate.apply(alpha, values, graph)
 
 
 class UpdateGate(nn.Module):
@@ -189,22 +280,19 @@ class HANLayer(nn.Module):
 
     # -- the two aggregations (Eq. 14), scores from ``state``, values given --------------------
     def _homogeneous(self, v_state: Tensor, values: Tensor, edges: RelationEdges) -> Tensor:
-        scores = self.homogeneous(v_state, edges.ho_index, edges.ho_rel)  # Eq. 12
-        alpha = neighbourhood_softmax(scores, edges.ho_index, values.shape[0])
-        return aggregate(alpha, values, edges.ho_index)  # Eq. 14, * = ho
+        alpha = neighbourhood_softmax(self.homogeneous(v_state, edges), edges.ho)  # Eq. 12
+        return aggregate(alpha, values, edges.ho)  # Eq. 14, * = ho
 
     def _heterogeneous(self, state: Tensor, values: Tensor, edges: RelationEdges, types: TypeIndex) -> Tensor:
-        scores = self.heterogeneous(self.query(state, types), self.key(state, types), edges.he_index)  # Eq. 13
-        alpha = neighbourhood_softmax(scores, edges.he_index, values.shape[0])
-        return aggregate(alpha, values, edges.he_index)  # Eq. 14, * = he
+        scores = self.heterogeneous(self.query(state, types), self.key(state, types), edges)  # Eq. 13
+        alpha = neighbourhood_softmax(scores, edges.he)
+        return aggregate(alpha, values, edges.he)  # Eq. 14, * = he
 
     def attention(self, h: Tensor, edges: RelationEdges, types: TypeIndex, kind: str) -> Tensor:
         """alpha [E_kind] of one aggregation from state h (kind: "ho" or "he"), for inspection and tests."""
         if kind == "ho":
-            v = self.value(h, types)
-            return neighbourhood_softmax(self.homogeneous(v, edges.ho_index, edges.ho_rel), edges.ho_index, h.shape[0])
-        scores = self.heterogeneous(self.query(h, types), self.key(h, types), edges.he_index)
-        return neighbourhood_softmax(scores, edges.he_index, h.shape[0])
+            return neighbourhood_softmax(self.homogeneous(self.value(h, types), edges), edges.ho)
+        return neighbourhood_softmax(self.heterogeneous(self.query(h, types), self.key(h, types), edges), edges.he)
 
     def forward(self, h: Tensor, edges: RelationEdges, types: TypeIndex) -> Tensor:
         v = self.value(h, types)  # W_V h^(l): phase-1 values, and phase-2 values when non-invasive

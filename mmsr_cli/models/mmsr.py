@@ -142,7 +142,7 @@ class MMSR(Recommender):
             pos_node = inverse[pos_node]
             edge_index = inverse[edge_index]
         types = TypeIndex(None, None, sorting.counts)
-        edges = RelationEdges.split(edge_index, edge_rel)
+        edges = RelationEdges(edge_index, edge_rel, node_type.shape[0])
 
         h = self.dropout(self.encoder(node_type, node_ref, pos_index, pos_node, types))  # h^(0)
         for layer in self.layers:
