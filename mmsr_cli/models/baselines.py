@@ -150,9 +150,13 @@ class SASRec(_ItemTable):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         history = batch["history"]
+        if history.shape[1] > self.max_len:
+            raise MmsrError(f"history length {history.shape[1]} exceeds the model's max_len {self.max_len}")
+        # Leading columns that are padding in every row change nothing (positions count from the
+        # end): drop them, so a batch of short histories costs O(its longest history).
+        first = int((history != self.n_items).any(0).int().argmax()) if history.numel() else 0
+        history = history[:, first:]
         B, L = history.shape
-        if L > self.max_len:
-            raise MmsrError(f"history length {L} exceeds the model's max_len {self.max_len}")
         is_item = history != self.n_items  # [B, L]
         keep = is_item.unsqueeze(-1).to(self.item_emb.weight.dtype)
         positions = torch.arange(self.max_len - L, self.max_len, device=history.device)
