@@ -86,6 +86,13 @@ class CsrGraph:
         self.order_t = torch.argsort(col, stable=True)
         self.crow_t = _offsets(col, n_cols)
         self.col_t = row[self.order_t]
+        self._pattern: Tensor | None = None
+
+    def pattern(self, like: Tensor) -> Tensor:
+        """The sparsity pattern (ones at the edges), built once per batch."""
+        if self._pattern is None or self._pattern.dtype != like.dtype:
+            self._pattern = self.matrix(like.new_ones(self.row.shape[0]))
+        return self._pattern
 
     def matrix(self, values: Tensor) -> Tensor:
         """Sparse [n_rows, n_cols] matrix with ``values`` (in edge order) at the edges."""
@@ -104,8 +111,7 @@ def _offsets(sorted_ids: Tensor, n: int) -> Tensor:
 
 def _sampled_dot(x_row: Tensor, x_col: Tensor, graph: CsrGraph) -> Tensor:
     """[E]: x_row[row_k] . x_col[col_k], computed only at the edges (no [E, d] intermediate)."""
-    pattern = graph.matrix(x_row.new_ones(graph.row.shape[0]))
-    return torch.sparse.sampled_addmm(pattern, x_row, x_col.T, beta=0.0).values()
+    return torch.sparse.sampled_addmm(graph.pattern(x_row), x_row, x_col.T, beta=0.0).values()
 
 
 class _EdgeDot(torch.autograd.Function):
