@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mmsr_cli import graphs
+from mmsr_cli.errors import MmsrError
 from mmsr_cli.models.base import DatasetInfo, ModalityInfo, ModelConfig
 from mmsr_cli.models.layers import REL_BI, REL_HETERO, REL_IN, REL_OUT, REL_SELF
 from mmsr_cli.models.mmsr import MMSR
@@ -215,7 +216,7 @@ def test_config_modalities_pick_node_types_by_name():
     torch.testing.assert_close(
         F.cosine_similarity(m.encoder.code_embeddings[0].weight, data.modalities[1].centres), torch.ones(3)
     )
-    with pytest.raises(ValueError, match="m7"):
+    with pytest.raises(MmsrError, match="--modalities: m7"):
         MMSR(ModelConfig(dim=D, modalities=("m7",)), data)
 
 

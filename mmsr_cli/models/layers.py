@@ -18,8 +18,8 @@ Choices the paper leaves open (documented here, tested in tests/test_layers.py):
 
 * sft is the softmax of Eq. 11, LeakyReLU(0.2) included, for both attention kinds;
 * heterogeneous scores are scaled by 1/sqrt(d), as in Transformer key-value attention;
-* single head; no residual connection and no LayerNorm (the paper has none, and training is stable
-  without them);
+* single head; no residual connection and no LayerNorm (the paper has none; tiny sets train
+  stably without them, full-dataset training has not been checked yet);
 * the gate MLP is Linear(2d, d) -> tanh -> Linear(d, 2), and beta is the softmax of its two
   scores so that Eq. 17 is a convex combination of the two paths.
 """
@@ -175,12 +175,6 @@ class RelationEdges:
         self.he_index = torch.stack([src[order], dst[order]])  # [2, E_he]
         self.he = CsrGraph(self.he_index[1], self.he_index[0], n_nodes, n_nodes)
         self.n_nodes = n_nodes
-
-    @classmethod
-    def split(cls, edge_index: Tensor, edge_rel: Tensor, n_nodes: int | None = None) -> "RelationEdges":
-        if n_nodes is None:
-            n_nodes = int(edge_index.max()) + 1 if edge_index.numel() else 0
-        return cls(edge_index, edge_rel, n_nodes)
 
 
 class TypedLinear(nn.Module):

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.utils import scatter
 
+from ..errors import MmsrError
 from .base import DatasetInfo, ModalityInfo, ModelConfig, Recommender
 from .layers import HANLayer, RelationEdges, TypeIndex
 
@@ -39,7 +40,7 @@ def select_modalities(config: ModelConfig, info: DatasetInfo) -> list[ModalityIn
     missing = [name for name in config.modalities if name not in by_name]
     if missing:
         known = ", ".join(by_name) or "none"
-        raise ValueError(f"modalities {', '.join(missing)} not in the dataset (has {known})")
+        raise MmsrError(f"--modalities: {', '.join(missing)} not in the dataset's modalities ({known})")
     return [by_name[name] for name in config.modalities]
 
 
