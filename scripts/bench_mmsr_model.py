@@ -6,7 +6,8 @@ interactions per user look like at their longest), each item with k codes out of
 each of two text-like modalities. One step = forward, cross-entropy over all items (Eq. 7),
 backward, Adam step. The reference is the harness's SASRec (``models.baselines.SASRec``, same
 d, 2 blocks, 2 heads) on the same histories as ``data.SequenceSplit`` batches them (left-padded
-to max_len = 50), with the same loss; the budget is MMSR <= 2.5x SASRec per epoch.
+to max_len = 50; SASRec itself drops the all-padding columns), with the same loss; the budget is
+MMSR <= 2.5x SASRec per epoch.
 
     python scripts/bench_mmsr_model.py [--batch 512] [--steps 10] [--k 3] [--clusters 24] [--threads N]
 """
@@ -112,7 +113,8 @@ def main() -> None:
         "edges": int(g["edge_rel"].numel()),
         "homogeneous_edges": int((g["edge_rel"] <= graphs.REL_BI).sum()),
         "heterogeneous_edges": int(((g["edge_rel"] == 0) | (g["edge_rel"] == graphs.REL_HETERO)).sum()),
-        "sasrec_len": int(seq_batches[0]["history"].shape[1]),
+        "sasrec_padded_len": int(seq_batches[0]["history"].shape[1]),
+        "longest_history": int(max(len(h) for h in histories[: args.batch])),
     }
     # Steps of the two models alternate, so that load from other processes hits both alike.
     step_mmsr = make_step(mmsr, graph_batches, targets)
