@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--models", default="pop,gru4rec,sasrec")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--max-steps", type=int, default=0,
+                    help="train only N batches per epoch and extrapolate the epoch time (0: full epochs)")
     a = ap.parse_args()
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="mmsr-bench-train-"))
     env = dict(os.environ)
@@ -60,9 +62,10 @@ def main() -> None:
     import torch
 
     rows = []
+    load_before = os.getloadavg()[0]
     for model in a.models.split(","):
         run = f"bench-{model}"
-        extra = [] if model == "pop" else ["--epochs", str(a.epochs), "--patience", "0"]
+        extra = [] if model == "pop" else ["--epochs", str(a.epochs), "--patience", "0", "--max-steps", str(a.max_steps)]
         wall, rss = mmsr("train", *base, "--model", model, "--run-name", run, "--no-resume", "--device", "cpu", *extra, env=env)
         history = json.loads((workdir / name / "runs" / run / "history.json").read_text())
         eval_wall, _ = mmsr("evaluate", *base, "--run", run, "--device", "cpu", env=env)
@@ -71,7 +74,8 @@ def main() -> None:
             {
                 "model": model,
                 "epochs": len(history),
-                "train_s": statistics.median(h["train_seconds"] for h in history),
+                "step_s": statistics.median(h["train_seconds"] / h["steps"] for h in history),
+                "full_steps": -(-counts["samples_train"] // 512),
                 "valid_s": statistics.median(h["valid_seconds"] for h in history),
                 "steps": history[0]["steps"],
                 "rss_mib": rss / 1024,
@@ -83,13 +87,18 @@ def main() -> None:
         )
     print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads default), Python {platform.python_version()}")
+    print(f"Load average (1 min) before/after: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
+          "(other processes share the cores: figures are upper bounds when it exceeds the core count)")
     print(f"Data: {a.data.name}: {counts['users']:,} users, {counts['items']:,} items, "
           f"{counts['samples_train']:,} training samples, loo, max_len 50; dim 128, batch 512\n")
-    print("| model | train s/epoch (steps) | valid s/epoch (full ranking) | peak RSS MiB | evaluate test s | test HR@10 after the epochs |")
-    print("|---|---|---|---|---|---|")
+    timed = f"{a.max_steps} steps/epoch timed, epoch extrapolated" if a.max_steps else "full epochs"
+    print(f"({a.epochs} epoch(s) per model, {timed})\n")
+    print("| model | s/step | train s/epoch (steps) | valid s/epoch (full ranking) | s/epoch total | peak RSS MiB | evaluate test s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['train_s']:.1f} ({r['steps']}) | {r['valid_s']:.1f} | {r['rss_mib']:.0f} | "
-              f"{r['test_seconds']:.1f} | {r['hr10']:.4f} |")
+        train_epoch = r["step_s"] * r["full_steps"]
+        print(f"| {r['model']} | {r['step_s']:.3f} | {train_epoch:.0f} ({r['full_steps']}) | {r['valid_s']:.1f} | "
+              f"{train_epoch + r['valid_s']:.0f} | {r['rss_mib']:.0f} | {r['test_seconds']:.1f} |")
 
 
 if __name__ == "__main__":
