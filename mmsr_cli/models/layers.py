@@ -95,12 +95,16 @@ class CsrGraph:
         return self._pattern
 
     def matrix(self, values: Tensor) -> Tensor:
-        """Sparse [n_rows, n_cols] matrix with ``values`` (in edge order) at the edges."""
-        return torch.sparse_csr_tensor(self.crow, self.col, values, (self.n_rows, self.n_cols))
+        """Sparse [n_rows, n_cols] matrix with ``values`` (in edge order) at the edges.
+
+        The CSR invariants (offsets from sorted rows, in-range columns) hold by construction, so
+        torch's per-tensor checks are skipped.
+        """
+        return torch.sparse_csr_tensor(self.crow, self.col, values, (self.n_rows, self.n_cols), check_invariants=False)
 
     def matrix_t(self, values: Tensor) -> Tensor:
         """The transpose [n_cols, n_rows] of :meth:`matrix`."""
-        return torch.sparse_csr_tensor(self.crow_t, self.col_t, values[self.order_t], (self.n_cols, self.n_rows))
+        return torch.sparse_csr_tensor(self.crow_t, self.col_t, values[self.order_t], (self.n_cols, self.n_rows), check_invariants=False)
 
 
 def _offsets(sorted_ids: Tensor, n: int) -> Tensor:
