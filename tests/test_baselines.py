@@ -87,6 +87,27 @@ def test_padding_does_not_change_the_user_vector(name):
     assert not torch.allclose(padded, model(batch([[2, 7]])), atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["gru4rec", "sasrec", "sasrecf"])
+def test_other_rows_of_the_batch_do_not_change_the_user_vector(name):
+    """A row's vector is the same alone and next to longer or shorter histories (GRU4Rec runs
+    rows of similar length together, over the longest of them: 3 and 4 items share a group)."""
+    model = make(name, [image_modality()] if name == "sasrecf" else ()).eval()
+    rows = [[7, 2, 5], [1, 2, 3, 4], [9], [8, 6, 4, 2, 0]]
+    together = model(batch(rows))
+    for b, row in enumerate(rows):
+        assert torch.allclose(model(batch([row]))[0], together[b], atol=1e-5), row
+
+
+def test_gru4rec_user_vector_is_the_final_hidden_state_of_the_history_alone():
+    model = make("gru4rec").eval()
+    rows = [[7, 2, 5], [1, 2, 3, 4], [9], [8, 6, 4, 2, 0]]
+    users = model(batch(rows))
+    with torch.no_grad():
+        for b, row in enumerate(rows):
+            _, h_n = model.gru(model.item_emb(torch.tensor([row])))
+            assert torch.allclose(users[b], h_n[-1, 0], atol=1e-5), row
+
+
 @pytest.mark.parametrize("name", ["sasrec", "gru4rec"])
 def test_memorises_a_few_sequences_to_hr_at_1(name):
     model = make(name, dropout=0.0)
