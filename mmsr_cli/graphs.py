@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -703,66 +703,116 @@ class GraphSplit:
 
     def collate(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         """One disjoint graph of the samples ``indices`` (in that order); ids are batch-global."""
-        a = self.arrays
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         S = len(self)
         if len(idx) and (idx.min() < -S or idx.max() >= S):
             raise IndexError(f"sample index out of range 0..{S - 1}")
         idx = np.where(idx < 0, idx + S, idx)
-        B = len(idx)
+        type_map = None if self._all_kept else self._type_map
+        return _collate_arrays(self.arrays, idx, type_map, self._reordered)
 
-        n_start = np.asarray(a["node_ptr"][idx])
-        n_count = np.asarray(a["node_ptr"][idx + 1]) - n_start
-        node_src = _segment_ranges(n_start, n_count)  # stored node ids in batch order
-        node_graph = np.repeat(np.arange(B, dtype=np.int64), n_count)
-        node_base = np.cumsum(n_count) - n_count  # first batch node id of each sample
-        node_type = a["node_type"][node_src].astype(np.int64)
-        node_ref = a["node_ref"][node_src].astype(np.int64)
 
-        p_start = np.asarray(a["pos_ptr"][node_src])
-        p_count = np.asarray(a["pos_ptr"][node_src + 1]) - p_start
-        pos_index = a["pos"][_segment_ranges(p_start, p_count)].astype(np.int64)
-        pos_node = np.repeat(np.arange(len(node_src), dtype=np.int64), p_count)
+def _collate_arrays(
+    a: Mapping[str, np.ndarray], idx: np.ndarray, type_map: np.ndarray | None = None, reordered: bool = False
+) -> dict[str, torch.Tensor]:
+    """One disjoint batch graph of samples ``idx`` of the arrays ``a`` (the :data:`ARRAY_DTYPES`
+    names, stored or in memory). ``type_map``: stored node type -> batch node type, -1 = dropped
+    (None keeps every type as is); ``reordered``: the map changes the order of the kept types."""
+    B = len(idx)
 
-        e_start = np.asarray(a["edge_ptr"][idx])
-        e_count = np.asarray(a["edge_ptr"][idx + 1]) - e_start
-        edge_src = _segment_ranges(e_start, e_count)
-        edge_index = a["edge_index"][:, edge_src].astype(np.int64) + np.repeat(node_base, e_count)[None, :]
-        edge_rel = a["edge_rel"][edge_src].astype(np.int64)
-        last_node = a["last_node"][idx].astype(np.int64) + node_base
+    n_start = np.asarray(a["node_ptr"][idx])
+    n_count = np.asarray(a["node_ptr"][idx + 1]) - n_start
+    node_src = _segment_ranges(n_start, n_count)  # stored node ids in batch order
+    node_graph = np.repeat(np.arange(B, dtype=np.int64), n_count)
+    node_base = np.cumsum(n_count) - n_count  # first batch node id of each sample
+    node_type = a["node_type"][node_src].astype(np.int64)
+    node_ref = a["node_ref"][node_src].astype(np.int64)
 
-        if not self._all_kept:
-            new_type = self._type_map[node_type]
-            keep = new_type >= 0
-            kept = np.nonzero(keep)[0]
-            if self._reordered:  # nodes of a graph stay ordered by (batch type, ref)
-                kept = kept[np.argsort(node_graph[kept] * len(self._type_map) + new_type[kept], kind="stable")]
-            new_id = np.full(len(node_type), -1, dtype=np.int64)
-            new_id[kept] = np.arange(len(kept))
-            keep_edge = keep[edge_index[0]] & keep[edge_index[1]]
-            edge_index = new_id[edge_index[:, keep_edge]]
-            edge_rel = edge_rel[keep_edge]
-            keep_pos = keep[pos_node]
-            pos_index, pos_node = pos_index[keep_pos], new_id[pos_node[keep_pos]]
-            if self._reordered:
-                by_node = np.argsort(pos_node, kind="stable")
-                pos_index, pos_node = pos_index[by_node], pos_node[by_node]
-            node_type, node_ref, node_graph = new_type[kept], node_ref[kept], node_graph[kept]
-            last_node = new_id[last_node]  # item nodes are always kept
+    p_start = np.asarray(a["pos_ptr"][node_src])
+    p_count = np.asarray(a["pos_ptr"][node_src + 1]) - p_start
+    pos_index = a["pos"][_segment_ranges(p_start, p_count)].astype(np.int64)
+    pos_node = np.repeat(np.arange(len(node_src), dtype=np.int64), p_count)
 
-        t = torch.from_numpy
-        return {
-            "node_type": t(np.ascontiguousarray(node_type)),
-            "node_ref": t(np.ascontiguousarray(node_ref)),
-            "pos_index": t(np.ascontiguousarray(pos_index)),
-            "pos_node": t(np.ascontiguousarray(pos_node)),
-            "edge_index": t(np.ascontiguousarray(edge_index)),
-            "edge_rel": t(np.ascontiguousarray(edge_rel)),
-            "node_graph": t(np.ascontiguousarray(node_graph)),
-            "last_node": t(np.ascontiguousarray(last_node)),
-            "target": t(a["target"][idx].astype(np.int64)),
-            "user_idx": t(a["user_idx"][idx].astype(np.int64)),
-        }
+    e_start = np.asarray(a["edge_ptr"][idx])
+    e_count = np.asarray(a["edge_ptr"][idx + 1]) - e_start
+    edge_src = _segment_ranges(e_start, e_count)
+    edge_index = a["edge_index"][:, edge_src].astype(np.int64) + np.repeat(node_base, e_count)[None, :]
+    edge_rel = a["edge_rel"][edge_src].astype(np.int64)
+    last_node = a["last_node"][idx].astype(np.int64) + node_base
+
+    if type_map is not None:
+        new_type = type_map[node_type]
+        keep = new_type >= 0
+        kept = np.nonzero(keep)[0]
+        if reordered:  # nodes of a graph stay ordered by (batch type, ref)
+            kept = kept[np.argsort(node_graph[kept] * len(type_map) + new_type[kept], kind="stable")]
+        new_id = np.full(len(node_type), -1, dtype=np.int64)
+        new_id[kept] = np.arange(len(kept))
+        keep_edge = keep[edge_index[0]] & keep[edge_index[1]]
+        edge_index = new_id[edge_index[:, keep_edge]]
+        edge_rel = edge_rel[keep_edge]
+        keep_pos = keep[pos_node]
+        pos_index, pos_node = pos_index[keep_pos], new_id[pos_node[keep_pos]]
+        if reordered:
+            by_node = np.argsort(pos_node, kind="stable")
+            pos_index, pos_node = pos_index[by_node], pos_node[by_node]
+        node_type, node_ref, node_graph = new_type[kept], node_ref[kept], node_graph[kept]
+        last_node = new_id[last_node]  # item nodes are always kept
+
+    t = torch.from_numpy
+    return {
+        "node_type": t(np.ascontiguousarray(node_type)),
+        "node_ref": t(np.ascontiguousarray(node_ref)),
+        "pos_index": t(np.ascontiguousarray(pos_index)),
+        "pos_node": t(np.ascontiguousarray(pos_node)),
+        "edge_index": t(np.ascontiguousarray(edge_index)),
+        "edge_rel": t(np.ascontiguousarray(edge_rel)),
+        "node_graph": t(np.ascontiguousarray(node_graph)),
+        "last_node": t(np.ascontiguousarray(last_node)),
+        "target": t(a["target"][idx].astype(np.int64)),
+        "user_idx": t(a["user_idx"][idx].astype(np.int64)),
+    }
+
+
+def collate_histories(
+    histories: Sequence[Sequence[int]] | np.ndarray,
+    modalities: Sequence[ModalityInfo],
+    n_items: int,
+    *,
+    max_len: int | None = None,
+    target: np.ndarray | None = None,
+    user_idx: np.ndarray | None = None,
+) -> dict[str, torch.Tensor]:
+    """The batch (:meth:`GraphSplit.collate` keys and format) of arbitrary histories, built in memory.
+
+    ``histories``: one sequence of item ids per sample, oldest first (a 2-D array: one per row);
+    ``modalities``: the modalities' ``item_codes`` ([n_items, k], -1 = none), whose order gives the
+    node types (type i + 1 = ``modalities[i]``), as in graphs stored with those modalities. With
+    ``max_len``, longer histories keep their most recent ``max_len`` items. ``target`` and
+    ``user_idx`` default to zeros and 0..B-1. Equals collating the same samples from graphs stored
+    by build-graphs (same construction, :func:`build_msgraphs`).
+    """
+    seqs = [np.asarray(h, dtype=np.int64).reshape(-1) for h in histories]
+    if max_len is not None:
+        if max_len < 1:
+            raise MmsrError(f"max_len must be >= 1, got {max_len}")
+        seqs = [h[-max_len:] for h in seqs]
+    B = len(seqs)
+    lengths = np.array([len(h) for h in seqs], dtype=np.int64)
+    if B and lengths.min() < 1:
+        raise MmsrError(f"history {int(np.argmin(lengths))} of the batch is empty")
+    flat = np.concatenate(seqs) if B else np.zeros(0, np.int64)
+    if flat.size and (flat.min() < 0 or flat.max() >= n_items):
+        raise MmsrError(f"history item ids must be in 0..{n_items - 1}, got {int(flat.min())}..{int(flat.max())}")
+    codes = []
+    for m in modalities:
+        if m.item_codes is None:
+            raise MmsrError(f"modality '{m.name}' has no item codes")
+        codes.append(np.asarray(m.item_codes, dtype=np.int64))
+    arrays = build_msgraphs(flat, _exclusive_cumsum(lengths), codes, n_items)
+    arrays.target = np.zeros(B, np.int64) if target is None else np.asarray(target).reshape(B)
+    arrays.user_idx = np.arange(B, dtype=np.int64) if user_idx is None else np.asarray(user_idx).reshape(B)
+    return _collate_arrays(vars(arrays), np.arange(B, dtype=np.int64))
 
 
 def to_hetero_data(batch: dict[str, torch.Tensor], modality_names: Sequence[str]):

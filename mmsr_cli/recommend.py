@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TextIO
 
 import numpy as np
@@ -95,31 +93,19 @@ def graph_batches_for_histories(
 ):
     """MSGraph batches (GraphSplit.collate format) of the histories ``flat[ptr[r]:ptr[r+1]]``.
 
-    Uses the public graph builder of build-graphs (``build_msgraphs``) with the modality codes in
-    ``info`` (node types in ``info.modalities`` order), stored in a temporary folder so that
-    ``GraphSplit.collate`` batches them exactly as in training. Histories longer than
-    ``info.max_len`` keep their most recent items. Yields (rows of the batch, batch).
+    Built in memory per batch by ``graphs.collate_histories`` (build-graphs' construction) with
+    the modality codes in ``info`` (node types in ``info.modalities`` order; ``variant`` is already
+    reflected in those codes). Histories longer than ``info.max_len`` keep their most recent items.
+    Yields (rows of the batch, batch).
     """
-    from .graphs import ARRAY_DTYPES, GraphSplit, build_msgraphs
+    from .graphs import collate_histories
 
-    starts, stops = ptr[rows], ptr[rows + 1]
-    lengths = np.minimum(stops - starts, info.max_len)
-    hist_ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    take = np.concatenate([np.arange(s - n, s) for s, n in zip(stops, lengths)]) if len(rows) else np.zeros(0, np.int64)
-    hist = flat[take]
-    codes = [np.asarray(m.item_codes, dtype=np.int64) for m in info.modalities]
-    arrays = build_msgraphs(hist, hist_ptr, codes, info.n_items)
-    arrays.target = np.zeros(len(rows), np.int32)
-    arrays.user_idx = rows.astype(np.int32)
-    names = [m.name for m in info.modalities]
-    with tempfile.TemporaryDirectory(prefix="mmsr-recommend-") as tmp:
-        folder = Path(tmp)
-        for name, dtype in ARRAY_DTYPES.items():
-            np.save(folder / f"{name}.npy", np.ascontiguousarray(getattr(arrays, name), dtype=dtype))
-        split = GraphSplit(folder, {"modalities": names, "variant": variant})
-        for start in range(0, len(rows), batch_size):
-            idx = np.arange(start, min(len(rows), start + batch_size))
-            yield rows[idx], split.collate(idx)
+    for start in range(0, len(rows), batch_size):
+        batch_rows = rows[start : start + batch_size]
+        histories = [flat[ptr[r] : ptr[r + 1]] for r in batch_rows]
+        yield batch_rows, collate_histories(
+            histories, info.modalities, info.n_items, max_len=info.max_len, user_idx=batch_rows
+        )
 
 
 def sequence_batches_for_histories(

@@ -336,6 +336,41 @@ def test_collate_modality_subset_equals_graphs_built_without_the_others(tmp_path
         GraphSplit(tmp_path / "train", meta, modalities=["audio"])
 
 
+def test_collate_histories_in_memory_equals_collating_stored_graphs(tmp_path):
+    arrays = build(HISTORIES, [TEXT, IMAGE], 4)
+    _, meta = _write_split(tmp_path, arrays, ["text", "image"])
+    infos = {
+        "text": ModalityInfo("text", n_codes=4, code_dim=2, item_codes=TEXT),
+        "image": ModalityInfo("image", n_codes=6, code_dim=2, item_codes=IMAGE),
+    }
+    idx = np.array([3, 0, 4, 0, 2])
+    # All modalities, a reordered pair, one, none: node types follow the given order either way.
+    for names in (["text", "image"], ["image", "text"], ["image"], []):
+        expected = GraphSplit(tmp_path / "train", meta, modalities=names).collate(idx)
+        built = G.collate_histories(
+            [HISTORIES[i] for i in idx], [infos[n] for n in names], 4, target=idx + 100, user_idx=idx + 7
+        )
+        assert built.keys() == expected.keys()
+        # Reordering types at collate time keeps the stored edge order; built graphs sort edges
+        # by (target, source) in the new numbering: the same edges, listed in another order.
+        exact = [k for k in expected if not (names == ["image", "text"] and k in ("edge_index", "edge_rel"))]
+        for key in exact:
+            assert built[key].dtype == expected[key].dtype and torch.equal(built[key], expected[key]), (names, key)
+        for g in range(len(idx)):
+            assert canon_batch(built, g) == canon_batch(expected, g)
+    # max_len keeps the most recent items; defaults: target 0, user_idx 0..B-1.
+    long = [[D, A, B, Cc, D, Cc, A], [A, B]]
+    cut = G.collate_histories(long, [infos["text"]], 4, max_len=5)
+    short = G.collate_histories([h[-5:] for h in long], [infos["text"]], 4)
+    assert all(torch.equal(cut[k], short[k]) for k in short)
+    assert cut["target"].tolist() == [0, 0] and cut["user_idx"].tolist() == [0, 1]
+    assert int(cut["pos_index"].max()) == 4 and int(G.collate_histories(long, [], 4)["pos_index"].max()) == 6
+    with pytest.raises(MmsrError, match="history 1 of the batch is empty"):
+        G.collate_histories([[A], []], [], 4)
+    with pytest.raises(MmsrError, match=r"item ids must be in 0\.\.3"):
+        G.collate_histories([[A, 4]], [], 4)
+
+
 def test_to_hetero_data_splits_types_and_relations(tmp_path):
     arrays = build(HISTORIES, [TEXT, IMAGE], 4)
     split, _ = _write_split(tmp_path, arrays, ["text", "image"])
