@@ -295,8 +295,12 @@ class ImageEncoder:
             net = get_model(model, weights=None)
             net.load_state_dict(state)
         elif weights == "none":
-            self.weights_label = "none (random init)"
-            net = get_model(model, weights=None)
+            # A fixed seed makes "random" weights the same on every run, so features, codes and
+            # everything downstream stay reproducible (and an interrupted run resumes consistently).
+            self.weights_label = "none (random init, seed 0)"
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                net = get_model(model, weights=None)
         else:
             path = Path(weights).expanduser()
             if not path.is_file():

@@ -323,3 +323,24 @@ def test_stage_out_of_order(cli, tmp_path, tiny_t5):
     assert_one_line_error(extract(cli, ds, "--modality", "text", "--model", tiny_t5), "mmsr preprocess")
     ds.root.mkdir()
     assert_one_line_error(extract(cli, ds, *IMAGE_NET), "has not been run", "mmsr preprocess")
+
+
+
+def test_random_init_image_weights_are_reproducible():
+    """`--weights none` gives the same network (hence the same features) whatever the RNG state."""
+    import torch
+
+    from mmsr_cli.features import ImageEncoder
+
+    nets = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        nets.append(ImageEncoder("resnet18", "none", torch.device("cpu"), torch.float32).net.state_dict())
+    assert nets[0].keys() == nets[1].keys()
+    assert all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])
+    # ... and leaves the caller's random stream where it was.
+    torch.manual_seed(3)
+    expected = torch.rand(1)
+    torch.manual_seed(3)
+    ImageEncoder("resnet18", "none", torch.device("cpu"), torch.float32)
+    assert torch.equal(torch.rand(1), expected)
