@@ -23,7 +23,8 @@ mmsr extract-features --dataset $D --modality image --weights "$IMAGE_WEIGHTS"
 mmsr extract-features --dataset $D --modality text --model minilm --fields title,categories,brand,description
 mmsr build-codes --dataset $D --clusters 16 --top-k 2
 mmsr build-graphs --dataset $D
-for model in pop sasrec sasrecf mmsr; do
+mmsr train --dataset $D --model pop          # no parameters: counts training targets
+for model in sasrec sasrecf mmsr; do
   mmsr train --dataset $D --model $model --epochs "$EPOCHS" --lr 3e-3 --dim 64 --patience 5
 done
 for model in pop sasrec sasrecf mmsr; do
