@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+def _shared_data_dir() -> Path:
+    """The read-only benchmark data: $MMSR_SHARED_DATA, else ../shared/data beside the checkout,
+    else /work/shared/data (where CI's clean clones live elsewhere)."""
+    candidates = [Path(__file__).resolve().parents[1].parent / "shared" / "data", Path("/work/shared/data")]
+    if os.environ.get("MMSR_SHARED_DATA"):
+        candidates.insert(0, Path(os.environ["MMSR_SHARED_DATA"]))
+    return next((p for p in candidates if p.is_dir()), candidates[0])
+
+
+SHARED_DATA = _shared_data_dir()
 
 
 @dataclass
