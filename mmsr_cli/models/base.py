@@ -80,3 +80,27 @@ class Recommender(nn.Module):
 
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # [B, n_items]
         return self(batch) @ self.item_embeddings().T
+
+
+def code_embedding_table(modality: ModalityInfo) -> nn.Embedding:
+    """Code embeddings [n_codes, code_dim] initialised from the modality's centres.
+
+    The centres are rescaled to unit mean row norm (directions kept). Feature spaces differ wildly
+    in scale (ResNet-50 codes have norms in the hundreds, MiniLM codes about 2), while item tables
+    start at unit expected norm; unscaled centres would swamp every fused or merged input.
+    """
+    import math
+
+    table = nn.Embedding(modality.n_codes, modality.code_dim)
+    if modality.centres is None:
+        nn.init.normal_(table.weight, std=1.0 / math.sqrt(modality.code_dim))
+        return table
+    centres = torch.as_tensor(modality.centres, dtype=torch.float32)
+    if tuple(centres.shape) != (modality.n_codes, modality.code_dim):
+        raise ValueError(
+            f"modality '{modality.name}': centres have shape {tuple(centres.shape)}, "
+            f"expected ({modality.n_codes}, {modality.code_dim})"
+        )
+    with torch.no_grad():
+        table.weight.copy_(centres / centres.norm(dim=1).mean().clamp_min(1e-12))
+    return table

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MmsrError
-from .base import DatasetInfo, ModelConfig, Recommender
+from .base import DatasetInfo, ModelConfig, Recommender, code_embedding_table
 
 
 class Pop(Recommender):
@@ -218,16 +218,10 @@ class SASRecF(SASRec):
             # Padding row n_items has no codes.
             codes = torch.cat([codes, codes.new_full((1, codes.shape[1]), -1)])
             self.register_buffer(f"item_codes_{i}", codes, persistent=False)
-            table = nn.Embedding(m.n_codes, m.code_dim)
-            if m.centres is not None:
-                centres = torch.as_tensor(m.centres, dtype=torch.float32)
-                if centres.shape != (m.n_codes, m.code_dim):
-                    raise MmsrError(
-                        f"model sasrecf: modality '{m.name}' centres have shape {tuple(centres.shape)}, "
-                        f"expected {(m.n_codes, m.code_dim)}"
-                    )
-                with torch.no_grad():
-                    table.weight.copy_(centres)
+            try:  # centres rescaled to unit mean norm, as for MMSR (see code_embedding_table)
+                table = code_embedding_table(m)
+            except ValueError as e:
+                raise MmsrError(f"model sasrecf: {e}") from e
             self.code_tables.append(table)
             in_dim += m.code_dim
         self.fuse = nn.Linear(in_dim, config.dim)  # W of Eq. 3

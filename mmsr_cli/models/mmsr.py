@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch_geometric.utils import scatter
 
 from ..errors import MmsrError
-from .base import DatasetInfo, ModalityInfo, ModelConfig, Recommender
+from .base import DatasetInfo, ModalityInfo, ModelConfig, Recommender, code_embedding_table
 from .layers import HANLayer, RelationEdges, TypeIndex
 
 
@@ -55,19 +55,7 @@ class NodeEncoder(nn.Module):
         self.code_embeddings = nn.ModuleList()
         self.code_projections = nn.ModuleList()
         for m in modalities:
-            table = nn.Embedding(m.n_codes, m.code_dim)
-            if m.centres is not None:
-                centres = torch.as_tensor(m.centres, dtype=torch.float32)
-                if tuple(centres.shape) != (m.n_codes, m.code_dim):
-                    raise ValueError(
-                        f"modality '{m.name}': centres have shape {tuple(centres.shape)}, "
-                        f"expected ({m.n_codes}, {m.code_dim})"
-                    )
-                mean_norm = centres.norm(dim=1).mean().clamp_min(1e-12)
-                table.weight.data.copy_(centres / mean_norm)
-            else:
-                nn.init.normal_(table.weight, std=1.0 / math.sqrt(m.code_dim))
-            self.code_embeddings.append(table)
+            self.code_embeddings.append(code_embedding_table(m))
             self.code_projections.append(nn.Linear(m.code_dim, d) if m.code_dim != d else nn.Identity())
         self.n_types = 1 + len(modalities)
         self.type_embedding = nn.Embedding(self.n_types, d) if config.type_emb else None
