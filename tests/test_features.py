@@ -212,7 +212,7 @@ def test_image_features_odd_modes_and_missing_files(cli, tmp_path):
     assert torch.isfinite(feats).all() and torch.all(feats[6:] == 0)
     assert torch.all(feats[:6].abs().sum(dim=1) > 0)
     m = ds.read_manifest("features:image")
-    assert m["options"]["weights"] == "none (random init)" and m["options"]["dim"] == MOBILENET_DIM
+    assert m["options"]["weights"] == "none (random init, seed 0)" and m["options"]["dim"] == MOBILENET_DIM
     assert m["counts"]["n_missing"] == 6
 
 
