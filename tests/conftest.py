@@ -50,6 +50,18 @@ def run_cli(args: list[str]) -> CliResult:
 
 
 @pytest.fixture
+def one_thread():
+    """Run torch on one thread: tiny models train fastest that way, and on a shared 2-core machine
+    two threads fighting other processes are many times slower than one."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def cli():
     return run_cli
 

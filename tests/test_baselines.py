@@ -18,12 +18,8 @@ PAD = N_ITEMS
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: thread start-up costs more than it saves, and the machine is shared.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _single_thread(one_thread):
+    """Every test here runs on one torch thread (conftest.one_thread)."""
 
 
 def info(modalities=()) -> DatasetInfo:

@@ -243,15 +243,6 @@ def _graph_batch(histories, item_codes, targets):
     }
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train fastest on one thread (and don't stall when other processes load the CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_overfits_a_tiny_set_to_hit_rate_at_1(one_thread):
     rng = np.random.default_rng(0)
     histories = [rng.choice(N_ITEMS, size=n, replace=False) for n in (2, 3, 4, 5, 3, 4)]

@@ -21,11 +21,8 @@ from test_training import N_TOY_ITEMS, make_toy
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _single_thread(one_thread):
+    """Every test here runs on one torch thread (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

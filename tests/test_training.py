@@ -43,12 +43,8 @@ def make_toy(workdir: Path, name: str = "toy", n_users: int = 60, seed: int = 0,
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: thread start-up costs more than it saves, and the machine is shared.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _single_thread(one_thread):
+    """Every test here runs on one torch thread (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")
