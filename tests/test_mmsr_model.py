@@ -264,3 +264,27 @@ def test_overfits_a_tiny_set_to_hit_rate_at_1(one_thread):
     with torch.no_grad():
         top1 = m.score(batch).argmax(1)
     assert top1.tolist() == targets, float(loss)
+
+
+def test_feed_forward_block_is_a_residual_relu_after_each_layer():
+    """--feed-forward: h^(l+1) = g(h) + W2 relu(W1 g(h)) with g the HAN layer; off by default."""
+    assert model().feed_forward is None
+    m = model(ModelConfig(dim=D, layers=2, dropout=0.0, feed_forward=True))
+    batch = collate([SAMPLE_A, SAMPLE_B])
+    # the same propagation with the blocks' second linear zeroed is the paper's model with m's weights
+    with torch.no_grad():
+        plain = MMSR(ModelConfig(dim=D, layers=2, dropout=0.0), info()).eval()
+        plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("feed_forward.")})
+        for block in m.feed_forward:
+            block.net[2].weight.zero_()
+            block.net[2].bias.zero_()
+        torch.testing.assert_close(m(batch), plain(batch))
+        # a block with a negative-only hidden pre-activation adds nothing (relu), a positive one adds W2 W1 h
+        block = m.feed_forward[0]
+        h = torch.randn(5, D)
+        block.net[0].weight.copy_(torch.eye(D))
+        block.net[0].bias.fill_(-1e3)
+        block.net[2].weight.copy_(torch.eye(D))
+        torch.testing.assert_close(block(h), h)
+        block.net[0].bias.fill_(1e3)
+        torch.testing.assert_close(block(h), 2 * h + 1e3)

@@ -205,6 +205,7 @@ def test_compare_groups_runs_by_config_over_seeds(cli, toy):
         (["--model", "bert4rec"], "--model: unknown model 'bert4rec' (expected one of mmsr, pop, gru4rec, sasrec, sasrecf, "),
         (["--model", "sasrec", "--fusion", "hohe"], "--fusion: not used by model sasrec"),
         (["--model", "sasrec", "--no-codes"], "--no-codes: not used by model sasrec"),
+        (["--model", "sasrec", "--feed-forward"], "--feed-forward: not used by model sasrec"),
         (["--model", "gru4rec", "--heads", "4"], "--heads: not used by model gru4rec"),
         (["--model", "pop", "--lr", "0.1"], "--lr: not used by model pop"),
         (["--model", "sasrec", "--modalities", "image"], "--modalities: not used by model sasrec"),

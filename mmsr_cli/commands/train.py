@@ -13,7 +13,7 @@ from ..models import model_names
 FUSIONS = ("adaptive", "hohe", "heho", "synchronous", "ho", "he")
 
 # Options that only some models read; giving one to another model is an error, not a no-op.
-_MMSR_ONLY = ("aggregator", "fusion", "invasive", "no_pos_emb", "no_type_emb", "no_codes")
+_MMSR_ONLY = ("aggregator", "fusion", "invasive", "no_pos_emb", "no_type_emb", "no_codes", "feed_forward")
 _NOT_FOR = {
     "pop": ("epochs", "lr", "weight_decay", "clip_norm", "dropout", "dim", "layers", "heads", "patience", "modalities"),
     "gru4rec": ("heads", "modalities"),
@@ -69,6 +69,9 @@ def train_command(
     no_pos_emb: Annotated[bool, typer.Option("--no-pos-emb", help="MMSR: no position embeddings (ablation).")] = False,
     no_type_emb: Annotated[bool, typer.Option("--no-type-emb", help="MMSR: no node-type embeddings (ablation).")] = False,
     no_codes: Annotated[bool, typer.Option("--no-codes", help="MMSR: item-level modality nodes (graphs --no-codes).")] = False,
+    feed_forward: Annotated[
+        bool, typer.Option("--feed-forward", help="MMSR: residual ReLU feed-forward block after each layer (not in the paper).")
+    ] = False,
     max_steps: Annotated[int, typer.Option("--max-steps", help="At most N training batches per epoch (smoke runs); 0 = all.")] = 0,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the run from its last.pt if present.")] = True,
     metric: Annotated[str, typer.Option("--metric", help="Validation metric for early stopping and best.pt.")] = "ndcg@10",
@@ -96,7 +99,7 @@ def train_command(
         "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "clip_norm": clip_norm, "dropout": dropout,
         "dim": dim, "layers": layers, "heads": heads, "patience": patience, "modalities": modalities,
         "aggregator": aggregator, "fusion": fusion, "invasive": invasive or None, "no_pos_emb": no_pos_emb or None,
-        "no_type_emb": no_type_emb or None, "no_codes": no_codes or None,
+        "no_type_emb": no_type_emb or None, "no_codes": no_codes or None, "feed_forward": feed_forward or None,
     }
     refused = list(_NOT_FOR[model]) + ([] if model == "mmsr" else list(_MMSR_ONLY))
     for name in refused:
@@ -145,6 +148,7 @@ def train_command(
         pos_emb=not no_pos_emb,
         type_emb=not no_type_emb,
         graph_variant="items" if no_codes else "codes",
+        feed_forward=feed_forward,
     )
     ds = DatasetDir.open(workdir, dataset)
     if run_name is None and mc.aggregator != defaults_m.aggregator:  # mmsr-<aggregator>-<split>-s<seed>

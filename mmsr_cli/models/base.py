@@ -62,6 +62,9 @@ class ModelConfig:
     # MMSR propagation layers (paper section 5.2, Table 3): "han" = HAN-GNN (layers.py; fusion and
     # invasive apply to it only), or a standard PyG aggregator (aggregators.AGGREGATOR_NAMES)
     aggregator: str = "han"
+    # MMSR extension, not in the paper (docs/benchmarks.md, "Does MMSR beat SASRec?"): a residual
+    # ReLU feed-forward block h + W2 relu(W1 h) after each propagation layer
+    feed_forward: bool = False
 
 
 class SplitData(Protocol):
