@@ -10,7 +10,9 @@ Reads, per dataset, ``runs/<run>/config.json``, ``history.json`` and every ``met
   one line per experiment, ratio 0 being the clean evaluation of the same runs;
 * the perturbation case study (Figure 1): clean vs disordered vs mismatched;
 * the c/k heat map (Figure 5) from MMSR runs that differ only in their codes' clusters c and
-  top-k k (recorded in config.json's ``codes``);
+  top-k k (recorded in config.json's ``codes``); the datasets ``scripts/sweep_codes.sh`` makes,
+  ``DATASET-c<c>k<k>`` with DATASET's preprocess fingerprint, join DATASET's section when both are
+  reported (:func:`fold_sweep_copies`);
 * training curves (loss and validation metric per epoch) and the update-gate statistics of MMSR
   (share of nodes of each type weighting ho->he above he->ho, Eq. 16-17).
 
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +119,36 @@ def collect_runs(workdir: Path, datasets: list[str] | None = None, runs: list[st
     if not found:
         raise MmsrError(f"{workdir}: no runs found; train some with `mmsr train` first")
     return found
+
+
+SWEEP_COPY = re.compile(r"^(?P<base>.+)-c\d+k\d+$")  # scripts/sweep_codes.sh: DATASET-c<c>k<k>
+
+
+def _preprocess_fingerprint(runs: list[RunFiles]) -> str | None:
+    prints = {(r.config.get("fingerprints") or {}).get("preprocess") for r in runs}
+    return prints.pop() if len(prints) == 1 else None
+
+
+def fold_sweep_copies(found: dict[str, list[RunFiles]]) -> dict[str, list[RunFiles]]:
+    """Move the runs of each sweep copy ``B-c<c>k<k>`` into dataset B's list when B is reported too
+    and every run of both read the same preprocessed data (same preprocess fingerprint).
+
+    A copy differs from B in its codes and graphs only, so its runs are B's experiments with other
+    codes: their configs take B's name (so they group, label and map onto the c/k grid with B's
+    runs) and each run is named ``<copy>/<run>`` (run names are unique per dataset only).
+    """
+    out = {name: list(runs) for name, runs in found.items()}
+    for name, runs in found.items():
+        match = SWEEP_COPY.match(name)
+        base = match.group("base") if match else None
+        if base not in found or base == name:
+            continue
+        fingerprint = _preprocess_fingerprint(runs)
+        if fingerprint is None or fingerprint != _preprocess_fingerprint(found[base]):
+            continue
+        out[base] += [replace(r, name=f"{name}/{r.name}", config={**r.config, "dataset": base}) for r in runs]
+        del out[name]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,7 +509,7 @@ def write_report(
     check_metric(metric)
     if split not in ("valid", "test"):
         raise MmsrError(f"--split: expected valid or test, got {split!r}")
-    found = collect_runs(workdir, datasets, runs)
+    found = fold_sweep_copies(collect_runs(workdir, datasets, runs))
     output = Path(output)
     if output.is_dir():
         raise MmsrError(f"--output: {output} is a directory; give a file name such as {output / 'report.md'}")

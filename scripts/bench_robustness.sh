@@ -30,7 +30,7 @@ mkdir -p "$WORKDIR/$DATASET/logs"
 # one job per line: RUN SETTING-FILE-SUFFIX EVALUATE-OPTIONS...
 jobs_list() {
     for run in $RUNS; do
-        echo "$run - "
+        echo "$run -"
         for t in $TARGETS; do for r in $RATIOS; do
             echo "$run _drop-$t-$r --drop-modality $t --drop-ratio $r"
         done; done

@@ -173,6 +173,36 @@ def test_report_tables_match_the_metrics_files(cli, workdir, tmp_path):
     assert "metrics_test_drop-text-0.3.json" in row(text, "mmsr-loo-s0")[-1]
 
 
+def test_sweep_copies_join_their_dataset_section(cli, tmp_path):
+    """scripts/sweep_codes.sh's datasets toy-c<c>k<k> (same preprocessed data) fold into toy's
+    section and heat map; a look-alike name over other data keeps its own section."""
+    work = tmp_path / "work"
+
+    def run(dataset, name, c, k, value, preprocess="p1"):
+        folder = write_run(work / dataset, name, "mmsr", 0, value, c=c, k=k)
+        config = json.loads((folder / "config.json").read_text())
+        config["fingerprints"] = {"preprocess": preprocess}
+        (folder / "config.json").write_text(json.dumps(config))
+
+    run("toy", "mmsr-loo-s0", 30, 3, 0.07)
+    run("toy-c10k1", "mmsr-loo-s0", 10, 1, 0.03)  # same run name as the base's run
+    run("toy-c20k2", "mmsr-c20k2-s0", 20, 2, 0.05)
+    run("toy-c40k1", "mmsr-c40k1-s0", 40, 1, 0.09, preprocess="p2")  # other data: not a copy
+    out = tmp_path / "r.md"
+    r = report(cli, work, "--output", out)
+    assert r.exit_code == 0, r.stderr
+    text = out.read_text()
+    assert re.findall(r"^## (.+)$", text, re.M) == ["toy", "toy-c40k1"]
+    toy = text[: text.index("## toy-c40k1")]
+    factor = 1 + METRIC_NAMES.index("ndcg@10") / 10
+    grid = toy[toy.index("codes c and links k"):]
+    assert [line for line in grid.splitlines() if re.match(r"\| \d", line)] == [
+        f"| 10 | 1 | {100 * 0.03 * factor:.2f} (1) |", f"| 20 | 2 | {100 * 0.05 * factor:.2f} (1) |",
+        f"| 30 | 3 | {100 * 0.07 * factor:.2f} (1) |"]
+    assert row(toy, "mmsr c=10 k=1")[1] == "0" and row(toy, "toy-c10k1/mmsr-loo-s0")[1] == "mmsr c=10 k=1"
+    assert row(toy, "mmsr-loo-s0")[1] == "mmsr c=30 k=3"
+
+
 def test_runs_option_and_default_output(cli, workdir):
     r = report(cli, workdir, "--runs", "sasrec-loo-s0,sasrec-loo-s1,pop-loo-s0", "--metric", "hr@5")
     assert r.exit_code == 0, r.stderr
