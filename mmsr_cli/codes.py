@@ -20,7 +20,7 @@ import numpy as np
 
 from . import contracts as C
 from .errors import MmsrError
-from .workdir import DatasetDir, read_parquet, stage_command, validate_modality_name
+from .workdir import DatasetDir, read_parquet, validate_modality_name
 
 CODES_MODES = ("clusters", "items")  # manifest option codes_mode: shared codes, or one per item
 VARIANTS = ("codes", "items")
@@ -45,33 +45,6 @@ def _load_centres_file(path) -> dict:
     return obj
 
 
-def _require_sources_current(ds: DatasetDir, stage: str, manifest: dict) -> None:
-    """The stages the codes were built from were themselves built from current data.
-
-    ``require`` checks one step (codes <- features); this follows the chain further (features
-    <- preprocess <- download), so codes whose features predate a re-run of preprocess (other
-    items, other numbering) are refused instead of being joined with the new samples. Outputs
-    of those earlier stages need not exist any more (features may be deleted once coded).
-    """
-    todo = list(manifest.get("inputs", {}))
-    seen = set()
-    while todo:
-        source = todo.pop()
-        if source in seen:
-            continue
-        seen.add(source)
-        m = ds.read_manifest(source) or {}
-        for up_stage, fingerprint in m.get("inputs", {}).items():
-            up = ds.read_manifest(up_stage)
-            if up is None or up.get("fingerprint") != fingerprint:
-                raise MmsrError(
-                    f"{ds.manifest_path(stage)}: stage '{stage}' is stale (its input '{source}' was "
-                    f"built from '{up_stage}' data that was re-run since); re-run "
-                    f"`{stage_command(source, ds.name)}`, then `{stage_command(stage, ds.name)}`"
-                )
-            todo.append(up_stage)
-
-
 def load_modality_info(ds: DatasetDir, name: str, variant: str = "codes"):
     """The :class:`~mmsr_cli.models.base.ModalityInfo` of modality ``name``.
 
@@ -90,7 +63,6 @@ def load_modality_info(ds: DatasetDir, name: str, variant: str = "codes"):
         raise MmsrError(f"graph variant {variant!r} is unknown (expected {' or '.join(VARIANTS)})")
     stage = C.modality_stage(C.STAGE_CODES, name)
     manifest = ds.require(stage)
-    _require_sources_current(ds, stage, manifest)
     table = read_parquet(ds.path(C.codes_file(name)), C.CODES_SCHEMA)
     tensors = _load_centres_file(ds.path(C.centres_file(name)))
     reduced = tensors["reduced"].to(torch.float32)

@@ -319,7 +319,10 @@ class DatasetDir:
 
         Checks that the stage ran, that its outputs still exist with the recorded content
         (``verify``), and that its own inputs are still the current outputs of their stages
-        (an upstream stage re-run with other options makes everything after it stale).
+        (an upstream stage re-run with other options makes everything after it stale), and so on
+        up the chain: codes whose features predate a re-run of preprocess (other items, other
+        numbering) are stale too, though their features manifest still matches. Outputs of the
+        earlier stages need not exist any more (features may be deleted once coded).
         """
         m = self.read_manifest(stage)
         hint = f"run `{stage_command(stage, self.name)}` first"
@@ -340,6 +343,21 @@ class DatasetDir:
                     f"{self.manifest_path(stage)}: stage '{stage}' is stale ('{up_stage}' was re-run "
                     f"since); re-run `{stage_command(stage, self.name)}`"
                 )
+        todo, seen = list(m.get("inputs", {})), set()
+        while todo:  # the inputs' own inputs, transitively
+            source = todo.pop()
+            if source in seen:
+                continue
+            seen.add(source)
+            for up_stage, fingerprint in (self.read_manifest(source) or {}).get("inputs", {}).items():
+                up = self.read_manifest(up_stage)
+                if up is None or up.get("fingerprint") != fingerprint:
+                    raise MmsrError(
+                        f"{self.manifest_path(stage)}: stage '{stage}' is stale (its input '{source}' was "
+                        f"built from '{up_stage}' data that was re-run since); re-run "
+                        f"`{stage_command(source, self.name)}`, then `{stage_command(stage, self.name)}`"
+                    )
+                todo.append(up_stage)
         return m
 
     # -- logging --------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from mmsr_cli.training import load_dataset
 from mmsr_cli.workdir import DatasetDir
 
 from conftest import run_cli
-from test_training import add_hand_made_codes, make_toy, state
+from test_training import make_coded_toy, state
 
 # 63 is odd: the ranks' slices of a global batch differ in size (31 and 32), as the last batch's do.
 SASREC = ["--model", "sasrec", "--dim", "16", "--heads", "2", "--batch-size", "63", "--dropout", "0",
@@ -40,11 +40,7 @@ def _single_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def coded(tmp_path_factory) -> DatasetDir:
-    ds = make_toy(tmp_path_factory.mktemp("work"), "coded")
-    for name, kind in (("image", "image"), ("title", "text")):
-        add_hand_made_codes(ds, name)
-        ds.write_manifest(C.modality_stage(C.STAGE_FEATURES, name), outputs=[], options={"modality": kind})
-    assert run_cli(["build-graphs", "--workdir", ds.workdir, "--dataset", ds.name]).exit_code == 0
+    ds = make_coded_toy(tmp_path_factory.mktemp("work"))
     return ds
 
 

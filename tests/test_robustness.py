@@ -19,7 +19,7 @@ from mmsr_cli.models.mmsr import MMSR
 from mmsr_cli.workdir import DatasetDir
 
 from conftest import run_cli
-from test_training import N_TOY_ITEMS, add_hand_made_codes, make_toy, one_error_line
+from test_training import N_TOY_ITEMS, make_coded_toy, one_error_line
 
 
 @pytest.fixture(autouse=True)
@@ -188,11 +188,7 @@ def test_setting_names_and_one_line_option_errors():
 
 @pytest.fixture(scope="module")
 def coded(tmp_path_factory) -> DatasetDir:
-    ds = make_toy(tmp_path_factory.mktemp("work"), "coded")
-    for name, kind in (("image", "image"), ("title", "text")):
-        add_hand_made_codes(ds, name)
-        ds.write_manifest(C.modality_stage(C.STAGE_FEATURES, name), outputs=[], options={"modality": kind})
-    assert run_cli(["build-graphs", "--workdir", ds.workdir, "--dataset", ds.name]).exit_code == 0
+    ds = make_coded_toy(tmp_path_factory.mktemp("work"))
     common = ["train", "--workdir", ds.workdir, "--dataset", ds.name]
     small = ["--epochs", "1", "--max-steps", "2", "--dim", "8", "--layers", "1", "--batch-size", "32"]
     for args in (["--model", "mmsr", *small], ["--model", "sasrecf", "--heads", "2", *small], ["--model", "pop"]):

@@ -276,6 +276,18 @@ def add_hand_made_codes(ds: DatasetDir, name: str = "image") -> None:
     )
 
 
+def make_coded_toy(workdir: Path, name: str = "coded") -> DatasetDir:
+    """The toy dataset with hand-made codes for an image and a text modality, and its graphs."""
+    from conftest import run_cli
+
+    ds = make_toy(workdir, name)
+    for modality, kind in (("image", "image"), ("title", "text")):
+        add_hand_made_codes(ds, modality)
+        ds.write_manifest(C.modality_stage(C.STAGE_FEATURES, modality), outputs=[], options={"modality": kind})
+    assert run_cli(["build-graphs", "--workdir", ds.workdir, "--dataset", ds.name]).exit_code == 0
+    return ds
+
+
 def test_sasrecf_trains_on_modality_codes_and_records_their_fingerprint(cli, tmp_path):
     ds = make_toy(tmp_path, "coded")
     add_hand_made_codes(ds)

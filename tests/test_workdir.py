@@ -70,6 +70,25 @@ def test_rerunning_upstream_makes_downstream_stale(tmp_path):
         ds.require("preprocess")
 
 
+def test_staleness_is_followed_up_the_whole_chain(tmp_path):
+    """codes <- features <- preprocess: a re-run preprocess makes codes stale although the features
+    manifest codes was built from is unchanged (and the features' outputs may be gone)."""
+    ds = _ds(tmp_path)
+    (ds.root / "items.parquet").write_text("v1")
+    pre = ds.write_manifest("preprocess", outputs=["items.parquet"], options={})
+    (ds.root / "features.npy").write_text("f")
+    feats = ds.write_manifest("features:title", inputs=upstream(pre), outputs=["features.npy"], options={})
+    (ds.root / "codes.parquet").write_text("c")
+    ds.write_manifest("codes:title", inputs=upstream(feats), outputs=["codes.parquet"], options={})
+    (ds.root / "features.npy").unlink()
+    ds.require("codes:title")
+    (ds.root / "items.parquet").write_text("v2")
+    ds.write_manifest("preprocess", outputs=["items.parquet"], options={})
+    with pytest.raises(MmsrError, match=r"stage 'codes:title' is stale \(its input 'features:title' was built from "
+                       r"'preprocess' data that was re-run since\); re-run `mmsr extract-features"):
+        ds.require("codes:title")
+
+
 def test_corrupt_manifest_is_one_clear_error(tmp_path):
     ds = _ds(tmp_path)
     ds.manifest_path("download").parent.mkdir(parents=True)
