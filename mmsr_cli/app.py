@@ -26,6 +26,7 @@ try:  # typer >= 0.20 vendors its own click
 except ImportError:  # pragma: no cover - older typer uses the click package
     from click import exceptions as click_exc
 
+from .entry import INTERRUPTED
 from .errors import MmsrError
 
 app = typer.Typer(
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _main(argv)
     except _Interrupted:
-        _error_line("mmsr: interrupted; completed outputs are kept, re-run to resume")
+        _error_line(INTERRUPTED)
         sys.exit(130)
     finally:
         if catch:
@@ -210,7 +211,7 @@ def _main(argv: list[str] | None) -> None:
         _error_line(f"mmsr: error: {e}")
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
-        _error_line("mmsr: interrupted; completed outputs are kept, re-run to resume")
+        _error_line(INTERRUPTED)
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(141)

@@ -485,3 +485,17 @@ def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     workdir.write_json_atomic(folder / "new.json", {"a": 1})  # the first write there cleans up
     kept = sorted(p.name for p in folder.iterdir())
     assert kept == sorted([n for n, keep in names.items() if keep] + ["new.json"])
+
+
+def test_ctrl_c_while_the_cli_is_imported_is_one_line(monkeypatch, capsys):
+    """The console script (mmsr_cli.entry:run) guards the import of the CLI itself."""
+    from mmsr_cli import entry
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entry.importlib, "import_module", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        entry.run()
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "mmsr: interrupted; completed outputs are kept, re-run to resume\n"
