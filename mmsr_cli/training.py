@@ -343,6 +343,9 @@ def _config_difference(old: dict, new: dict) -> str | None:
         if section == "train":  # fields added since the run started take their defaults
             a = {k: v for k, v in {**asdict(TrainConfig()), **(a or {})}.items() if k not in RESUMABLE_CHANGES}
             b = {k: v for k, v in (b or {}).items() if k not in RESUMABLE_CHANGES}
+        elif section == "model":  # likewise (e.g. feed_forward, added after the Beauty runs started)
+            defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(ModelConfig()).items()}
+            a, b = {**defaults, **(a or {})}, {**defaults, **(b or {})}
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):
                 for key in sorted(set(a) | set(b)):

@@ -164,6 +164,13 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(cli, toy):
     r = train(cli, toy, *common, "--run-name", "resumed", "--epochs", "4", "--lr", "0.01")
     assert "run exists with another configuration (train.lr: 0.001 != 0.01)" in one_error_line(r)
     assert (b / "last.pt").read_bytes() == before
+    # A run started before a model option existed resumes: the missing field takes its default.
+    config = json.loads((b / "config.json").read_text())
+    del config["model"]["feed_forward"]
+    (b / "config.json").write_text(json.dumps(config))
+    r = train(cli, toy, *common, "--run-name", "resumed", "--epochs", "5")
+    assert r.exit_code == 0, r.stderr
+    assert len(json.loads((b / "history.json").read_text())) == 5
     # --no-resume starts over.
     r = train(cli, toy, *common, "--run-name", "resumed", "--epochs", "1", "--lr", "0.01", "--no-resume")
     assert r.exit_code == 0, r.stderr
