@@ -203,6 +203,23 @@ def test_sweep_copies_join_their_dataset_section(cli, tmp_path):
     assert row(toy, "mmsr-loo-s0")[1] == "mmsr c=30 k=3"
 
 
+def test_gain_row_compares_the_papers_model_with_the_largest_budget(cli, tmp_path):
+    """Not an ablation or another aggregator (first by label), nor a short-budget run."""
+    ds = tmp_path / "work" / "beauty"
+    write_run(ds, "sasrec-s0", "sasrec", 0, 0.04)
+    write_run(ds, "mmsr-e10", "mmsr", 0, 0.05, epochs=10)
+    write_run(ds, "mmsr-e2", "mmsr", 0, 0.03, epochs=2)
+    folder = write_run(ds, "mmsr-gat-e2", "mmsr", 0, 0.02, epochs=2)
+    config = json.loads((folder / "config.json").read_text())
+    config["model"]["aggregator"] = "gat"
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "r.md"
+    r = report(cli, tmp_path / "work", "--output", out)
+    assert r.exit_code == 0, r.stderr
+    gain = row(out.read_text(), "gain of mmsr epochs=10 over the best baseline")
+    assert gain[1 + 1 + METRIC_NAMES.index("ndcg@10")] == f"{100 * (0.05 - 0.04) / 0.04:+.1f}%"
+
+
 def test_runs_option_and_default_output(cli, workdir):
     r = report(cli, workdir, "--runs", "sasrec-loo-s0,sasrec-loo-s1,pop-loo-s0", "--metric", "hr@5")
     assert r.exit_code == 0, r.stderr
