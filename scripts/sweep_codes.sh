@@ -91,7 +91,7 @@ make_copy() {  # DST: DATASET without codes, graphs, runs and logs (built beside
   mv "$tmp" "$dst"
 }
 
-mmsr() { "${MMSR_CMD[@]}" "$@"; }
+mmsr() { command "${MMSR_CMD[@]}" "$@"; }  # `command`: MMSR=mmsr must not call this function again
 
 ROWS=()  # "dataset c k seed run" of every evaluated run, in sweep order
 for c in $CLUSTERS; do

@@ -104,3 +104,22 @@ def test_bad_sweep_settings_are_one_line_errors_before_any_step(tmp_path, env, n
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_default_mmsr_command_is_the_one_on_path(tmp_path):
+    """MMSR unset means `mmsr` from PATH; the script's own `mmsr` helper must not call itself
+    (it recursed until bash died, silently, after copying the dataset)."""
+    work = tmp_path / "work"
+    (work / "synthetic" / "manifests").mkdir(parents=True)
+    (work / "synthetic" / "manifests" / "features__title.json").write_text("{}")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    fake = bin_dir / "mmsr"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\necho "mmsr: error: fake stops here" >&2\nexit 2\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "MMSR"}
+    env.update(MMSR_WORKDIR=str(work), PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", CLUSTERS="4", TOPK="1")
+    r = subprocess.run(["bash", str(SCRIPT), "synthetic"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "fake stops here" in r.stderr
+    assert calls.read_text().splitlines() == [f"build-codes --workdir {work} --dataset synthetic-c4k1 --clusters 4 --top-k 1"]
