@@ -141,7 +141,7 @@ def fold_sweep_copies(found: dict[str, list[RunFiles]]) -> dict[str, list[RunFil
     for name, runs in found.items():
         match = SWEEP_COPY.match(name)
         base = match.group("base") if match else None
-        if base not in found or base == name:
+        if base not in out or base == name:  # base absent, or already folded into its own base
             continue
         fingerprint = _preprocess_fingerprint(runs)
         if fingerprint is None or fingerprint != _preprocess_fingerprint(found[base]):
