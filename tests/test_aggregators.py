@@ -262,19 +262,19 @@ def test_bad_aggregator_options_are_one_line_errors(cli, tmp_path, args, needle)
     assert not (tmp_path / "toy").exists()
 
 
-def test_rgat_loops_over_relations_and_equals_pygs_rgatconv():
-    """The memory-safe RGAT message (x W_r per relation) is PyG's RGATConv, same weights, same outputs
-    and gradients; the parent gathers a d x d matrix per edge."""
+def test_rgat_node_table_equals_pygs_rgatconv():
+    """The memory-safe RGAT (a table of x W_r per node and relation) is PyG's RGATConv: same weights,
+    outputs and gradients; the parent gathers a d x d matrix per edge."""
     from torch_geometric.nn import RGATConv
 
-    from mmsr_cli.models.aggregators import _relation_loop_rgat_class
+    from mmsr_cli.models.aggregators import _node_table_rgat_class
 
     torch.manual_seed(0)
     n, e, dim, rels = 30, 200, 8, 7
     x = torch.randn(n, dim)
     edge_index = torch.randint(0, n, (2, e))
     edge_type = torch.randint(0, rels, (e,))
-    ours = _relation_loop_rgat_class()(dim, dim, num_relations=rels, heads=1)
+    ours = _node_table_rgat_class()(dim, dim, num_relations=rels, heads=1)
     pyg = RGATConv(dim, dim, num_relations=rels, heads=1)
     pyg.load_state_dict(ours.state_dict())
     with torch.no_grad():

@@ -35,8 +35,8 @@ Choices the paper leaves open:
 
 Cost: PyG's RGATConv gathers one d x d relation matrix per edge, E * d^2 floats per layer (64 KiB
 per edge at d = 128, kept for the backward pass): on Amazon Beauty at batch 512 (~174,000 edges)
-training passed 21 GiB and was killed. ``rgat`` therefore uses :class:`RelationLoopRGATConv`, the
-same layer and parameters with the products x W_r taken per relation (E * d floats).
+training passed 21 GiB and was killed. ``rgat`` therefore uses :class:`NodeTableRGATConv`, the
+same layer and parameters with x W_r computed once per node and relation (N * R * d floats).
 """
 
 from __future__ import annotations
@@ -200,43 +200,46 @@ def rgcn(dim: int, n_types: int, activation: bool) -> AggregatorLayer:
     return AggregatorLayer(RGCNConv(dim, dim, num_relations=N_RELATIONS), "relational", False, activation)
 
 
-def _relation_loop_rgat_class():
+def _node_table_rgat_class():
     from torch_geometric.nn import RGATConv
-    from torch_geometric.utils import softmax
+    from torch_geometric.utils import scatter, softmax
 
-    class RelationLoopRGATConv(RGATConv):
+    class NodeTableRGATConv(RGATConv):
         """PyG's RGATConv (across-relation additive self-attention, no bases/blocks, no edge
-        features, no cardinality mod) with ``message`` computing g = x W_r one relation at a time.
+        features, no cardinality mod) with g = x W_r computed once per node and relation.
 
-        Same parameters and the same function as the parent (Busbridge et al. 2019, Eq. 1-6 of
-        RGAT: g_i = W_r h_i, q_i = g_i Q, k_j = g_j K, a_ij = softmax_j over every edge into i of
-        LeakyReLU(q_i + k_j), h'_i = sum_j a_ij g_j + b); the parent gathers W_r for every edge
-        (``index_select`` + ``bmm``), E x d x d floats, this masks the edges of each relation.
+        Same parameters and the same function as the parent (Busbridge et al. 2019, RGAT:
+        g_i = W_r h_i, q_i = g_i Q, k_j = g_j K, a_ij = softmax_j over every edge into i of
+        LeakyReLU(q_i + k_j), h'_i = sum_j a_ij g_j + b). The parent gathers W_r for every edge
+        (``index_select`` + ``bmm``: E x d x d floats, E x d^2 multiply-adds per endpoint); this
+        takes the table x W_r of every (node, relation), N x R x d, and gathers rows of it.
         """
 
-        def message(self, x_i, x_j, edge_type, edge_attr, index, ptr, size_i):
-            if (self.num_bases is not None or self.num_blocks is not None or edge_attr is not None or self.mod is not None
-                    or self.attention_mode != "additive-self-attention" or self.attention_mechanism != "across-relation"):
-                return super().message(x_i, x_j, edge_type, edge_attr, index, ptr, size_i)
-            g = x_i.new_empty(2, x_i.size(0), self.heads * self.out_channels)
-            ends = torch.stack([x_i, x_j])
-            for r in range(self.num_relations):
-                mask = edge_type == r
-                g[:, mask] = ends[:, mask] @ self.weight[r]
-            g_i, g_j = g[0], g[1]
-            alpha = F.leaky_relu(g_i @ self.q + g_j @ self.k, self.negative_slope)
-            alpha = softmax(alpha, index, ptr, size_i)
-            self._alpha = alpha
+        def _fast(self, edge_attr) -> bool:
+            return (self.num_bases is None and self.num_blocks is None and edge_attr is None and self.mod is None
+                    and self.attention_mode == "additive-self-attention" and self.attention_mechanism == "across-relation")
+
+        def forward(self, x, edge_index, edge_type=None, edge_attr=None, size=None, return_attention_weights=None):
+            if (not self._fast(edge_attr) or return_attention_weights is not None or not isinstance(edge_index, Tensor)
+                    or self.aggr != "add" or not self.concat):
+                return super().forward(x, edge_index, edge_type, edge_attr, size, return_attention_weights)
+            n_nodes, rels = x.size(0), self.num_relations
+            table = torch.einsum("ni,rio->nro", x, self.weight).reshape(n_nodes * rels, -1)  # row n R + r: x_n W_r
+            src, dst = edge_index
+            g_i, g_j = table[dst * rels + edge_type], table[src * rels + edge_type]
+            alpha = softmax(F.leaky_relu(g_i @ self.q + g_j @ self.k, self.negative_slope), dst, num_nodes=n_nodes)
             if self.training and self.dropout > 0:
                 alpha = F.dropout(alpha, p=self.dropout, training=True)
-            return alpha.view(-1, self.heads, 1) * g_j.view(-1, self.heads, self.out_channels)
+            messages = (alpha.view(-1, self.heads, 1) * g_j.view(-1, self.heads, self.out_channels)).flatten(1)
+            out = scatter(messages, dst, 0, n_nodes, "sum")
+            return out + self.bias if self.bias is not None else out
 
-    return RelationLoopRGATConv
+    return NodeTableRGATConv
 
 
 def rgat(dim: int, n_types: int, activation: bool) -> AggregatorLayer:
     """Relational GAT: per-relation W_r, attention over all edges into i (Busbridge et al. 2019)."""
-    conv = _relation_loop_rgat_class()(dim, dim, num_relations=N_RELATIONS, heads=1)
+    conv = _node_table_rgat_class()(dim, dim, num_relations=N_RELATIONS, heads=1)
     return AggregatorLayer(conv, "relational", True, activation)
 
 
