@@ -77,15 +77,18 @@ def _handler(state: ServerState):
             if failing:
                 self.send_error(503, "busy")
                 return
+            # Concurrency is counted over the delay only, before any byte of the answer: a client
+            # that has its answer may start its next request before this thread runs again, so
+            # counting through the answer over-counted by one on a loaded machine (5 > 4 workers).
             with state.lock:
                 state.active += 1
                 state.max_active = max(state.max_active, state.active)
             try:
                 time.sleep(state.delay)
-                self._answer(rng, truncate)
             finally:
                 with state.lock:
                     state.active -= 1
+            self._answer(rng, truncate)
 
         def _answer(self, rng: str | None, truncate: bool) -> None:
             if self.path not in state.files:
