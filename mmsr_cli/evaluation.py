@@ -252,15 +252,11 @@ def experiment_key(config: dict) -> str:
     """A run's configuration without what only distinguishes repetitions (seed, name, device)."""
     import json
 
-    from dataclasses import asdict
+    from .training import NOT_EXPERIMENT, with_config_defaults
 
-    from .models.base import ModelConfig
-    from .training import NOT_EXPERIMENT, TrainConfig
-
-    # fields added after a run was trained count with their defaults
-    train = {k: v for k, v in {**asdict(TrainConfig()), **config["train"]}.items() if k not in NOT_EXPERIMENT}
-    model = {**asdict(ModelConfig()), **config["model"]}
-    key = {"model": model, "train": train, "dataset": config["dataset"], "codes": config.get("codes") or {}}
+    config = with_config_defaults(config)  # fields added after a run was trained count with their defaults
+    train = {k: v for k, v in config["train"].items() if k not in NOT_EXPERIMENT}
+    key = {"model": config["model"], "train": train, "dataset": config["dataset"], "codes": config.get("codes") or {}}
     return json.dumps(key, sort_keys=True)
 
 

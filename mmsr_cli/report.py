@@ -201,12 +201,11 @@ def clean_groups(runs: list[RunFiles], split: str) -> list[Group]:
 
 
 def _default_model_options(config: dict) -> bool:
-    from dataclasses import asdict
+    from .training import with_config_defaults
 
-    from .models.base import ModelConfig
-
-    defaults = asdict(ModelConfig())
-    return all(config["model"].get(k, v) == v for k, v in defaults.items() if k not in ("model", "max_len", "modalities"))
+    defaults = with_config_defaults({})["model"]
+    model = with_config_defaults(config)["model"]
+    return all(model[k] == v for k, v in defaults.items() if k not in ("model", "max_len", "modalities"))
 
 
 def reference_mmsr(groups: list[Group]) -> Group | None:

@@ -336,16 +336,24 @@ def read_run_config(path: Path) -> dict:
     return cfg
 
 
+def with_config_defaults(config: dict) -> dict:
+    """A run config (config.json) with the model and train fields added since the run was trained
+    filled in with their defaults, as JSON values (tuples as lists), so old and new runs compare."""
+    def json_defaults(obj) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(obj).items()}
+
+    return {**config, "model": {**json_defaults(ModelConfig()), **(config.get("model") or {})},
+            "train": {**json_defaults(TrainConfig()), **(config.get("train") or {})}}
+
+
 def _config_difference(old: dict, new: dict) -> str | None:
     """First difference between two run configs that forbids resuming, as 'field: a != b'."""
+    old, new = with_config_defaults(old), with_config_defaults(new)  # fields added since the run started
     for section in ("dataset", "model", "fingerprints", "train"):
         a, b = old.get(section), new.get(section)
-        if section == "train":  # fields added since the run started take their defaults
-            a = {k: v for k, v in {**asdict(TrainConfig()), **(a or {})}.items() if k not in RESUMABLE_CHANGES}
-            b = {k: v for k, v in (b or {}).items() if k not in RESUMABLE_CHANGES}
-        elif section == "model":  # likewise (e.g. feed_forward, added after the Beauty runs started)
-            defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(ModelConfig()).items()}
-            a, b = {**defaults, **(a or {})}, {**defaults, **(b or {})}
+        if section == "train":
+            a = {k: v for k, v in a.items() if k not in RESUMABLE_CHANGES}
+            b = {k: v for k, v in b.items() if k not in RESUMABLE_CHANGES}
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):
                 for key in sorted(set(a) | set(b)):

@@ -206,6 +206,21 @@ def test_compare_groups_runs_by_config_over_seeds(cli, toy):
     assert f"{mean:.4f} ± {std:.4f}" in gru
 
 
+def test_a_run_trained_before_an_option_existed_joins_its_experiment():
+    from mmsr_cli.evaluation import experiment_key
+
+    full = training.with_config_defaults({"dataset": {"name": "toy"}, "train": {"seed": 1}, "model": {"model": "mmsr"}})
+    assert full["model"]["modalities"] == list(ModelConfig().modalities)  # JSON values, as config.json holds them
+    old = json.loads(json.dumps(full))
+    del old["model"]["feed_forward"], old["train"]["drop_ratio"]
+    assert experiment_key(old) == experiment_key(full)
+    assert experiment_key({**old, "train": {**old["train"], "seed": 2}}) == experiment_key(full)  # repetitions
+    assert experiment_key({**old, "model": {**old["model"], "layers": 3}}) != experiment_key(full)
+    assert training._config_difference(old, full) is None
+    assert training._config_difference(old, {**full, "model": {**full["model"], "feed_forward": True}}) == \
+        "model.feed_forward: False != True"
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
