@@ -498,6 +498,12 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool) ->
     log.disabled = not distributed.is_main()
     record = config_record(ds, tc, bundle)
 
+    # Checked before the run folder is created, so a refused run leaves nothing behind.
+    train_split = bundle.open_split(ds, "train")
+    valid_split = bundle.open_split(ds, "valid")
+    if len(train_split) == 0 or len(valid_split) == 0:
+        raise MmsrError(f"{ds.root}: the train or valid split has no samples; re-run `mmsr preprocess`")
+
     set_seed(tc.seed)
     model = build_model(mc, bundle.info).to(device)
     trainable = _has_parameters(model)
@@ -545,10 +551,6 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool) ->
     step = distributed.wrap(TrainStep(model), device)  # DDP under torchrun (not for Pop)
     log.info("train %s on %s: %s %s (device %s)", run, ds.name, tc, mc, device)
 
-    train_split = bundle.open_split(ds, "train")
-    valid_split = bundle.open_split(ds, "valid")
-    if len(train_split) == 0 or len(valid_split) == 0:
-        raise MmsrError(f"{ds.root}: the train or valid split has no samples; re-run `mmsr preprocess`")
     n_batches = math.ceil(len(train_split) / tc.batch_size)
     if tc.max_steps:
         n_batches = min(n_batches, tc.max_steps)
