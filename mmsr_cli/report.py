@@ -218,6 +218,17 @@ def reference_mmsr(groups: list[Group]) -> Group | None:
     return min(mmsr, key=lambda g: (not g.default_options, -len(g.runs), -g.epochs, g.label))
 
 
+def _epoch_cost(history: list[dict]) -> str:
+    """'train s | valid s | peak GiB' cells of the runs table, from history.json."""
+    def median(key: str) -> str:
+        values = [h[key] for h in history if key in h]
+        return f"{np.median(values):.0f}" if values else ""
+
+    peaks = [h["peak_rss_mib"] for h in history if "peak_rss_mib" in h]
+    peak = f"{max(peaks) / 1024:.2f}" if peaks else ""
+    return f"{median('train_seconds')} | {median('valid_seconds')} | {peak}"
+
+
 def _pct(v: float) -> str:
     return f"{100 * v:.2f}"
 
@@ -624,7 +635,11 @@ def write_report(
             plot_training(path, with_history, metric)
             md += ["### Training curves", "", f"![training loss and validation {metric}]({rel})", ""]
 
-        md += ["### Runs", "", "| run | experiment | seed | epochs | best epoch | evaluations |", "|---|---|---:|---:|---:|---|"]
+        md += ["### Runs", "", "Time per epoch: median over the run's epochs (training / full-ranking validation); peak RSS: "
+               "the largest the training process reached (a resumed run counts from its resumption; empty for "
+               "runs trained before it was recorded).", "",
+               "| run | experiment | seed | epochs | best epoch | train s/epoch | valid s/epoch | peak RSS (GiB) | evaluations |",
+               "|---|---|---:|---:|---:|---:|---:|---:|---|"]
         labels = experiment_labels(dataset_runs)
         for run in dataset_runs:
             epochs = len(run.history) if run.history else 0
@@ -635,7 +650,7 @@ def write_report(
                 best = str(run.history[int(np.argmax(values))]["epoch"])
             files = ", ".join(m["file"] for m in run.metrics) or "none"
             md.append(f"| {run.name} | {labels[experiment_key(run.config)]} | {run.config['train'].get('seed', '')} | "
-                      f"{epochs} | {best} | {files} |")
+                      f"{epochs} | {best} | {_epoch_cost(run.history)} | {files} |")
         md.append("")
 
     write_bytes_atomic(output, ("\n".join(md).rstrip() + "\n").encode())

@@ -389,16 +389,37 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# History fields that measure the machine, not the model: they differ between identical runs.
+MEASUREMENT_FIELDS = ("seconds", "train_seconds", "valid_seconds", "peak_rss_mib", "peak_gpu_mib")
+
+
+def without_measurements(row: dict) -> dict:
+    """A history row with only what a seed determines (for comparing runs)."""
+    return {k: v for k, v in row.items() if k not in MEASUREMENT_FIELDS}
+
+
+def peak_memory_mib(device: torch.device) -> dict[str, float]:
+    """Peak memory of this process so far, for the history: resident set size (MiB) and, on a CUDA
+    device, the most memory torch allocated on it. A resumed run counts from its resumption."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"peak_rss_mib": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
+    if device.type == "cuda":
+        out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
 def write_history(folder: Path, history: list[dict], metric: str) -> None:
     write_json_atomic(folder / HISTORY_JSON, history)
-    columns = ["epoch", "loss", "seconds", "train_seconds", "valid_seconds", "steps", *METRIC_NAMES]
+    columns = ["epoch", "loss", "seconds", "train_seconds", "valid_seconds", "steps", "peak_rss_mib", "peak_gpu_mib",
+               *METRIC_NAMES]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for row in history:
-        writer.writerow({"epoch": row["epoch"], "loss": row["loss"], "seconds": row["seconds"],
-                         "train_seconds": row["train_seconds"], "valid_seconds": row["valid_seconds"],
-                         "steps": row["steps"], **row["valid"]})
+    for row in history:  # rows of runs trained before the memory fields existed leave them empty
+        writer.writerow({k: v for k, v in row.items() if k != "valid"} | row["valid"])
     write_bytes_atomic(folder / HISTORY_CSV, buf.getvalue().encode())
     _write_curve(folder / CURVE_PNG, history, metric)
 
@@ -604,6 +625,7 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool) ->
                 "train_seconds": round(t1 - t0, 3),
                 "valid_seconds": round(t2 - t1, 3),
                 "seconds": round(t2 - t0, 3),
+                **peak_memory_mib(device),
                 "valid": valid,
             }
             history.append(row)

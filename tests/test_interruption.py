@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from mmsr_cli import contracts as C
+from mmsr_cli.training import without_measurements
 
 from conftest import run_cli
 
@@ -401,7 +402,7 @@ def test_build_graphs_killed_at_a_random_write_rebuilds_identical_graphs(pipelin
 def checkpoint_state(folder: Path) -> dict:
     """What a resumed run must reproduce: weights, optimizer, early stopping, metrics."""
     last = torch.load(folder / "last.pt", weights_only=True)
-    history = [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in last["history"]]
+    history = [without_measurements(row) for row in last["history"]]
     return {
         "best.pt": torch.load(folder / "best.pt", weights_only=True),
         "model": last["model"],
@@ -411,8 +412,7 @@ def checkpoint_state(folder: Path) -> dict:
         "best": last["best"],
         "stopped": last["stopped"],
         "history": history,
-        "history.json": [{k: v for k, v in row.items() if not k.endswith("seconds")}
-                         for row in json.loads((folder / "history.json").read_text())],
+        "history.json": [without_measurements(row) for row in json.loads((folder / "history.json").read_text())],
         "config.json": json.loads((folder / "config.json").read_text()),
     }
 

@@ -39,7 +39,10 @@ def write_run(ds: Path, name: str, model: str, seed: int, clean: float | None, c
         "fingerprints": {},
     }
     (folder / "config.json").write_text(json.dumps(config))
-    history = [{"epoch": e, "loss": 5.0 - e, "valid": metrics(0.01 * e)} for e in (1, 2, 3)]
+    history = [{"epoch": e, "loss": 5.0 - e, "train_seconds": 10.0 * e + seed, "valid_seconds": 2.0,
+                "peak_rss_mib": 512.0 * e, "valid": metrics(0.01 * e)} for e in (1, 2, 3)]
+    if model == "gru4rec":  # trained before the peak memory was recorded
+        history = [{k: v for k, v in h.items() if k != "peak_rss_mib"} for h in history]
     (folder / "history.json").write_text(json.dumps(history))
     if clean is not None:
         record = {"run": name, "split": "test", "n": 100, "metrics": metrics(clean)}
@@ -170,6 +173,10 @@ def test_report_tables_match_the_metrics_files(cli, workdir, tmp_path):
     assert not [p for p in (out.parent / "report_figures").iterdir() if p.name.startswith(".")]
     # the run list names every run and its evaluations
     assert row(text, "gru4rec-loo-s0")[-1] == "none"
+    # and its cost: median train / valid seconds per epoch, peak RSS in GiB (absent in older runs)
+    assert row(text, "run")[5:8] == ["train s/epoch", "valid s/epoch", "peak RSS (GiB)"]
+    assert row(text, "sasrec-loo-s1")[5:8] == ["21", "2", "1.50"]
+    assert row(text, "gru4rec-loo-s0")[5:8] == ["20", "2", ""]
     assert "metrics_test_drop-text-0.3.json" in row(text, "mmsr-loo-s0")[-1]
 
 

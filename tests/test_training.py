@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -101,6 +103,11 @@ def test_train_writes_the_run_and_keeps_the_best_validation_epoch(cli, toy):
     history = json.loads((folder / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert (folder / "history.csv").read_text().count("\n") == 5
+    # each epoch records the process's peak RSS so far (a torch process holds well over 50 MiB)
+    peaks = [h["peak_rss_mib"] for h in history]
+    assert peaks == sorted(peaks) and peaks[0] > 50 and "peak_gpu_mib" not in history[0]
+    csv_rows = list(csv.DictReader(io.StringIO((folder / "history.csv").read_text())))
+    assert [float(r["peak_rss_mib"]) for r in csv_rows] == peaks and csv_rows[0]["peak_gpu_mib"] == ""
     assert (folder / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert history[-1]["loss"] < history[0]["loss"]
 
@@ -152,7 +159,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(cli, toy):
     a, b = run_folder(toy, "straight"), run_folder(toy, "resumed")
 
     def strip(h):
-        return [{k: v for k, v in e.items() if "seconds" not in k} for e in h]
+        return [training.without_measurements(e) for e in h]
 
     ha, hb = (json.loads((f / "history.json").read_text()) for f in (a, b))
     assert len(hb) == 4 and strip(ha) == strip(hb)
