@@ -650,7 +650,7 @@ def write_report(
                 best = str(run.history[int(np.argmax(values))]["epoch"])
             files = ", ".join(m["file"] for m in run.metrics) or "none"
             md.append(f"| {run.name} | {labels[experiment_key(run.config)]} | {run.config['train'].get('seed', '')} | "
-                      f"{epochs} | {best} | {_epoch_cost(run.history)} | {files} |")
+                      f"{epochs} | {best} | {_epoch_cost(run.history or [])} | {files} |")
         md.append("")
 
     write_bytes_atomic(output, ("\n".join(md).rstrip() + "\n").encode())

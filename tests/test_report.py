@@ -235,6 +235,13 @@ def test_runs_option_and_default_output(cli, workdir):
     assert "| mmsr" not in text and "Robustness" not in text and "gain of" not in text
 
 
+def test_a_run_still_in_its_first_epoch_is_listed_without_figures(cli, workdir):
+    (workdir / "beauty" / C.RUNS_DIR / "gru4rec-loo-s0" / "history.json").unlink()  # config.json only, as train starts
+    r = report(cli, workdir)
+    assert r.exit_code == 0, r.stderr
+    assert row((workdir / "report.md").read_text(), "gru4rec-loo-s0")[3:] == ["0", "", "", "", "", "none"]
+
+
 def one_error_line(r) -> str:
     assert r.exit_code != 0
     lines = r.stderr.strip().splitlines()
