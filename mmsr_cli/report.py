@@ -474,10 +474,13 @@ def plot_codes_heatmap(path: Path, grid: dict, metric: str, label: str) -> None:
 def plot_training(path: Path, runs: list[RunFiles], metric: str) -> None:
     plt = _pyplot()
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in runs:
+    colours = plt.get_cmap("tab20").colors
+    for i, run in enumerate(runs):
+        # 20 colours, then a new line style: every run keeps its own look (a Table-2 report has 13+)
+        style = {"color": colours[i % 20], "linestyle": ("-", "--", ":", "-.")[i // 20 % 4], "marker": ".", "label": run.name}
         epochs = [h["epoch"] for h in run.history]
-        ax_loss.plot(epochs, [h["loss"] for h in run.history], marker=".", label=run.name)
-        ax_metric.plot(epochs, [100 * h["valid"][metric] for h in run.history], marker=".", label=run.name)
+        ax_loss.plot(epochs, [h["loss"] for h in run.history], **style)
+        ax_metric.plot(epochs, [100 * h["valid"][metric] for h in run.history], **style)
     ax_loss.set(xlabel="epoch", ylabel="training loss (CE)", title="training loss")
     ax_metric.set(xlabel="epoch", ylabel=f"valid {metric} (%)", title=f"validation {metric}")
     ax_metric.legend(fontsize=6)
