@@ -1,0 +1,94 @@
+"""scripts/bench_attention_share.py reads the four aggregations of each HAN layer in the right order.
+
+The script records every ``neighbourhood_softmax`` call of a forward pass and names them by their
+order in ``HANLayer.forward`` (ho, he, hohe, heho). Here the same self-loop weights and gate are
+computed directly from the layer's parts, so a change of that order cannot go unnoticed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmsr_cli.evaluation import to_device
+from mmsr_cli.training import load_run
+from test_training import make_coded_toy, train
+
+MMSR_FAST = ["--dim", "16", "--batch-size", "64"]  # test_training.FAST without --heads (not an MMSR option)
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_attention_share.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_attention_share", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(one_thread):
+    """One torch thread (conftest.one_thread)."""
+
+
+def direct_shares(ds, run: str) -> dict[int, dict[str, float]]:
+    loaded = load_run(ds, run, "best", torch.device("cpu"))
+    model = loaded.model.eval()
+    data = loaded.bundle.open_split(ds, "test")
+    batch = to_device(data.collate(np.arange(len(data))), torch.device("cpu"))
+    inputs = []
+    hooks = [layer.register_forward_pre_hook(lambda _m, args: inputs.append(args)) for layer in model.layers]
+    with torch.no_grad():
+        model(batch)
+        for hook in hooks:
+            hook.remove()
+        last = batch["last_node"] if model._last_inverse is None else model._last_inverse[batch["last_node"]]
+        out = {}
+        for layer_no, (layer, (h, edges, types)) in enumerate(zip(model.layers, inputs), start=1):
+            v = layer.value(h, types)
+            h_ho = layer._homogeneous(v, v, edges)
+            h_he = layer._heterogeneous(h, v, edges, types)
+            graphs = {"ho": edges.ho, "he": edges.he, "hohe": edges.he, "heho": edges.ho}
+            alphas = {
+                "ho": layer.attention(h, edges, types, "ho"),
+                "he": layer.attention(h, edges, types, "he"),
+                "hohe": layer.attention(h_ho, edges, types, "he"),
+                "heho": layer.attention(h_he, edges, types, "ho"),
+            }
+            selfs = {}
+            for name, alpha in alphas.items():
+                g = graphs[name]
+                on_self = (g.row == g.col) & torch.isin(g.row, last)
+                per_node = torch.zeros(g.n_rows)
+                per_node[g.row[on_self]] = alpha[on_self]
+                selfs[name] = per_node[last]
+            beta = layer.last_gate[last, 0]
+            out[layer_no] = {f"self {k}": float(w.mean()) for k, w in selfs.items()}
+            out[layer_no]["beta(ho->he)"] = float(beta.mean())
+            out[layer_no]["code share"] = float((beta * (1 - selfs["hohe"])).mean())
+    return out
+
+
+def test_attention_shares_match_the_layer_parts(cli, tmp_path):
+    ds = make_coded_toy(tmp_path)
+    assert train(cli, ds, "--model", "mmsr", "--epochs", "1", "--run-name", "m", *MMSR_FAST).exit_code == 0
+    got = load_script().shares(ds, "m", "test")
+    want = direct_shares(ds, "m")
+    assert set(got) == set(want) == {1, 2}
+    for layer in want:
+        assert set(got[layer]) == set(want[layer])
+        for key, value in want[layer].items():
+            assert got[layer][key] == pytest.approx(value, abs=1e-6), (layer, key)
+        # The code graph gives every item two codes: the self loop never holds all of he's weight.
+        assert 0.0 < got[layer]["self he"] < 1.0 and 0.0 < got[layer]["code share"] < 1.0
+
+
+def test_other_fusions_are_refused(cli, tmp_path):
+    ds = make_coded_toy(tmp_path)
+    assert train(cli, ds, "--model", "mmsr", "--epochs", "1", "--fusion", "ho", "--run-name", "ho", *MMSR_FAST).exit_code == 0
+    with pytest.raises(SystemExit, match="needs --aggregator han --fusion adaptive"):
+        load_script().shares(ds, "ho", "test")
