@@ -274,12 +274,17 @@ def describe_experiment(config: dict) -> str:
             continue
         default = list(mdef[key]) if isinstance(mdef[key], tuple) else mdef[key]
         if value != default:
-            parts.append(f"{key}={','.join(value) if isinstance(value, list) else value}")
+            parts.append(option_token(key, value))
     for key, value in config["train"].items():
         if key in NOT_EXPERIMENT or key == "model" or value == tdef.get(key):
             continue
-        parts.append(f"{key}={value}")
+        parts.append(option_token(key, value))
     return " ".join(parts)
+
+
+def option_token(key: str, value) -> str:
+    """``key=value`` as experiment labels write a config field (lists comma-joined)."""
+    return f"{key}={','.join(value) if isinstance(value, list) else value}"
 
 
 def compare_runs(records: list[dict]) -> list[dict]:

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import contracts as C
 from .errors import MmsrError
-from .evaluation import METRIC_NAMES, check_metric, compare_runs, describe_experiment, experiment_key
+from .evaluation import METRIC_NAMES, check_metric, compare_runs, describe_experiment, experiment_key, option_token
 from .workdir import atomic_path, write_bytes_atomic
 
 SHOWN = METRIC_NAMES  # hr, mrr, ndcg @5/10/20
@@ -160,13 +160,46 @@ def _record(run: RunFiles, metrics: dict) -> dict:
 
 
 def experiment_labels(runs: list[RunFiles]) -> dict[str, str]:
-    """experiment_key -> label (evaluation.compare_runs' labels, unique within ``runs``)."""
+    """experiment_key -> label (evaluation.compare_runs' labels, unique within ``runs``), without
+    the options every run shares (:func:`shared_options`, :func:`common_modalities`): the
+    dataset's heading says those once."""
     groups = compare_runs([_record(r, {}) for r in runs])
-    by_run = {name: g["experiment"] for g in groups for name in g["runs"]}
-    shared = common_modalities(runs)
-    if shared:  # said once in the dataset's heading, not in every label
-        by_run = {name: label.replace(f" modalities={','.join(shared)}", "") for name, label in by_run.items()}
+    said = said_once(runs)
+    by_run = {name: without_tokens(g["experiment"], said) for g in groups for name in g["runs"]}
     return {experiment_key(r.config): by_run[r.name] for r in runs}
+
+
+def said_once(runs: list[RunFiles]) -> set[str]:
+    """The label tokens a dataset's heading states for all of ``runs``: shared options and modalities."""
+    said = set(shared_options(runs))
+    shared = common_modalities(runs)
+    if shared:
+        said.add(option_token("modalities", shared))
+    return said
+
+
+def without_tokens(label: str, tokens: set[str]) -> str:
+    return " ".join(t for t in label.split(" ") if t not in tokens)
+
+
+def shared_options(runs: list[RunFiles]) -> list[str]:
+    """``key=value`` labels of the non-default options that every run reading them was given
+    alike (e.g. ``epochs=10`` when each trained model ran 10 epochs and Pop, which has no epochs,
+    is among the runs); modalities aside (:func:`common_modalities`)."""
+    from .models import fields_not_read
+    from .training import NOT_EXPERIMENT, with_config_defaults
+
+    defaults = with_config_defaults({})
+    configs = [(r.model, with_config_defaults(r.config)) for r in runs]
+    out = []
+    for section in ("model", "train"):
+        for key, default in defaults[section].items():
+            if key in ("model", "max_len", "modalities") or key in NOT_EXPERIMENT:
+                continue
+            values = {json.dumps(c[section].get(key)) for model, c in configs if key not in fields_not_read(model)}
+            if len(values) == 1 and (value := json.loads(next(iter(values)))) != default:
+                out.append(option_token(key, value))
+    return out
 
 
 def common_modalities(runs: list[RunFiles]) -> list[str] | None:
@@ -296,7 +329,7 @@ def robustness_curves(runs: list[RunFiles], split: str, metric: str) -> dict[str
         train = run.config["train"]
         base = {**run.config, "train": {**train, "drop_modality": "", "drop_ratio": 0.0}}
         base_key = experiment_key(base)
-        label = f"{labels.get(base_key) or describe_experiment(base)} (trained with missing)"
+        label = f"{labels.get(base_key) or without_tokens(describe_experiment(base), said_once(runs))} (trained with missing)"
         raw.setdefault(train["drop_modality"], {}).setdefault(label, {}).setdefault(float(train["drop_ratio"]), []).append(
             clean["metrics"][metric])
         zero.setdefault((train["drop_modality"], label), set()).add(base_key)
@@ -364,10 +397,7 @@ def codes_grid(runs: list[RunFiles], split: str, metric: str) -> tuple[str, dict
     key = max(base, key=lambda k: len(base[k]))
     if len(base[key]) < 2:
         return None
-    label = describe_experiment(next(r for r in runs if r.name == names[key]).config)
-    shared = common_modalities(runs)
-    if shared:
-        label = label.replace(f" modalities={','.join(shared)}", "")
+    label = without_tokens(describe_experiment(next(r for r in runs if r.name == names[key]).config), said_once(runs))
     return label, {ck: (float(np.mean(v)), len(v)) for ck, v in sorted(base[key].items())}
 
 
@@ -560,6 +590,9 @@ def write_report(
         shared = common_modalities(dataset_runs)
         if shared:
             md += [f"Modalities of every multi-modal run: {', '.join(shared)}.", ""]
+        options = shared_options(dataset_runs)
+        if options:
+            md += [f"Options of every run whose model reads them: {', '.join(options)}.", ""]
 
         md += [f"### Results ({split})", ""]
         groups = clean_groups(dataset_runs, split)

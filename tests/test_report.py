@@ -227,6 +227,32 @@ def test_gain_row_compares_the_papers_model_with_the_largest_budget(cli, tmp_pat
     assert gain[1 + 1 + METRIC_NAMES.index("ndcg@10")] == f"{100 * (0.05 - 0.04) / 0.04:+.1f}%"
 
 
+def test_options_every_run_shares_are_said_once(cli, tmp_path):
+    """epochs and lr given alike to every model that reads them move from the labels to one line;
+    Pop, which reads neither, does not stop them from being shared."""
+    ds = tmp_path / "work" / "beauty"
+    write_run(ds, "pop-s0", "pop", 0, 0.01)
+    write_run(ds, "sasrec-s0", "sasrec", 0, 0.04, epochs=10, lr=0.002)
+    write_run(ds, "mmsr-s0", "mmsr", 0, 0.05, epochs=10, lr=0.002)
+    folder = write_run(ds, "mmsr-ho-s0", "mmsr", 0, 0.06, epochs=10, lr=0.002)
+    config = json.loads((folder / "config.json").read_text())
+    config["model"]["fusion"] = "ho"
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "r.md"
+    assert report(cli, tmp_path / "work", "--output", out).exit_code == 0
+    text = out.read_text()
+    assert "Options of every run whose model reads them: epochs=10, lr=0.002." in text
+    for label in ("pop", "sasrec", "mmsr", "mmsr fusion=ho", "gain of mmsr over the best baseline"):
+        row(text, label)
+    # One SASRec run with another budget: epochs is no longer shared, lr still is.
+    write_run(ds, "sasrec-e20-s0", "sasrec", 0, 0.045, epochs=20, lr=0.002)
+    assert report(cli, tmp_path / "work", "--output", out).exit_code == 0
+    text = out.read_text()
+    assert "Options of every run whose model reads them: lr=0.002." in text
+    for label in ("pop", "sasrec epochs=10", "sasrec epochs=20", "mmsr epochs=10", "mmsr fusion=ho epochs=10"):
+        row(text, label)
+
+
 def test_runs_option_and_default_output(cli, workdir):
     r = report(cli, workdir, "--runs", "sasrec-loo-s0,sasrec-loo-s1,pop-loo-s0", "--metric", "hr@5")
     assert r.exit_code == 0, r.stderr

@@ -237,6 +237,8 @@ def test_a_run_trained_before_an_option_existed_joins_its_experiment():
         (["--model", "sasrec", "--feed-forward"], "--feed-forward: not used by model sasrec"),
         (["--model", "gru4rec", "--heads", "4"], "--heads: not used by model gru4rec"),
         (["--model", "pop", "--lr", "0.1"], "--lr: not used by model pop"),
+        (["--model", "pop", "--weight-decay", "0.1"], "--weight-decay: not used by model pop"),
+        (["--model", "sasrec", "--no-pos-emb"], "--no-pos-emb: not used by model sasrec"),
         (["--model", "sasrec", "--modalities", "image"], "--modalities: not used by model sasrec"),
         (["--model", "sasrec", "--metric", "auc"], "--metric: unknown metric 'auc'"),
         (["--model", "sasrec", "--epochs", "0"], "--epochs: must be >= 1, got 0"),

@@ -12,25 +12,6 @@ from ..models import model_names
 
 FUSIONS = ("adaptive", "hohe", "heho", "synchronous", "ho", "he")
 
-# Options that only some models read; giving one to another model is an error, not a no-op.
-_MMSR_ONLY = ("aggregator", "fusion", "invasive", "no_pos_emb", "no_type_emb", "no_codes", "feed_forward")
-_NOT_FOR = {
-    "pop": ("epochs", "lr", "weight_decay", "clip_norm", "dropout", "dim", "layers", "heads", "patience", "modalities"),
-    "gru4rec": ("heads", "modalities"),
-    "sasrec": ("modalities",),
-    "sasrecf": (),
-    "srgnn": ("heads", "dropout", "modalities"),
-    "gru4recf": ("heads",),
-    "nova": (),
-    "difsr": (),
-    "trans2d": (),
-    "mmsr": ("heads",),
-    "mmgcn": ("heads", "dropout"),
-    "mgat": ("heads", "dropout"),
-    "bm3": ("heads",),
-}
-
-
 @app.command("train")
 def train_command(
     dataset: DatasetOpt,
@@ -88,28 +69,31 @@ def train_command(
 ) -> None:
     """Train a model with cross-entropy over all items; validate every epoch; keep the best."""
     from ..errors import MmsrError
-    from ..models import check_model_name
+    from ..models import check_model_name, fields_not_read
     from ..models.base import ModelConfig
     from ..robustness import check_drop_options
     from ..training import TrainConfig, train
     from ..workdir import DatasetDir
 
     check_model_name(model)
-    given = {
-        "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "clip_norm": clip_norm, "dropout": dropout,
-        "dim": dim, "layers": layers, "heads": heads, "patience": patience, "modalities": modalities,
-        "aggregator": aggregator, "fusion": fusion, "invasive": invasive or None, "no_pos_emb": no_pos_emb or None,
-        "no_type_emb": no_type_emb or None, "no_codes": no_codes or None, "feed_forward": feed_forward or None,
+    given = {  # config field -> (option name, value or None when not given)
+        "epochs": ("epochs", epochs), "lr": ("lr", lr), "weight_decay": ("weight-decay", weight_decay),
+        "clip_norm": ("clip-norm", clip_norm), "dropout": ("dropout", dropout), "dim": ("dim", dim),
+        "layers": ("layers", layers), "heads": ("heads", heads), "patience": ("patience", patience),
+        "modalities": ("modalities", modalities), "aggregator": ("aggregator", aggregator), "fusion": ("fusion", fusion),
+        "invasive": ("invasive", invasive or None), "pos_emb": ("no-pos-emb", no_pos_emb or None),
+        "type_emb": ("no-type-emb", no_type_emb or None), "graph_variant": ("no-codes", no_codes or None),
+        "feed_forward": ("feed-forward", feed_forward or None),
     }
-    refused = list(_NOT_FOR[model]) + ([] if model == "mmsr" else list(_MMSR_ONLY))
-    for name in refused:
-        if given[name] is not None:
-            raise MmsrError(f"--{name.replace('_', '-')}: not used by model {model}")
+    for field in fields_not_read(model):
+        option, value = given[field]
+        if value is not None:
+            raise MmsrError(f"--{option}: not used by model {model}")
     if aggregator is not None:
         from ..models.aggregators import check_aggregator
 
         for name in ("fusion", "invasive") if check_aggregator(aggregator) != "han" else ():
-            if given[name] is not None:
+            if given[name][1] is not None:
                 raise MmsrError(f"--{name}: only used by --aggregator han, not {aggregator}")
     if fusion is not None and fusion not in FUSIONS:
         raise MmsrError(f"--fusion: expected one of {', '.join(FUSIONS)}, got {fusion!r}")

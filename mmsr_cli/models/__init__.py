@@ -30,6 +30,31 @@ REGISTRY: dict[str, str] = {
 }
 
 
+# Config fields (ModelConfig / TrainConfig) that a model does not read: `mmsr train` refuses them
+# for it, and `mmsr report` knows a run without such an option did not leave it at a default.
+MMSR_ONLY_FIELDS = ("aggregator", "fusion", "invasive", "pos_emb", "type_emb", "graph_variant", "feed_forward")
+_FIELDS_NOT_READ: dict[str, tuple[str, ...]] = {
+    "pop": ("epochs", "lr", "weight_decay", "clip_norm", "dropout", "dim", "layers", "heads", "patience", "modalities"),
+    "gru4rec": ("heads", "modalities"),
+    "sasrec": ("modalities",),
+    "sasrecf": (),
+    "srgnn": ("heads", "dropout", "modalities"),
+    "gru4recf": ("heads",),
+    "nova": (),
+    "difsr": (),
+    "trans2d": (),
+    "mmsr": ("heads",),
+    "mmgcn": ("heads", "dropout"),
+    "mgat": ("heads", "dropout"),
+    "bm3": ("heads",),
+}
+
+
+def fields_not_read(name: str) -> tuple[str, ...]:
+    """The ModelConfig / TrainConfig fields model ``name`` ignores."""
+    return _FIELDS_NOT_READ[check_model_name(name)] + (() if name == "mmsr" else MMSR_ONLY_FIELDS)
+
+
 def model_names() -> list[str]:
     return list(REGISTRY)
 
