@@ -1,12 +1,14 @@
-"""scripts/bench_attention_share.py reads the four aggregations of each HAN layer in the right order.
+"""The measurement scripts that patch or read MMSR's internals (docs/benchmarks.md, issue 4).
 
-The script records every ``neighbourhood_softmax`` call of a forward pass and names them by their
-order in ``HANLayer.forward`` (ho, he, hohe, heho). Here the same self-loop weights and gate are
-computed directly from the layer's parts, so a change of that order cannot go unnoticed.
+scripts/bench_attention_share.py records every ``neighbourhood_softmax`` call of a forward pass
+and names them by their order in ``HANLayer.forward`` (ho, he, hohe, heho). Here the same self-loop
+weights and gate are computed directly from the layer's parts, so a change of that order cannot go
+unnoticed. scripts/bench_tied_keys.py patches HANLayer for one measurement and must undo it.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch
 
 from mmsr_cli.evaluation import to_device
 from mmsr_cli.training import load_run
+from test_layers import RICH_EDGES, RICH_NODE_TYPE, graph_inputs, setup_layer
 from test_training import make_coded_toy, train
 
 MMSR_FAST = ["--dim", "16", "--batch-size", "64"]  # test_training.FAST without --heads (not an MMSR option)
@@ -23,8 +26,8 @@ MMSR_FAST = ["--dim", "16", "--batch-size", "64"]  # test_training.FAST without 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_attention_share.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_attention_share", SCRIPT)
+def load_script(name: str = "bench_attention_share"):
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -92,3 +95,22 @@ def test_other_fusions_are_refused(cli, tmp_path):
     assert train(cli, ds, "--model", "mmsr", "--epochs", "1", "--fusion", "ho", "--run-name", "ho", *MMSR_FAST).exit_code == 0
     with pytest.raises(SystemExit, match="needs --aggregator han --fusion adaptive"):
         load_script().shares(ds, "ho", "test")
+
+
+def test_tied_keys_patch_is_the_layer_with_w_k_equal_to_w_q_and_is_undone():
+    """scripts/bench_tied_keys.py: the patched layer computes what a layer whose W_K holds W_Q's
+    weights computes, on every fusion path; leaving the context restores Eq. 13's W_K."""
+    tied_keys = load_script("bench_tied_keys").keys_tied_to_queries
+    layer = setup_layer()
+    h, edges, types, *_ = graph_inputs(RICH_EDGES, RICH_NODE_TYPE, 3)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.key.weight.copy_(layer.query.weight)
+        paper = layer(h, edges, types)
+        with tied_keys():
+            tied = layer(h, edges, types)
+            tied_alpha = layer.attention(h, edges, types, "he")
+        assert torch.allclose(tied, twin(h, edges, types), atol=1e-6)
+        assert torch.allclose(tied_alpha, twin.attention(h, edges, types, "he"), atol=1e-6)
+        assert not torch.allclose(tied, paper, atol=1e-4)
+        assert torch.equal(layer(h, edges, types), paper)
