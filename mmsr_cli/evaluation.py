@@ -245,7 +245,11 @@ def evaluate_run(
         record["gates"] = gates.result()
     name = C.metrics_file(split, setting.name if setting is not None else "")
     write_json_atomic(loaded.folder / name, record)
-    return {"config": loaded.config, "file": name, **record}
+    from .training import recorded_codes
+
+    codes = recorded_codes(ds, loaded.config)  # runs trained before config.json recorded them
+    config = loaded.config if codes is None else {**loaded.config, "codes": codes}
+    return {"config": config, "file": name, **record}
 
 
 def experiment_key(config: dict) -> str:
@@ -307,8 +311,12 @@ def compare_runs(records: list[dict]) -> list[dict]:
         )
     labels = [g["experiment"] for g in out]
     for g, members in zip(out, groups.values()):  # same options, other codes: name the codes
-        if labels.count(g["experiment"]) > 1 and members[0]["config"].get("codes"):
-            g["experiment"] += " " + describe_codes(members[0]["config"]["codes"])
+        if labels.count(g["experiment"]) > 1:
+            config = members[0]["config"]
+            if config.get("codes"):
+                g["experiment"] += " " + describe_codes(config["codes"])
+            elif "codes" not in config:  # an old run whose codes were rebuilt since (training.recorded_codes)
+                g["experiment"] += " codes-unknown"
     return out
 
 

@@ -73,6 +73,13 @@ def _read_run(folder: Path, dataset: str) -> RunFiles:
     config = _read_json(folder / CONFIG_FILE, "re-run `mmsr train` for this run")
     if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("train", "model")):
         raise MmsrError(f"{folder / CONFIG_FILE}: not a run config (fields 'train' and 'model' missing)")
+    if "codes" not in config:  # trained before config.json recorded the codes' c and k
+        from .training import recorded_codes
+        from .workdir import DatasetDir
+
+        codes = recorded_codes(DatasetDir.open(folder.parents[2], dataset), config)
+        if codes is not None:
+            config = {**config, "codes": codes}
     history = None
     if (folder / HISTORY_FILE).exists():
         history = _read_json(folder / HISTORY_FILE, "re-run `mmsr train` for this run")

@@ -313,8 +313,7 @@ def config_record(ds: DatasetDir, tc: TrainConfig, bundle: DatasetBundle) -> dic
     codes = {}
     for stage in bundle.fingerprints:
         if stage.startswith(C.STAGE_CODES + ":"):
-            options = (ds.read_manifest(stage) or {}).get("options", {})
-            codes[stage.partition(":")[2]] = {k: options.get(k) for k in ("codes_mode", "clusters", "top_k", "ae_dim", "seed")}
+            codes[stage.partition(":")[2]] = codes_options(ds.read_manifest(stage) or {})
     return {
         "dataset": ds.name,
         "train": asdict(tc),
@@ -323,6 +322,28 @@ def config_record(ds: DatasetDir, tc: TrainConfig, bundle: DatasetBundle) -> dic
         "fingerprints": dict(bundle.fingerprints),
         "data": {"n_items": bundle.info.n_items, "n_users": bundle.info.n_users, "max_len": bundle.info.max_len},
     }
+
+
+def codes_options(manifest: dict) -> dict:
+    """The build-codes options a run config records of a codes manifest (its "codes" entry)."""
+    options = manifest.get("options", {})
+    return {k: options.get(k) for k in ("codes_mode", "clusters", "top_k", "ae_dim", "seed")}
+
+
+def recorded_codes(ds: DatasetDir, config: dict) -> dict | None:
+    """A run config's "codes" entry. Runs trained before config.json recorded it get the options
+    of the dataset's codes manifests, where each still has the fingerprint the run read; None when
+    one of them has been rebuilt since (the run's c and k are then unknown)."""
+    if "codes" in config:
+        return config["codes"]
+    codes = {}
+    for stage, fingerprint in (config.get("fingerprints") or {}).items():
+        if stage.startswith(C.STAGE_CODES + ":"):
+            manifest = ds.read_manifest(stage)
+            if manifest is None or manifest.get("fingerprint") != fingerprint:
+                return None
+            codes[stage.partition(":")[2]] = codes_options(manifest)
+    return codes
 
 
 def read_run_config(path: Path) -> dict:

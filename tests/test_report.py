@@ -253,6 +253,35 @@ def test_options_every_run_shares_are_said_once(cli, tmp_path):
         row(text, label)
 
 
+def test_runs_trained_before_codes_were_recorded_take_them_from_the_manifests(cli, tmp_path):
+    """An old run's config.json has fingerprints but no "codes" entry: while the dataset's codes
+    manifest still has the fingerprint the run read, the run joins the runs of those c and k."""
+    ds = tmp_path / "work" / "beauty"
+    write_run(ds, "mmsr-new-s1", "mmsr", 1, 0.06, c=20, k=2)
+    folder = write_run(ds, "mmsr-old-s0", "mmsr", 0, 0.04)
+    config = json.loads((folder / "config.json").read_text())
+    del config["codes"]
+    config["fingerprints"] = {"codes:image": "f00d", "codes:title": "beef"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (ds / C.MANIFESTS_DIR).mkdir()
+
+    def manifest(modality: str, fingerprint: str, c: int = 20) -> None:
+        record = {"stage": f"codes:{modality}", "fingerprint": fingerprint,
+                  "options": {"codes_mode": "clusters", "clusters": c, "top_k": 2, "ae_dim": 128, "seed": 0}}
+        (ds / C.MANIFESTS_DIR / f"codes__{modality}.json").write_text(json.dumps(record))
+
+    manifest("image", "f00d")
+    manifest("title", "beef")
+    out = tmp_path / "r.md"
+    assert report(cli, tmp_path / "work", "--output", out).exit_code == 0
+    assert sorted(row(out.read_text(), "mmsr")[1].split(",")) == ["0", "1"]  # one experiment, both seeds
+    # The title codes were rebuilt since (other fingerprint): the old run's codes are unknown.
+    manifest("title", "cafe", c=30)
+    assert report(cli, tmp_path / "work", "--output", out).exit_code == 0
+    text = out.read_text()
+    assert row(text, "mmsr c=20 k=2")[1] == "1" and row(text, "mmsr codes-unknown")[1] == "0"
+
+
 def test_runs_option_and_default_output(cli, workdir):
     r = report(cli, workdir, "--runs", "sasrec-loo-s0,sasrec-loo-s1,pop-loo-s0", "--metric", "hr@5")
     assert r.exit_code == 0, r.stderr
