@@ -298,6 +298,7 @@ def compare_runs(records: list[dict]) -> list[dict]:
         groups.setdefault(experiment_key(r["config"]), []).append(r)
     out = []
     for members in groups.values():
+        members.sort(key=lambda r: (r["config"]["train"]["seed"], r["run"]))  # seeds listed in order
         names = list(members[0]["metrics"])
         values = {m: np.array([r["metrics"][m] for r in members], dtype=np.float64) for m in names}
         out.append(
