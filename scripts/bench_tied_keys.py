@@ -7,7 +7,7 @@
 The authors' public code scores heterogeneous edges with the query projection on both sides,
 e_ij = (W_Q h_j) . (W_Q h_i) / sqrt(d), where the paper's Eq. 13 has a key projection W_K on the
 target. Issue 4 lists this as a bug, and `mmsr train` follows the paper. This script runs the `mmsr`
-CLI (or scripts/bench_attention_share.py) with that one change patched into HANLayer, so
+CLI (or scripts/bench_attention_share.py) with that one change patched into the score of Eq. 13, so
 docs/benchmarks.md can measure what it does to the user vector and to accuracy. Values stay
 W_V as in the paper. Runs trained here must be evaluated here too: `mmsr evaluate` would rebuild
 them with W_K.
@@ -23,28 +23,20 @@ from pathlib import Path
 import mmsr_cli.models.layers as layers
 
 
-def _heterogeneous_tied(self, state, values, edges, types):
-    q = self.query(state, types)
-    alpha = layers.neighbourhood_softmax(self.heterogeneous(q, q, edges), edges.he)  # Eq. 13 with W_K := W_Q
-    return layers.aggregate(alpha, values, edges.he)  # Eq. 14
-
-
-def _attention_tied(self, h, edges, types, kind):
-    if kind == "ho":
-        return layers.neighbourhood_softmax(self.homogeneous(self.value(h, types), edges), edges.ho)
-    q = self.query(h, types)
-    return layers.neighbourhood_softmax(self.heterogeneous(q, q, edges), edges.he)
+def _scores_tied(self, q, k, edges):
+    """Eq. 13 with W_K := W_Q: the target side takes its query where the paper has its key."""
+    return layers._EdgeDot.apply(q, q, edges.he) * self.scale
 
 
 @contextmanager
 def keys_tied_to_queries():
     """HANLayer with W_K replaced by W_Q in the heterogeneous scores, for the duration."""
-    saved = layers.HANLayer._heterogeneous, layers.HANLayer.attention
-    layers.HANLayer._heterogeneous, layers.HANLayer.attention = _heterogeneous_tied, _attention_tied
+    saved = layers.HeterogeneousAttention.forward
+    layers.HeterogeneousAttention.forward = _scores_tied
     try:
         yield
     finally:
-        layers.HANLayer._heterogeneous, layers.HANLayer.attention = saved
+        layers.HeterogeneousAttention.forward = saved
 
 
 def main() -> None:
