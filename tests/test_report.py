@@ -280,6 +280,11 @@ def test_runs_trained_before_codes_were_recorded_take_them_from_the_manifests(cl
     assert report(cli, tmp_path / "work", "--output", out).exit_code == 0
     text = out.read_text()
     assert row(text, "mmsr c=20 k=2")[1] == "1" and row(text, "mmsr codes-unknown")[1] == "0"
+    # A corrupt manifest is a one-line error that names it; the earlier report stays.
+    (ds / C.MANIFESTS_DIR / "codes__title.json").write_text("{broken")
+    r = report(cli, tmp_path / "work", "--output", out)
+    assert "codes__title.json: corrupt manifest" in one_error_line(r)
+    assert out.read_text() == text
 
 
 def test_runs_option_and_default_output(cli, workdir):
