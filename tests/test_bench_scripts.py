@@ -1,9 +1,10 @@
-"""The measurement scripts that patch or read MMSR's internals (docs/benchmarks.md, issue 4).
+"""The measurement scripts that patch or read model internals (docs/benchmarks.md, issue 4).
 
 scripts/bench_attention_share.py records every ``neighbourhood_softmax`` call of a forward pass
 and names them by their order in ``HANLayer.forward`` (ho, he, hohe, heho). Here the same self-loop
 weights and gate are computed directly from the layer's parts, so a change of that order cannot go
-unnoticed. scripts/bench_tied_keys.py patches HANLayer for one measurement and must undo it.
+unnoticed. scripts/bench_tied_keys.py patches HANLayer for one measurement and must undo it, as
+scripts/bench_length_groups.py must undo its swap of the sequence models' length groups.
 """
 
 from __future__ import annotations
@@ -114,3 +115,19 @@ def test_tied_keys_patch_is_the_layer_with_w_k_equal_to_w_q_and_is_undone():
         assert torch.allclose(tied_alpha, twin.attention(h, edges, types, "he"), atol=1e-6)
         assert not torch.allclose(tied, paper, atol=1e-4)
         assert torch.equal(layer(h, edges, types), paper)
+
+
+def test_length_groups_bench_times_both_forwards_and_restores_the_grouped_one(tmp_path):
+    """scripts/bench_length_groups.py swaps the models' ``by_length_groups`` for one pass over the
+    longest history on every other step; afterwards the models must group again."""
+    from mmsr_cli.models import baselines, feature_baselines, srgnn
+
+    script = load_script("bench_length_groups")
+    ds = make_coded_toy(tmp_path)
+    grouped = baselines.by_length_groups
+    for name in ("sasrec", "trans2d"):
+        row = script.bench(ds, name, steps=1, batch_size=16, seed=0)
+        assert row["model"] == name and 5 <= row["max length"] <= 8
+        assert row["one pass cpu"] > 0 and row["grouped cpu"] > 0
+    assert baselines.by_length_groups is grouped
+    assert feature_baselines.by_length_groups is grouped and srgnn.by_length_groups is grouped

@@ -9,6 +9,7 @@ representation learning only. Sequence inputs are left-padded histories (``mmsr_
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -59,17 +60,49 @@ class _ItemTable(Recommender):
         return self.item_emb.weight[: self.n_items]
 
 
+def by_length_groups(lengths: torch.Tensor, encode: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """``encode(rows, steps)`` over groups of rows of similar history length, in the batch's order.
+
+    Rows are grouped by length (1, 2, 3-4, 5-8, ...: each row at most doubles its steps) and
+    ``encode`` gets the indices of one group's rows and the group's longest length; it returns one
+    output row per given row. For a model whose output for a history does not depend on the
+    padding beside it (causal or masked, no batch statistics) the result equals one pass over
+    the batch's longest history, with much less padded work where lengths spread: a Beauty batch
+    of 512 (mean ~9 items) always holds a 50-item history, and attention over it costs O(50^2)
+    per row; grouped, ~1.4x the real steps in at most log2(max_len) + 1 calls.
+    """
+    if not len(lengths):
+        return encode(lengths, 1)
+    bounds = 2 ** torch.arange(max(int(lengths.max()) - 1, 1).bit_length() + 1, device=lengths.device)
+    group = torch.bucketize(lengths, bounds)  # group g: 2^(g-1) < len <= 2^g
+    order = torch.argsort(group, stable=True)
+    parts = [
+        encode(rows, int(lengths[rows].max()))
+        for rows in torch.split(order, torch.bincount(group).tolist())
+        if len(rows)
+    ]
+    return torch.cat(parts)[torch.argsort(order)]
+
+
+def causal_allowed(is_item: torch.Tensor) -> torch.Tensor:
+    """[B, L, L]: query i may see key j <= i holding an item, and always itself (a padding row
+    then never sees an empty key set, which would give NaN)."""
+    L = is_item.shape[1]
+    eye = torch.eye(L, dtype=torch.bool, device=is_item.device)
+    causal = torch.ones(L, L, dtype=torch.bool, device=is_item.device).tril()
+    return causal[None] & (is_item[:, None, :] | eye[None])
+
+
 class GRU4Rec(_ItemTable):
     """GRU4Rec (Hidasi et al., ICLR 2016; paper ref. [18]): item embeddings -> GRU -> last hidden.
 
     Each left-padded history is flipped to right padding (items in columns 0..len-1) and run through
     the GRU without packing; the user vector is the top layer's output at the row's last real item
     (column len-1). A GRU is causal, so padding read after that column never reaches it: the result
-    equals running each history alone, as packing did. To keep the padded steps few, rows are
-    grouped by length (1, 2, 3-4, 5-8, ...: each row at most doubles its steps) and each group runs
-    over its own longest history: ~1.4x the real steps on Beauty-like batches, in ~log2(max_len)
-    GRU calls. On CPU this is ~1.4x faster per training step than packing
-    (``pack_padded_sequence``), whose per-step bookkeeping dominated (docs/benchmarks.md, train).
+    equals running each history alone, as packing did. To keep the padded steps few, each length
+    group (``by_length_groups``) runs over its own longest history, in ~log2(max_len) GRU calls.
+    On CPU this is ~1.4x faster per training step than packing (``pack_padded_sequence``), whose
+    per-step bookkeeping dominated (docs/benchmarks.md, train).
     """
 
     def __init__(self, config: ModelConfig, info: DatasetInfo):
@@ -87,26 +120,20 @@ class GRU4Rec(_ItemTable):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         history = batch["history"]
         B, L = history.shape
-        device = history.device
-        lengths = batch["lengths"].to(device).clamp(min=1, max=L)
-        # Length groups: group g holds the rows with 2^(g-1) < len <= 2^g.
-        bounds = 2 ** torch.arange(max(L - 1, 1).bit_length() + 1, device=device)
-        group = torch.bucketize(lengths, bounds)
-        order = torch.argsort(group, stable=True)
-        parts = []
-        for rows in torch.split(order, torch.bincount(group).tolist()):
-            if len(rows) == 0:
-                continue
+        if B == 0:
+            return self.item_emb.weight.new_zeros(0, self.dim)
+        lengths = batch["lengths"].to(history.device).clamp(min=1, max=L)
+
+        def encode(rows: torch.Tensor, steps: int) -> torch.Tensor:
             n = lengths[rows]
-            steps = int(n.max())
             # Row b's items occupy columns L-len_b .. L-1; read them into columns 0 .. len_b-1
             # (the columns after them, up to ``steps``, read padding: only later outputs see it).
-            cols = (torch.arange(steps, device=device)[None, :] + (L - n)[:, None]) % L
+            cols = (torch.arange(steps, device=history.device)[None, :] + (L - n)[:, None]) % L
             x = self.emb_dropout(self.item_emb(history[rows].gather(1, cols)))
             out, _ = self.gru(x)  # [rows, steps, d]: top layer's output after each step
-            parts.append(out[torch.arange(len(rows), device=device), n - 1])
-        users = torch.cat(parts) if parts else self.item_emb.weight.new_zeros(0, self.dim)
-        return self.out_dropout(users[torch.argsort(order)])
+            return out[torch.arange(len(rows), device=history.device), n - 1]
+
+        return self.out_dropout(by_length_groups(lengths, encode))
 
 
 class CausalSelfAttention(nn.Module):
@@ -170,25 +197,26 @@ class SASRec(_ItemTable):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         history = batch["history"]
-        if history.shape[1] > self.max_len:
-            raise MmsrError(f"history length {history.shape[1]} exceeds the model's max_len {self.max_len}")
-        # Leading columns that are padding in every row change nothing (positions count from the
-        # end): drop them, so a batch of short histories costs O(its longest history).
-        first = int((history != self.n_items).any(0).int().argmax()) if history.numel() else 0
-        history = history[:, first:]
         B, L = history.shape
+        if L > self.max_len:
+            raise MmsrError(f"history length {L} exceeds the model's max_len {self.max_len}")
         is_item = history != self.n_items  # [B, L]
         keep = is_item.unsqueeze(-1).to(self.item_emb.weight.dtype)
         positions = torch.arange(self.max_len - L, self.max_len, device=history.device)
         x = self.input_embeddings(history) * math.sqrt(self.dim) + self.pos_emb(positions)[None]
         x = self.emb_dropout(x) * keep
-        causal = torch.ones(L, L, dtype=torch.bool, device=history.device).tril()
-        # Attend to earlier real items and always to oneself (a padding row then never sees an
-        # empty key set, which would give NaN).
-        allowed = causal[None] & (is_item[:, None, :] | torch.eye(L, dtype=torch.bool, device=history.device)[None])
-        for block in self.blocks:
-            x = block(x, allowed, keep)
-        return self.final_norm(x[:, -1])
+        # Columns before a row's first item change nothing (positions count from the end): each
+        # length group runs the blocks over its own span only.
+        span = (is_item.cumsum(1) > 0).sum(1).clamp(min=1)
+
+        def encode(rows: torch.Tensor, steps: int) -> torch.Tensor:
+            h, items = x[rows, L - steps :], is_item[rows, L - steps :]
+            allowed, keep_h = causal_allowed(items), keep[rows, L - steps :]
+            for block in self.blocks:
+                h = block(h, allowed, keep_h)
+            return self.final_norm(h[:, -1])
+
+        return by_length_groups(span, encode)
 
 
 class ModalityCodeChannels:

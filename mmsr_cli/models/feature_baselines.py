@@ -10,7 +10,8 @@ they return one user vector per history and are scored by dot product with the i
 Sequence inputs are left-padded (``mmsr_cli.data``): ``history`` [B, L] with pad id ``n_items``,
 ``lengths`` [B]. The models read the last ``lengths`` columns only (anything before them, padding
 or not, is ignored) and count positions from the end, so a history gives the same vector whatever
-the batch's width.
+the batch's width. That is what lets each of them run its layers per length group
+(``baselines.by_length_groups``): a group of short histories never pays for the batch's longest.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 from ..errors import MmsrError
 from .base import DatasetInfo, ModelConfig
-from .baselines import ModalityCodeChannels, _ItemTable
+from .baselines import ModalityCodeChannels, _ItemTable, by_length_groups, causal_allowed
 
 
 def trimmed_history(batch: dict[str, torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,14 +45,6 @@ def trimmed_history(batch: dict[str, torch.Tensor], pad: int) -> tuple[torch.Ten
 def _check_heads(config: ModelConfig) -> None:
     if config.dim % config.heads:
         raise MmsrError(f"--heads: {config.heads} does not divide --dim {config.dim}")
-
-
-def _causal_allowed(is_item: torch.Tensor) -> torch.Tensor:
-    """[B, L, L]: query i may see key j <= i holding an item, and always itself (no empty row)."""
-    L = is_item.shape[1]
-    eye = torch.eye(L, dtype=torch.bool, device=is_item.device)
-    causal = torch.ones(L, L, dtype=torch.bool, device=is_item.device).tril()
-    return causal[None] & (is_item[:, None, :] | eye[None])
 
 
 class _FeedForward(nn.Module):
@@ -97,17 +90,22 @@ class GRU4RecF(ModalityCodeChannels, _ItemTable):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         history, is_item = trimmed_history(batch, self.n_items)
-        B, L = history.shape
-        n = is_item.sum(1)
-        # Right-align each history (items in columns 0..n-1); the GRUs are causal, so the padding
-        # read after column n-1 never reaches the output taken there.
-        cols = (torch.arange(L, device=history.device)[None, :] + (L - n)[:, None]) % L
-        items = history.gather(1, cols)
-        inputs = [self.emb_dropout(self.item_emb(items))]
-        inputs += [self.modality_channel(i, items)[0] for i in range(len(self.code_tables))]
-        last = torch.arange(B, device=history.device)
-        outputs = [gru(x)[0][last, n - 1] for gru, x in zip(self.channel_grus, inputs)]  # Eq. 5
-        return self.fuse_act(self.fuse(torch.cat(outputs, dim=-1)))  # Eq. 6
+        L = history.shape[1]
+        lengths = is_item.sum(1).clamp(min=1)
+
+        def encode(rows: torch.Tensor, steps: int) -> torch.Tensor:
+            n = lengths[rows]
+            # Right-align each history (items in columns 0..n-1); the GRUs are causal, so the
+            # padding read after column n-1 never reaches the output taken there.
+            cols = (torch.arange(steps, device=history.device)[None, :] + (L - n)[:, None]) % L
+            items = history[rows].gather(1, cols)
+            inputs = [self.emb_dropout(self.item_emb(items))]
+            inputs += [self.modality_channel(i, items)[0] for i in range(len(self.code_tables))]
+            last = torch.arange(len(rows), device=history.device)
+            outputs = [gru(x)[0][last, n - 1] for gru, x in zip(self.channel_grus, inputs)]  # Eq. 5
+            return self.fuse_act(self.fuse(torch.cat(outputs, dim=-1)))  # Eq. 6
+
+        return by_length_groups(lengths, encode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,13 +204,20 @@ class NOVA(ModalityCodeChannels, _ItemTable):
         history, is_item = trimmed_history(batch, self.n_items)
         if history.shape[1] > self.max_len:
             raise MmsrError(f"history length {history.shape[1]} exceeds the model's max_len {self.max_len}")
+        L = history.shape[1]
         keep = is_item.unsqueeze(-1).to(self.item_emb.weight.dtype)
         side, side_mask = self.side_information(history)
         r = self.emb_dropout(self.input_norm(self.item_emb(history))) * keep  # R_0: item IDs only
-        allowed = _causal_allowed(is_item)
-        for layer in self.layers:
-            r = layer(r, side, side_mask, allowed, keep)
-        return r[:, -1]
+
+        def encode(rows: torch.Tensor, steps: int) -> torch.Tensor:
+            cut = slice(L - steps, L)
+            h, s, s_mask, keep_h = r[rows, cut], side[rows, cut], side_mask[rows, cut], keep[rows, cut]
+            allowed = causal_allowed(is_item[rows, cut])
+            for layer in self.layers:
+                h = layer(h, s, s_mask, allowed, keep_h)
+            return h[:, -1]
+
+        return by_length_groups(is_item.sum(1).clamp(min=1), encode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,14 +364,21 @@ class DIFSR(ModalityCodeChannels, _ItemTable):
         history, is_item = trimmed_history(batch, self.n_items)
         if history.shape[1] > self.max_len:
             raise MmsrError(f"history length {history.shape[1]} exceeds the model's max_len {self.max_len}")
+        L = history.shape[1]
         keep = is_item.unsqueeze(-1).to(self.item_emb.weight.dtype)
         sides, side_masks = self.side_sources(history)
         side_masks = [m & is_item for m in side_masks]
         r = self.emb_dropout(self.input_norm(self.item_emb(history))) * keep  # item IDs only
-        allowed = _causal_allowed(is_item)
-        for layer in self.layers:
-            r = layer(r, sides, side_masks, allowed, keep)
-        users = r[:, -1]
+
+        def encode(rows: torch.Tensor, steps: int) -> torch.Tensor:
+            cut = slice(L - steps, L)
+            h, keep_h, allowed = r[rows, cut], keep[rows, cut], causal_allowed(is_item[rows, cut])
+            s, s_masks = [x[rows, cut] for x in sides], [m[rows, cut] for m in side_masks]
+            for layer in self.layers:
+                h = layer(h, s, s_masks, allowed, keep_h)
+            return h[:, -1]
+
+        users = by_length_groups(is_item.sum(1).clamp(min=1), encode)
         # The harness calls auxiliary_loss right after scoring the same training batch: reuse.
         self._training_users = (batch["history"], users) if self.training else None
         return users
@@ -503,7 +515,7 @@ class Trans2D(ModalityCodeChannels, _ItemTable):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         history, is_item = trimmed_history(batch, self.n_items)
-        B, L = history.shape
+        L = history.shape[1]
         if L > self.max_len:
             raise MmsrError(f"history length {L} exceeds the model's max_len {self.max_len}")
         x, available = self.channel_inputs(history)
@@ -511,7 +523,14 @@ class Trans2D(ModalityCodeChannels, _ItemTable):
         keep = available.unsqueeze(-1).to(x.dtype)
         positions = torch.arange(self.max_len - L, self.max_len, device=history.device)
         x = self.emb_dropout(self.input_norm(x + self.pos_emb(positions)[None, :, None])) * keep
-        allowed = attention2d_mask(is_item, available)
-        for layer in self.layers:
-            x = layer(x, allowed, keep)
-        return self.predict(x[:, -1].reshape(B, -1))
+
+        def encode(rows: torch.Tensor, steps: int) -> torch.Tensor:
+            # Attention over steps x C tokens: grouping by length matters most here.
+            cut = slice(L - steps, L)
+            h, keep_h = x[rows, cut], keep[rows, cut]
+            allowed = attention2d_mask(is_item[rows, cut], available[rows, cut])
+            for layer in self.layers:
+                h = layer(h, allowed, keep_h)
+            return self.predict(h[:, -1].reshape(len(rows), -1))
+
+        return by_length_groups(is_item.sum(1).clamp(min=1), encode)

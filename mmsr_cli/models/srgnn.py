@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .base import DatasetInfo, ModelConfig
-from .baselines import _ItemTable
+from .baselines import _ItemTable, by_length_groups
 from .feature_baselines import trimmed_history
 
 
@@ -99,6 +99,15 @@ class SRGNN(_ItemTable):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         history, is_item = trimmed_history(batch, self.n_items)
+        L = history.shape[1]
+        # Each length group builds its session graphs over its own span (by_length_groups).
+        def encode(rows: torch.Tensor, steps: int) -> torch.Tensor:
+            return self.session_vector(history[rows, L - steps :], is_item[rows, L - steps :])
+
+        return by_length_groups(is_item.sum(1).clamp(min=1), encode)
+
+    def session_vector(self, history: torch.Tensor, is_item: torch.Tensor) -> torch.Tensor:
+        """s_h of Eq. 7 for left-padded histories [B, L] (``is_item`` marks the real slots)."""
         graphs = session_graphs(history, is_item, self.n_items)
         v = self.item_emb(graphs.node_items)  # [B, N, d]; empty slots are the zero padding row
         for step in self.steps:
