@@ -522,7 +522,7 @@ def train(
 
 
 def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool) -> TrainResult:
-    from .runtime import progress, resolve_device, set_seed
+    from .runtime import TRIM_EVERY_STEPS, progress, release_freed_memory, resolve_device, set_seed
 
     tc.validate()
     mc = check_model_config(ModelConfig(**{**asdict(mc), "model": tc.model}))
@@ -630,6 +630,8 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool) ->
                     optimizer.step()
                 loss_sum += loss.detach()
                 steps += 1
+                if steps % TRIM_EVERY_STEPS == 0:
+                    release_freed_memory()
                 bar.advance(task)
             mean_loss = float(distributed.all_reduce_sum(loss_sum)) / max(steps, 1)
             if not math.isfinite(mean_loss):
@@ -637,6 +639,7 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool) ->
             t1 = time.perf_counter()
             valid = evaluate_split(model, valid_split, tc.batch_size, device, lambda n: bar.advance(task, 1))
             valid.pop("n")
+            release_freed_memory()
             t2 = time.perf_counter()
             bar.remove_task(task)
             row = {

@@ -339,3 +339,20 @@ def test_sasrecf_trains_on_modality_codes_and_records_their_fingerprint(cli, tmp
     )
     r = evaluate(cli, ds, "--run", "sasrecf-loo-s0")
     assert "run was trained on other 'codes:image' data" in one_error_line(r)
+
+
+def test_training_hands_freed_heap_back_every_few_steps_and_after_validation(cli, tmp_path, monkeypatch):
+    """Batches of changing shapes fragment glibc's heap (runtime.release_freed_memory): the loop
+    trims it every TRIM_EVERY_STEPS training steps and after each validation pass."""
+    import platform
+
+    from mmsr_cli import runtime
+
+    assert runtime.release_freed_memory() is (platform.libc_ver()[0] == "glibc")
+    calls = []
+    monkeypatch.setattr(runtime, "TRIM_EVERY_STEPS", 3)
+    monkeypatch.setattr(runtime, "release_freed_memory", lambda: calls.append(1) or True)
+    ds = make_toy(tmp_path)
+    r = train(cli, ds, "--model", "sasrec", *FAST, "--batch-size", "16", "--epochs", "2", "--patience", "0", "--max-steps", "7")
+    assert r.exit_code == 0, r.stderr
+    assert len(calls) == 2 * (7 // 3 + 1)  # per epoch: after steps 3 and 6, and after validation
