@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmsr_cli.errors import MmsrError
 from mmsr_cli.models import baselines, build_model, feature_baselines, srgnn
 from mmsr_cli.models.base import ModelConfig
 from mmsr_cli.training import load_dataset
@@ -93,7 +94,10 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--models: {', '.join(unknown)} not among the length-grouped models {', '.join(GROUPED)}")
     torch.set_num_threads(a.threads)
-    ds = DatasetDir.open(a.workdir, a.dataset)
+    try:
+        ds = DatasetDir.open(a.workdir, a.dataset)
+    except MmsrError as e:
+        raise SystemExit(f"bench_length_groups: error: {e}") from None
     print(
         f"# {a.dataset}, batch {a.batch} (seed {a.seed}), dim 128, 2 layers, {a.threads} torch thread(s), "
         f"median of {a.steps} steps; {platform.processor() or platform.machine()}, torch {torch.__version__}, "
@@ -102,7 +106,10 @@ def main() -> None:
     print("| model | mean / max length | one pass cpu s/step | grouped cpu s/step | speed-up | one pass wall | grouped wall |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name in models:
-        r = bench(ds, name, a.steps, a.batch, a.seed)
+        try:
+            r = bench(ds, name, a.steps, a.batch, a.seed)
+        except MmsrError as e:  # missing stages or files: the CLI's one-line message, no traceback
+            raise SystemExit(f"bench_length_groups: error: {e}") from None
         print(
             f"| {name} | {r['mean length']:.1f} / {r['max length']} | {r['one pass cpu']:.3f} | {r['grouped cpu']:.3f} "
             f"| {r['one pass cpu'] / r['grouped cpu']:.1f}x | {r['one pass wall']:.3f} | {r['grouped wall']:.3f} |",

@@ -131,3 +131,12 @@ def test_length_groups_bench_times_both_forwards_and_restores_the_grouped_one(tm
         assert row["one pass cpu"] > 0 and row["grouped cpu"] > 0
     assert baselines.by_length_groups is grouped
     assert feature_baselines.by_length_groups is grouped and srgnn.by_length_groups is grouped
+
+
+def test_length_groups_bench_on_a_missing_dataset_is_a_one_line_error(tmp_path, monkeypatch):
+    script = load_script("bench_length_groups")
+    monkeypatch.setattr("sys.argv", ["bench_length_groups.py", "--workdir", str(tmp_path), "--dataset", "gone", "--models", "sasrec"])
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    message = str(e.value.code)
+    assert message.startswith("bench_length_groups: error: ") and "gone" in message and "\n" not in message

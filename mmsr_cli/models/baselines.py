@@ -68,8 +68,8 @@ def by_length_groups(lengths: torch.Tensor, encode: Callable[[torch.Tensor, int]
     output row per given row. For a model whose output for a history does not depend on the
     padding beside it (causal or masked, no batch statistics) the result equals one pass over
     the batch's longest history, with much less padded work where lengths spread: a Beauty batch
-    of 512 (mean ~9 items) always holds a 50-item history, and attention over it costs O(50^2)
-    per row; grouped, ~1.4x the real steps in at most log2(max_len) + 1 calls.
+    of 512 training samples (mean 6.3 items) always holds a 50-item history, and attention over it
+    costs O(50^2) per row; grouped, ~1.4x the real steps in at most log2(max_len) + 1 calls.
     """
     if not len(lengths):
         return encode(lengths, 1)
