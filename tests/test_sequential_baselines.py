@@ -13,7 +13,15 @@ import torch.nn.functional as F
 from mmsr_cli.errors import MmsrError
 from mmsr_cli.models import REGISTRY, build_model, model_class
 from mmsr_cli.models.base import ModelConfig, Recommender
-from mmsr_cli.models.feature_baselines import DIFSR, GRU4RecF, NOVA, Trans2D, attention2d_mask, trimmed_history
+from mmsr_cli.models.feature_baselines import (
+    DIFSR,
+    NOVA,
+    GRU4RecF,
+    Trans2D,
+    Attention2D,
+    attention2d_mask,
+    trimmed_history,
+)
 from mmsr_cli.models.srgnn import SRGNN, session_graphs
 
 from test_baselines import MAX_LEN, N_ITEMS, PAD, batch, image_modality, info, make
@@ -292,6 +300,53 @@ def test_trans2d_attention_spans_items_and_channels_and_masks_missing_channels()
     # No query sees the future, padding, or a missing channel (except its own ID channel).
     assert not allowed[1, :, 2].any() and not allowed[1:, :, 0].any() and not allowed[:, :, 1, 1].any()
     assert allowed[0, :, 0, 0].all()  # a padding slot sees its own ID channel: no empty row
+
+
+def test_attention2d_scores_sum_the_4d_channel_and_item_terms():
+    """Each (i, c) -> (j, c') score is a0 q[i,c].k[j,c'] + a1 sum_{t<=i} q[t,c].k[t,c']
+    + a2 sum_e q[i,e].k[j,e] over available cells, scaled by 1/sqrt(d_head): checked cell by cell."""
+    torch.manual_seed(0)
+    L, C, D = 3, 2, 4
+    attn = Attention2D(C, D, heads=1, dropout=0.0).eval()
+    with torch.no_grad():
+        attn.alpha.copy_(torch.tensor([0.7, -1.3, 2.1]))
+    x = torch.randn(1, L, C, D)
+    is_item = torch.tensor([[False, True, True]])
+    available = torch.tensor([[[False, False], [True, False], [True, True]]])
+    allowed = attention2d_mask(is_item, available)
+    q, k, v = attn.qkv(x).reshape(L, C, 3, D).unbind(2)
+    m = available[0]
+    a = attn.alpha.detach()
+    out = torch.zeros(L, C, D)
+    for i in range(L):
+        for c in range(C):
+            scores = torch.full((L, C), float("-inf"))
+            for j in range(L):
+                for e in range(C):
+                    if not allowed[0, i * C + c, j * C + e]:
+                        continue
+                    channel = sum(q[t, c] @ k[t, e] for t in range(i + 1) if m[t, c] and m[t, e])
+                    item = sum(q[i, f] @ k[j, f] for f in range(C) if m[i, f] and m[j, f])
+                    scores[j, e] = (a[0] * (q[i, c] @ k[j, e]) + a[1] * channel + a[2] * item) / D**0.5
+            out[i, c] = (scores.flatten().softmax(0)[:, None] * v.reshape(L * C, D)).sum(0)
+    expected = attn.out(out[None])
+    with torch.no_grad():
+        assert torch.allclose(attn(x, allowed, available), expected, atol=1e-5)
+
+
+def test_attention2d_earlier_items_do_not_read_later_ones():
+    torch.manual_seed(0)
+    attn = Attention2D(2, 4, heads=2, dropout=0.0).eval()
+    x = torch.randn(1, 4, 2, 4)
+    is_item = torch.ones(1, 4, dtype=torch.bool)
+    available = torch.ones(1, 4, 2, dtype=torch.bool)
+    allowed = attention2d_mask(is_item, available)
+    changed = x.clone()
+    changed[0, 3] += 1.0
+    with torch.no_grad():
+        before, after = attn(x, allowed, available), attn(changed, allowed, available)
+    assert torch.allclose(before[0, :3], after[0, :3], atol=1e-6)
+    assert not torch.allclose(before[0, 3], after[0, 3], atol=1e-3)
 
 
 def test_trans2d_channels_of_earlier_items_reach_the_user_vector():

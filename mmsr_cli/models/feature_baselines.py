@@ -436,12 +436,20 @@ class Attention2D(nn.Module):
     """Trans2D's Attention2D (Singer et al., WSDM 2022): attention over items x channels.
 
     Q, K, V come from channel-specific projections (Linear2D) of the [L, C, d] input, and every
-    (item i, channel c) query attends to every (item j <= i, channel c') key: the 4D attention
-    ``A[i, c, j, c']`` that holds item-item, channel-channel and item-channel relations at once
-    (the "4D attention matrices" of the MMSR paper's related work). Trans2D reduces this tensor to
-    cheaper terms for many attributes; with C = 1 + #modalities (at most a few) channels here the
-    full tensor is as cheap as SASRec on C * L tokens, so it is computed exactly. Keys of missing
-    channels (an item without codes in a modality) are masked.
+    (item i, channel c) query attends to every (item j <= i, channel c') key. The score of that
+    pair is the weighted sum of three terms, with learnable weights alpha (one per term and
+    layer, starting at 1, as in the authors' implementation):
+
+    - the 4D term ``q[i,c] . k[j,c']``: item-item, channel-channel and item-channel relations at
+      once (the "4D attention matrices" of the MMSR paper's related work);
+    - the channel-channel term ``sum_t q[t,c] . k[t,c']``, the same for every item pair. The
+      authors sum over the whole sequence; here over t <= i, so that no query reads later
+      items (only the last item's output is scored, so the last query sums over all of them);
+    - the item-item term ``sum_c q[i,c] . k[j,c]``, the same for every channel pair.
+
+    Missing channels (an item without codes in a modality, or padding) take no part in either
+    sum, and their keys are masked. Heads split d as in SASRec (the authors give every head the
+    full width).
     """
 
     def __init__(self, channels: int, dim: int, heads: int, dropout: float):
@@ -449,19 +457,34 @@ class Attention2D(nn.Module):
         self.heads = heads
         self.qkv = Linear2D(channels, dim, 3 * dim)
         self.out = Linear2D(channels, dim, dim)
-        self.dropout = dropout
+        self.alpha = nn.Parameter(torch.ones(3))  # weights of the 4D, channel and item terms
+        self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        """x [B, L, C, d], allowed [B, L*C, L*C] (attention2d_mask), available [B, L, C]."""
         B, L, C, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, L * C, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed[:, None], dropout_p=self.dropout if self.training else 0.0
-        )
+        H, dh = self.heads, D // self.heads
+        q, k, v = self.qkv(x).reshape(B, L, C, 3, H, dh).unbind(3)  # each [B, L, C, H, dh]
+        m = available[..., None, None].to(x.dtype)
+        qm, km = q * m, k * m
+        full = torch.einsum("bichd,bjehd->bhicje", q, k)
+        channel = torch.einsum("btchd,btehd->bhtce", qm, km).cumsum(2)  # prefix over t <= i
+        item = torch.einsum("bichd,bjchd->bhij", qm, km)
+        a = self.alpha
+        scores = a[0] * full + a[1] * channel[:, :, :, :, None, :] + a[2] * item[:, :, :, None, :, None]
+        scores = scores.reshape(B, H, L * C, L * C) * dh**-0.5
+        attn = self.dropout(scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1))
+        y = attn @ v.permute(0, 3, 1, 2, 4).reshape(B, H, L * C, dh)  # [B, H, L*C, dh]
         return self.out(y.transpose(1, 2).reshape(B, L, C, D))
 
 
 class Trans2DLayer(nn.Module):
-    """Transformer layer on 2D input: Attention2D and a per-channel (Linear2D) FFN, post-LN."""
+    """Transformer layer on 2D input: Attention2D and a per-channel (Linear2D) FFN, post-LN.
+
+    The FFN keeps width d (as SASRec's; the authors' BERT layer widens to 3072 on a 16-d model),
+    and LayerNorm normalises each (item, channel) cell, so that missing channels, zeroed, do not
+    shift the statistics of the others (the authors normalise an item's C x d block at once).
+    """
 
     def __init__(self, channels: int, dim: int, heads: int, dropout: float):
         super().__init__()
@@ -471,10 +494,10 @@ class Trans2DLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, allowed, keep):
-        x = self.attn_norm(x + self.dropout(self.attn(x, allowed)))
+    def forward(self, x, allowed, available):
+        x = self.attn_norm(x + self.dropout(self.attn(x, allowed, available)))
         x = self.ffn_norm(x + self.dropout(self.ffn(x)))
-        return x * keep
+        return x * available.unsqueeze(-1).to(x.dtype)
 
 
 class Trans2D(ModalityCodeChannels, _ItemTable):
@@ -527,10 +550,10 @@ class Trans2D(ModalityCodeChannels, _ItemTable):
         def encode(rows: torch.Tensor, steps: int) -> torch.Tensor:
             # Attention over steps x C tokens: grouping by length matters most here.
             cut = slice(L - steps, L)
-            h, keep_h = x[rows, cut], keep[rows, cut]
-            allowed = attention2d_mask(is_item[rows, cut], available[rows, cut])
+            h, available_h = x[rows, cut], available[rows, cut]
+            allowed = attention2d_mask(is_item[rows, cut], available_h)
             for layer in self.layers:
-                h = layer(h, allowed, keep_h)
+                h = layer(h, allowed, available_h)
             return self.predict(h[:, -1].reshape(len(rows), -1))
 
         return by_length_groups(is_item.sum(1).clamp(min=1), encode)
