@@ -194,8 +194,8 @@ def reference_layer_output(model, layer, x: torch.Tensor) -> torch.Tensor:
         return F.leaky_relu(layer.combine(torch.cat([h, F.leaky_relu(layer.own(x)) + id_emb], dim=-1)))
     att = layer.attend
     z = att.lin(x)
-    s = (z[dst] * z[src]).sum(-1)
-    gate = torch.sigmoid(s / torch.bincount(dst, minlength=n)[dst].float().sqrt())
+    s = (z[dst] * F.leaky_relu(z[src])).sum(-1)
+    gate = torch.sigmoid(s / torch.bincount(src, minlength=n)[src].float().sqrt())
     alpha = softmax(gate * s, dst, num_nodes=n)
     h = F.leaky_relu(F.normalize(scatter(alpha[:, None] * z[src], dst, dim=0, dim_size=n) + att.bias, dim=-1))
     return F.leaky_relu(layer.fuse(h) + F.leaky_relu(layer.own(x)) + id_emb)

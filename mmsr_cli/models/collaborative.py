@@ -200,10 +200,12 @@ class MMGCN(UserItemGraphModel):
 class GatedGraphAttention(nn.Module):
     """MGAT's gated attention aggregation over one modality graph (its embedding propagation layer).
 
-    With z = W x and the inner product s(v, j) = z_v . z_j between a node and a neighbour:
-    the inner-product gate g = sigmoid(s / sqrt(|N(v)|)) decides how much j may pass on, and the
-    attention weights a(v, j) = softmax over j in N(v) of g * s (as in the authors' code) sum to
-    one per neighbourhood. The output is the L2-normalised sum_j a(v, j) z_j + b.
+    With z = W x and the score s(v, j) = z_v . LeakyReLU(z_j) between a node v and a neighbour
+    j, the gate g = sigmoid(s / sqrt(|N(j)|)) decides how much j may pass on (a neighbour with
+    many interactions says less about v), and the attention weights a(v, j) = softmax over j in
+    N(v) of g * s sum to one per neighbourhood. The output is the L2-normalised
+    sum_j a(v, j) z_j + b. All as in the authors' code (GraphGAT.message), the degree being the
+    neighbour's own.
     """
 
     def __init__(self, dim: int):
@@ -214,9 +216,9 @@ class GatedGraphAttention(nn.Module):
 
     def attention(self, z: torch.Tensor, graph: CsrGraph) -> tuple[torch.Tensor, torch.Tensor]:
         """(attention [E], gate [E]) of every edge, in the graph's (target-sorted) edge order."""
-        s = _EdgeDot.apply(z, z, graph)  # z_target . z_source, only at the edges
-        n_neighbours = degree(graph.row, num_nodes=graph.n_rows, dtype=z.dtype)
-        gate = torch.sigmoid(s / n_neighbours[graph.row].sqrt())
+        s = _EdgeDot.apply(z, F.leaky_relu(z), graph)  # z_target . LeakyReLU(z_source), at the edges
+        source_degree = degree(graph.col, num_nodes=graph.n_cols, dtype=z.dtype)
+        gate = torch.sigmoid(s / source_degree[graph.col].sqrt())
         return softmax(gate * s, graph.row, num_nodes=graph.n_rows), gate
 
     def forward(self, x: torch.Tensor, graph: CsrGraph) -> torch.Tensor:
@@ -250,9 +252,12 @@ class MGAT(UserItemGraphModel):
     their features (linear map + tanh, ModalityInput); ``layers`` MGATLayers let each neighbour
     pass on information through a gate and weigh neighbours by attention (embedding propagation
     layer), so that noisy neighbours in a modality are down-weighted instead of averaged in as in
-    MMGCN. Prediction layer: a node's layer outputs are concatenated (authors' code), averaged over
-    modalities, and scored by inner product (vectors of ``layers * dim``). Dense inputs: the raw
-    extract-features vectors. ``dropout`` is not used (MGAT has none).
+    MMGCN. Prediction layer: a node's layer outputs are concatenated, averaged over modalities,
+    and scored by inner product (vectors of ``layers * dim``). The authors' code holds the
+    same concatenation of two layers but returns after the first one, so their runs used one
+    layer (``--layers 1`` here). One width ``dim`` throughout (theirs: 256/128/100 per modality
+    inside, 64 out). Dense inputs: the raw extract-features vectors. ``dropout`` is not used
+    (the authors' dropout is commented out).
     """
 
     def __init__(self, config: ModelConfig, info: DatasetInfo):
