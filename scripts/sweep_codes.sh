@@ -13,6 +13,8 @@
 # rename, never in place; manifests hold relative paths only). A copy whose preprocess/features
 # manifests still equal DATASET's is reused, so re-running the sweep resumes it (train continues
 # unfinished runs and keeps finished ones); one made from an older state of DATASET is rebuilt.
+# Copies are built and replaced by renames; what an interrupted sweep left beside a copy
+# (DATASET-c<c>k<k>.sweep-tmp.PID, .sweep-old.PID) is deleted when the sweep reaches that cell again.
 #
 # Environment [default]:
 #   MMSR_WORKDIR  workdir holding DATASET [./workdir]
@@ -77,9 +79,19 @@ copy_is_current() {  # DST: a copy whose prepared manifests are exactly DATASET'
   while read -r m; do cmp -s "$BASE/manifests/$m" "$1/manifests/$m" || return 1; done < <(prepared_manifests "$BASE")
 }
 
+remove_leftovers() {  # DST: folders DST.sweep-tmp.PID / DST.sweep-old.PID of sweeps no longer running
+  local left pid
+  for left in "$1".sweep-tmp.* "$1".sweep-old.*; do
+    [ -d "$left" ] || continue
+    pid=${left##*.}
+    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2> /dev/null && continue  # another sweep's, in progress
+    rm -rf "$left"
+  done
+}
+
 make_copy() {  # DST: DATASET without codes, graphs, runs and logs (built beside DST, then renamed)
-  local dst=$1 tmp="$1.sweep-tmp.$$" entry name m
-  rm -rf "$tmp"
+  local dst=$1 tmp="$1.sweep-tmp.$$" old="$1.sweep-old.$$" entry name m
+  rm -rf "$tmp" "$old"
   mkdir -p "$tmp/manifests"
   for entry in "$BASE"/*; do
     name=$(basename "$entry")
@@ -87,8 +99,12 @@ make_copy() {  # DST: DATASET without codes, graphs, runs and logs (built beside
     cp -al "$entry" "$tmp/" 2> /dev/null || { rm -rf "${tmp:?}/$name"; cp -a "$entry" "$tmp/"; }
   done
   while read -r m; do cp "$BASE/manifests/$m" "$tmp/manifests/"; done < <(prepared_manifests "$BASE")
-  rm -rf "$dst"
+  # Renames only, so a sweep killed at any point leaves DST either whole or absent: deleting an
+  # outdated DST in place could be cut short with its manifests still there, and the half-deleted
+  # copy would then pass copy_is_current.
+  [ -e "$dst" ] && mv "$dst" "$old"
   mv "$tmp" "$dst"
+  rm -rf "$old"
 }
 
 mmsr() { command "${MMSR_CMD[@]}" "$@"; }  # `command`: MMSR=mmsr must not call this function again
@@ -97,6 +113,7 @@ ROWS=()  # "dataset c k seed run" of every evaluated run, in sweep order
 for c in $CLUSTERS; do
   for k in $TOPK; do
     name="$DATASET-c${c}k${k}"
+    remove_leftovers "$WORK/$name"
     if ! copy_is_current "$WORK/$name"; then
       echo "sweep_codes: $name: copying $DATASET" >&2
       make_copy "$WORK/$name"

@@ -123,3 +123,36 @@ def test_default_mmsr_command_is_the_one_on_path(tmp_path):
     r = subprocess.run(["bash", str(SCRIPT), "synthetic"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "fake stops here" in r.stderr
     assert calls.read_text().splitlines() == [f"build-codes --workdir {work} --dataset synthetic-c4k1 --clusters 4 --top-k 1"]
+
+
+def test_outdated_copy_is_replaced_by_renames_and_dead_sweeps_leftovers_are_deleted(tmp_path):
+    """A sweep killed while it replaced an outdated copy must never leave a half-deleted copy that
+    looks current: the copy is swapped by renames, and the next sweep deletes the folders a dead
+    sweep left beside it (those of a sweep still running stay)."""
+    work = tmp_path / "work"
+    base = work / "synthetic"
+    (base / "manifests").mkdir(parents=True)
+    (base / "manifests" / "features__title.json").write_text('{"fingerprint": "new"}')
+    (base / "items.parquet").write_text("items")
+    copy = work / "synthetic-c4k1"
+    (copy / "manifests").mkdir(parents=True)
+    (copy / "manifests" / "features__title.json").write_text('{"fingerprint": "old"}')  # made before a re-run
+    (copy / "runs" / "mmsr-c4k1-s0").mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    leftovers = [work / f"synthetic-c4k1.sweep-tmp.{dead_pid}", work / f"synthetic-c4k1.sweep-old.{dead_pid}"]
+    running = work / f"synthetic-c4k1.sweep-tmp.{os.getpid()}"
+    for folder in (*leftovers, running):
+        (folder / "manifests").mkdir(parents=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "mmsr"
+    fake.write_text('#!/bin/sh\necho "mmsr: error: fake stops here" >&2\nexit 2\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "MMSR": str(fake), "MMSR_WORKDIR": str(work), "CLUSTERS": "4", "TOPK": "1"}
+    r = subprocess.run(["bash", str(SCRIPT), "synthetic"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "fake stops here" in r.stderr
+    assert (copy / "manifests" / "features__title.json").read_text() == '{"fingerprint": "new"}'
+    assert (copy / "items.parquet").read_text() == "items" and not (copy / "runs").exists()
+    assert not any(p.exists() for p in leftovers) and running.is_dir()
+    assert sorted(p.name for p in work.iterdir()) == ["synthetic", "synthetic-c4k1", running.name]
