@@ -113,6 +113,10 @@ def check_model_config(cfg: ModelConfig) -> ModelConfig:
         raise MmsrError(f"--dropout: must be in [0, 1), got {cfg.dropout}")
     if cfg.model in ("sasrec", "sasrecf") and cfg.dim % cfg.heads:
         raise MmsrError(f"--heads: {cfg.heads} does not divide --dim {cfg.dim}")
+    if cfg.model == "mmsr":
+        from .models.mmsr import check_variant
+
+        check_variant(cfg)
     return cfg
 
 

@@ -288,3 +288,35 @@ def test_feed_forward_block_is_a_residual_relu_after_each_layer():
         torch.testing.assert_close(block(h), h)
         block.net[0].bias.fill_(1e3)
         torch.testing.assert_close(block(h), 2 * h + 1e3)
+
+
+def test_node_input_parts_start_at_comparable_scale():
+    """Content, type and position enter the merge W of section 4.2 at the same scale at init.
+
+    With nn.Embedding's N(0, 1) type and position rows (norm ~sqrt(d)) the merged input of an item
+    node was >90 % constant type/position signal; each part must now contribute alike."""
+    d = 128
+    data = DatasetInfo(n_items=500, n_users=5, max_len=50, modalities=[
+        ModalityInfo("m0", 30, 384, torch.randn(30, 384, generator=torch.Generator().manual_seed(0)) * 3.0)
+    ])
+    torch.manual_seed(0)
+    enc = MMSR(ModelConfig(dim=d), data).encoder
+    row_norm = lambda t: t.detach().norm(dim=1).mean().item()  # noqa: E731
+    norms = {
+        "item": row_norm(enc.item_embedding.weight),
+        "code": row_norm(enc.code_embeddings[0].weight),
+        "type": row_norm(enc.type_embedding.weight),
+        "position": row_norm(enc.position_embedding.weight),
+    }
+    for name, value in norms.items():
+        assert 0.8 < value < 1.2, (name, value)
+    # what each part adds to h^(0) = W [e; e_ty; e_po] (+ b), for item nodes at one position each
+    W = enc.merge.weight.detach()
+    items, positions = torch.arange(500), torch.arange(500) % 50
+    parts = {
+        "content": enc.item_embedding.weight[items] @ W[:, :d].T,
+        "type": enc.type_embedding.weight[torch.zeros(500, dtype=torch.long)] @ W[:, d : 2 * d].T,
+        "position": enc.position_embedding.weight[positions] @ W[:, 2 * d :].T,
+    }
+    sizes = {name: part.detach().norm(dim=1).mean().item() for name, part in parts.items()}
+    assert max(sizes.values()) / min(sizes.values()) < 1.3, sizes

@@ -53,6 +53,14 @@ def train_command(
     feed_forward: Annotated[
         bool, typer.Option("--feed-forward", help="MMSR: residual ReLU feed-forward block after each layer (not in the paper).")
     ] = False,
+    variant: Annotated[
+        Optional[str],
+        typer.Option("--variant", help="MMSR's HAN-GNN: paper (Eq. 12-17) or authors (as their public code runs it; "
+                     "preset: configs/mmsr-authors-beauty.toml) [default: paper]."),
+    ] = None,
+    attention_dropout: Annotated[
+        Optional[float], typer.Option("--attention-dropout", help="MMSR: dropout on the attention weights [default: 0].")
+    ] = None,
     max_steps: Annotated[int, typer.Option("--max-steps", help="At most N training batches per epoch (smoke runs); 0 = all.")] = 0,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the run from its last.pt if present.")] = True,
     metric: Annotated[str, typer.Option("--metric", help="Validation metric for early stopping and best.pt.")] = "ndcg@10",
@@ -83,7 +91,8 @@ def train_command(
         "modalities": ("modalities", modalities), "aggregator": ("aggregator", aggregator), "fusion": ("fusion", fusion),
         "invasive": ("invasive", invasive or None), "pos_emb": ("no-pos-emb", no_pos_emb or None),
         "type_emb": ("no-type-emb", no_type_emb or None), "graph_variant": ("no-codes", no_codes or None),
-        "feed_forward": ("feed-forward", feed_forward or None),
+        "feed_forward": ("feed-forward", feed_forward or None), "variant": ("variant", variant),
+        "attention_dropout": ("attention-dropout", attention_dropout),
     }
     for field in fields_not_read(model):
         option, value = given[field]
@@ -133,6 +142,8 @@ def train_command(
         type_emb=not no_type_emb,
         graph_variant="items" if no_codes else "codes",
         feed_forward=feed_forward,
+        variant=variant or defaults_m.variant,
+        attention_dropout=attention_dropout if attention_dropout is not None else defaults_m.attention_dropout,
     )
     ds = DatasetDir.open(workdir, dataset)
     if run_name is None and mc.aggregator != defaults_m.aggregator:  # mmsr-<aggregator>-<split>-s<seed>

@@ -32,7 +32,9 @@ REGISTRY: dict[str, str] = {
 
 # Config fields (ModelConfig / TrainConfig) that a model does not read: `mmsr train` refuses them
 # for it, and `mmsr report` knows a run without such an option did not leave it at a default.
-MMSR_ONLY_FIELDS = ("aggregator", "fusion", "invasive", "pos_emb", "type_emb", "graph_variant", "feed_forward")
+MMSR_ONLY_FIELDS = (
+    "aggregator", "fusion", "invasive", "pos_emb", "type_emb", "graph_variant", "feed_forward", "variant", "attention_dropout",
+)
 _FIELDS_NOT_READ: dict[str, tuple[str, ...]] = {
     "pop": ("epochs", "lr", "weight_decay", "clip_norm", "dropout", "dim", "layers", "heads", "patience", "modalities"),
     "gru4rec": ("heads", "modalities"),

@@ -65,6 +65,11 @@ class ModelConfig:
     # MMSR extension, not in the paper (docs/benchmarks.md, "Does MMSR beat SASRec?"): a residual
     # ReLU feed-forward block h + W2 relu(W1 h) after each propagation layer
     feed_forward: bool = False
+    # MMSR's HAN-GNN as the paper writes it ("paper", layers.HANLayer) or as the authors' public
+    # code runs it ("authors", han_authors.AuthorsHANLayer; their init, dropouts and shared layer)
+    variant: str = "paper"
+    # dropout on MMSR's attention weights after each softmax (the authors' dropout_atten; 0 = off)
+    attention_dropout: float = 0.0
 
 
 class SplitData(Protocol):

@@ -267,7 +267,7 @@ class HANLayer(nn.Module):
     both from h^(l), Eq. 15), ``ho`` / ``he`` (one neighbourhood only, one phase).
     """
 
-    def __init__(self, dim: int, n_types: int, fusion: str = "adaptive", invasive: bool = False):
+    def __init__(self, dim: int, n_types: int, fusion: str = "adaptive", invasive: bool = False, attention_dropout: float = 0.0):
         super().__init__()
         if fusion not in FUSION_MODES:
             raise ValueError(f"fusion '{fusion}' is not one of {', '.join(FUSION_MODES)}")
@@ -279,18 +279,20 @@ class HANLayer(nn.Module):
         self.heterogeneous = HeterogeneousAttention(dim)
         self.gate = UpdateGate(dim) if fusion == "adaptive" else None
         self.synchronous = nn.Linear(2 * dim, dim) if fusion == "synchronous" else None  # Eq. 15
+        # not in the paper (0 = off): dropout on the weights alpha of every aggregation
+        self.attention_dropout = nn.Dropout(attention_dropout) if attention_dropout > 0 else nn.Identity()
         #: beta [N, 2] of the last forward (adaptive fusion only), detached, in input node order
         self.last_gate: Tensor | None = None
 
     # -- the two aggregations (Eq. 14), scores from ``state``, values given --------------------
     def _homogeneous(self, v_state: Tensor, values: Tensor, edges: RelationEdges) -> Tensor:
         alpha = neighbourhood_softmax(self.homogeneous(v_state, edges), edges.ho)  # Eq. 12
-        return aggregate(alpha, values, edges.ho)  # Eq. 14, * = ho
+        return aggregate(self.attention_dropout(alpha), values, edges.ho)  # Eq. 14, * = ho
 
     def _heterogeneous(self, state: Tensor, values: Tensor, edges: RelationEdges, types: TypeIndex) -> Tensor:
         scores = self.heterogeneous(self.query(state, types), self.key(state, types), edges)  # Eq. 13
         alpha = neighbourhood_softmax(scores, edges.he)
-        return aggregate(alpha, values, edges.he)  # Eq. 14, * = he
+        return aggregate(self.attention_dropout(alpha), values, edges.he)  # Eq. 14, * = he
 
     def attention(self, h: Tensor, edges: RelationEdges, types: TypeIndex, kind: str) -> Tensor:
         """alpha [E_kind] of one aggregation from state h (kind: "ho" or "he"), for inspection and tests."""

@@ -19,12 +19,21 @@ Deviations and choices (the paper leaves them open):
 
 * code tables keep the dimension of the cluster centres; a per-modality Linear(code_dim, d) maps
   them to d when the two differ;
-* initial code embeddings are the centres rescaled to unit mean row norm (directions kept),
-  matching the scale of the item table (N(0, 1/d) entries, unit expected norm), so that the
-  merge W of section 4.2 sees comparable inputs from every node type;
+* every part of the node input starts at unit expected row norm: item, type and position tables
+  N(0, 1/d) entries, code tables the centres rescaled to unit mean row norm (directions kept), so
+  that the merge W of section 4.2 sees content, type and position at comparable scale (with
+  ``nn.Embedding``'s N(0, 1) type and position rows, 11x the content's norm at d = 128, h^(0)
+  was almost all constant type/position signal; docs/benchmarks.md measures the change);
 * dropout on h^(0) and between layers, not on h^(L): the last layer's output is the user
   vector scored against every item, and dropping its entries slowed training on Amazon Beauty
   (validation NDCG@10 after 80 batches 0.70 % with, 0.46 % without this change; docs/benchmarks.md).
+
+``config.variant = "authors"`` runs the HAN-GNN as the authors' public code does
+(han_authors.py lists the layer's departures). The model's part of it: every table and weight
+starts U(-1/sqrt(d), 1/sqrt(d)) and the code tables are the centres min-max scaled into that range
+(their ``reset_parameters`` and ``normalize_array``); the merge W has no bias; no dropout on
+h^(0) but dropout after every layer, the last included; one layer's weights serve all ``layers``
+applications (their loop reuses one aggregator).
 """
 
 from __future__ import annotations
@@ -38,7 +47,10 @@ from torch_geometric.utils import scatter
 from ..errors import MmsrError
 from .aggregators import BatchGraph, build_layers, check_aggregator
 from .base import DatasetInfo, ModalityInfo, ModelConfig, Recommender, code_embedding_table
+from .han_authors import AuthorsHANLayer
 from .layers import HANLayer, RelationEdges, TypeIndex
+
+VARIANTS = ("paper", "authors")
 
 
 def select_modalities(config: ModelConfig, info: DatasetInfo) -> list[ModalityInfo]:
@@ -53,6 +65,25 @@ def select_modalities(config: ModelConfig, info: DatasetInfo) -> list[ModalityIn
     return [by_name[name] for name in config.modalities]
 
 
+def check_variant(config: ModelConfig) -> None:
+    """The authors' variant is their one layer kind: no ablation or extension of the paper's."""
+    if config.variant not in VARIANTS:
+        raise MmsrError(f"--variant: expected one of {', '.join(VARIANTS)}, got {config.variant!r}")
+    if not 0.0 <= config.attention_dropout < 1.0:
+        raise MmsrError(f"--attention-dropout: must be in [0, 1), got {config.attention_dropout}")
+    if config.variant == "authors":
+        used = [
+            option for option, changed in (
+                ("--aggregator", config.aggregator != ModelConfig.aggregator),
+                ("--fusion", config.fusion != ModelConfig.fusion),
+                ("--invasive", config.invasive),
+                ("--feed-forward", config.feed_forward),
+            ) if changed
+        ]
+        if used:
+            raise MmsrError(f"{', '.join(used)}: not available with --variant authors (their layer has one fusion)")
+
+
 class NodeEncoder(nn.Module):
     """Section 4.2: e~_n = W [e_n; e_n^ty; e_n^po], e^po the mean over the node's positions."""
 
@@ -60,7 +91,6 @@ class NodeEncoder(nn.Module):
         super().__init__()
         d = config.dim
         self.item_embedding = nn.Embedding(info.n_items, d)
-        nn.init.normal_(self.item_embedding.weight, std=1.0 / math.sqrt(d))
         self.code_embeddings = nn.ModuleList()
         self.code_projections = nn.ModuleList()
         for m in modalities:
@@ -70,7 +100,23 @@ class NodeEncoder(nn.Module):
         self.type_embedding = nn.Embedding(self.n_types, d) if config.type_emb else None
         self.position_embedding = nn.Embedding(info.max_len, d) if config.pos_emb else None
         n_parts = 1 + int(config.type_emb) + int(config.pos_emb)
-        self.merge = nn.Linear(n_parts * d, d)  # W of section 4.2
+        self.merge = nn.Linear(n_parts * d, d, bias=config.variant != "authors")  # W of section 4.2
+        for table in (self.item_embedding, self.type_embedding, self.position_embedding):
+            if table is not None:  # unit expected row norm, like the code tables
+                nn.init.normal_(table.weight, std=1.0 / math.sqrt(d))
+
+    def reset_parameters_uniform(self, modalities: list[ModalityInfo]) -> None:
+        """The authors' init: every weight U(-1/sqrt(d), 1/sqrt(d)), code tables the centres
+        min-max scaled into that range (one min and max over the whole centre matrix)."""
+        bound = 1.0 / math.sqrt(self.item_embedding.embedding_dim)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+        with torch.no_grad():
+            for table, m in zip(self.code_embeddings, modalities):
+                if m.centres is not None:
+                    c = torch.as_tensor(m.centres, dtype=torch.float32)
+                    span = (c.max() - c.min()).clamp_min(1e-12)
+                    table.weight.copy_((c - c.min()) / span * 2 * bound - bound)
 
     def content(self, node_ref: Tensor, types: TypeIndex) -> Tensor:
         """e_n: item-ID embedding for items, (projected) code embedding for modality nodes.
@@ -122,20 +168,31 @@ class MMSR(Recommender):
         self.modalities = select_modalities(config, info)
         self.encoder = NodeEncoder(config, info, self.modalities)
         self.n_types = self.encoder.n_types
-        if check_aggregator(config.aggregator) == "han":
+        check_variant(config)
+        if config.variant == "authors":  # one layer applied `layers` times (their loop)
+            layer = AuthorsHANLayer(config.dim, self.n_types, config.attention_dropout)
+            self.layers = nn.ModuleList([layer] * config.layers)
+        elif check_aggregator(config.aggregator) == "han":
             self.layers = nn.ModuleList(
-                HANLayer(config.dim, self.n_types, config.fusion, config.invasive) for _ in range(config.layers)
+                HANLayer(config.dim, self.n_types, config.fusion, config.invasive, config.attention_dropout)
+                for _ in range(config.layers)
             )
         else:  # section 5.2: a standard aggregator in place of HAN-GNN
-            if config.fusion != ModelConfig.fusion or config.invasive:
-                raise MmsrError(f"--fusion/--invasive: only used by --aggregator han, not {config.aggregator}")
+            if config.fusion != ModelConfig.fusion or config.invasive or config.attention_dropout:
+                raise MmsrError(
+                    f"--fusion/--invasive/--attention-dropout: only used by --aggregator han, not {config.aggregator}"
+                )
             self.layers = build_layers(config.aggregator, config.dim, self.n_types, config.layers)
         self.feed_forward = (
             nn.ModuleList(FeedForward(config.dim) for _ in range(config.layers)) if config.feed_forward else None
         )
+        if config.variant == "authors":
+            self.encoder.reset_parameters_uniform(self.modalities)
+            self.layers[0].reset_parameters_uniform()
         self.dropout = nn.Dropout(config.dropout)
         self._last_inverse: Tensor | None = None
         self._last_node_type: Tensor | None = None
+        self._last_gates: list[Tensor] = []
 
     def item_embeddings(self) -> Tensor:
         return self.encoder.item_embedding.weight
@@ -169,14 +226,20 @@ class MMSR(Recommender):
         else:
             edges = BatchGraph(edge_index, edge_rel, types.counts)
 
-        h = self.dropout(self.encoder(node_type, node_ref, pos_index, pos_node, types))  # h^(0)
+        h = self.encoder(node_type, node_ref, pos_index, pos_node, types)  # h^(0)
+        authors = self.config.variant == "authors"
+        if not authors:
+            h = self.dropout(h)
+        gates = []
         for i, layer in enumerate(self.layers):
             h = layer(h, edges, types)
+            gates.append(getattr(layer, "last_gate", None))
             if self.feed_forward is not None:
                 h = self.feed_forward[i](h)
-            if i + 1 < len(self.layers):
+            if authors or i + 1 < len(self.layers):  # the authors drop after the last layer too
                 h = self.dropout(h)
         self._last_inverse, self._last_node_type = inverse, batch["node_type"]
+        self._last_gates = [g for g in gates if g is not None]
         return h, inverse
 
     def gate_values(self) -> list[Tensor]:
@@ -187,7 +250,7 @@ class MMSR(Recommender):
         if self.config.aggregator != "han" or self.config.fusion != "adaptive" or self._last_node_type is None:
             return []
         inv = self._last_inverse
-        return [layer.last_gate if inv is None else layer.last_gate[inv] for layer in self.layers]
+        return [gate if inv is None else gate[inv] for gate in self._last_gates]
 
     @property
     def gate_node_type(self) -> Tensor | None:
