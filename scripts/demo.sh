@@ -31,4 +31,20 @@ for model in pop sasrec sasrecf mmsr; do
   mmsr evaluate --dataset $D --run $model-loo-s0 --split test > /dev/null
 done
 mmsr evaluate --dataset $D --split test --compare pop-loo-s0,sasrec-loo-s0,sasrecf-loo-s0,mmsr-loo-s0
+# Who won, and where MMSR stands against the winner on each metric (it may lose: say so).
+python - "$MMSR_WORKDIR/$D/runs" pop sasrec sasrecf mmsr <<'PY'
+import json, sys
+from pathlib import Path
+runs, models = Path(sys.argv[1]), sys.argv[2:]
+test = {m: json.loads((runs / f"{m}-loo-s0" / "metrics_test.json").read_text())["metrics"] for m in models}
+for metric in ("ndcg@10", "hr@5", "mrr@5", "hr@20", "mrr@20"):
+    best = max(models, key=lambda m: test[m][metric])
+    mmsr, top = test["mmsr"][metric], test[best][metric]
+    if best == "mmsr":
+        second = max((m for m in models if m != "mmsr"), key=lambda m: test[m][metric])
+        verdict = f"MMSR wins, {100 * (mmsr / test[second][metric] - 1):+.1f} % over {second}"
+    else:
+        verdict = f"MMSR loses: {mmsr:.4f}, {100 * (mmsr / top - 1):+.1f} % against {best}"
+    print(f"test {metric}: best {best} {top:.4f}; {verdict}")
+PY
 mmsr recommend --dataset $D --run mmsr-loo-s0 --users "$(head -2 "$MMSR_WORKDIR/$D/raw/sequences.tsv" | tail -1 | cut -f1)" --top-k 5
