@@ -24,6 +24,7 @@ All ``.pt`` files hold only tensors and plain containers: ``torch.load(weights_o
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -53,6 +54,7 @@ from .workdir import (
     write_bytes_atomic,
     write_json_atomic,
     write_torch_atomic,
+    writer_lock,
 )
 
 CONFIG_FILE = "config.json"
@@ -522,7 +524,11 @@ def train(
     from .runtime import resolve_device
 
     with distributed.process_group(resolve_device(tc.device)):
-        return _train(ds, tc, mc, resume=resume)
+        run = tc.run_name or default_run_name(ds, tc)
+        # One writer per run folder (rank 0 alone writes it under torchrun).
+        lock = writer_lock(ds.path(C.run_lock(run)), f"run {run}") if distributed.is_main() else contextlib.nullcontext()
+        with lock:
+            return _train(ds, tc, mc, resume=resume)
 
 
 def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool) -> TrainResult:

@@ -280,6 +280,43 @@ def read_parquet(path: Path, schema: pa.Schema | None = None) -> pa.Table:
 
 
 # ----------------------------------------------------------------------------------------------
+# Writer locks
+
+
+@contextlib.contextmanager
+def writer_lock(lock_file: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` while writing ``what``; a second writer gets a
+    one-line error naming the holder.
+
+    ``fcntl.flock`` rather than the filelock package: filelock truncates the lock file on every
+    attempt, which would erase the holder's description a refused writer reports. The kernel drops
+    the lock when its holder dies, so a killed run never blocks the next one.
+    """
+    import fcntl
+
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 500, 0).decode("utf-8", "replace").strip() or "another process"
+            raise MmsrError(
+                f"{lock_file}: {what} is being written by {holder}; wait for it to finish or stop it"
+            ) from None
+        try:  # who holds it, for the error above; best effort (a full disk still locks)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"mmsr pid {os.getpid()} on {platform.node()} ({' '.join(sys.argv[1:3])}), "
+                          f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# ----------------------------------------------------------------------------------------------
 # Versions recorded in manifests
 
 
@@ -315,6 +352,17 @@ class DatasetDir:
 
     def path(self, rel: str) -> Path:
         return self.root / rel
+
+    @contextlib.contextmanager
+    def writing(self, create: bool = False) -> Iterator["DatasetDir"]:
+        """Hold the dataset's writer lock: one stage at a time writes the folder. Without
+        ``create``, a folder that does not exist is not made for the lock (the stage then refuses
+        its missing inputs and leaves nothing behind)."""
+        if not create and not self.root.is_dir():
+            yield self
+            return
+        with writer_lock(self.path(C.DATASET_LOCK), f"dataset {self.name}"):
+            yield self
 
     # -- manifests ------------------------------------------------------------------------------
 

@@ -71,5 +71,6 @@ def extract_features_command(
         workers=workers,
     ).validate()
     ds = DatasetDir.open(workdir, dataset)
-    result = run(ds, opts)
+    with ds.writing():
+        result = run(ds, opts)
     console.print(result.summary(ds.name), markup=False, highlight=False, soft_wrap=True)
