@@ -81,6 +81,7 @@ def _load_config(ctx: typer.Context, param: object, value: Optional[Path]) -> Op
     name = ctx.command.name
     params = {p.name: p for p in ctx.command.params if p.name and p.name != "config"}
     known = set(params)
+    _check_config_names(value, data, ctx)
     defaults: dict = {}
     for key, val in data.items():
         if isinstance(val, dict):
@@ -94,7 +95,7 @@ def _load_config(ctx: typer.Context, param: object, value: Optional[Path]) -> Op
     for key, val in section.items():
         key_ = key.replace("-", "_")
         if key_ not in known:
-            raise typer.BadParameter(f"{value}: [{name}] has unknown option '{key}'")
+            raise typer.BadParameter(f"{value}: [{name}] has unknown option '{key}'{_did_you_mean(key, params)}")
         defaults[key_] = val
     for key, val in defaults.items():
         # true/false only for on/off flags: `core = true` would otherwise quietly become 1.
@@ -107,6 +108,31 @@ def _load_config(ctx: typer.Context, param: object, value: Optional[Path]) -> Op
             defaults[key] = ",".join(str(v) for v in val)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
+
+
+def _did_you_mean(word: str, candidates) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word.replace("_", "-"), [c.replace("_", "-") for c in candidates], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_config_names(path: Path, data: dict, ctx: typer.Context) -> None:
+    """Every table must be a command and every top-level key an option of some command: a
+    misspelt name would otherwise be ignored without a word."""
+    group = ctx.parent.command if ctx.parent is not None else None
+    commands = getattr(group, "commands", {}) if group is not None else {}
+    if not commands:
+        return
+    options = {p.name for c in commands.values() for p in c.params if p.name and p.name != "config"}
+    for key, val in data.items():
+        if isinstance(val, dict):
+            if key not in commands:
+                raise typer.BadParameter(f"{path}: [{key}] is not a command{_did_you_mean(key, commands)}")
+        elif key in commands:
+            raise typer.BadParameter(f"{path}: [{key}] must be a table")
+        elif key.replace("-", "_") not in options:
+            raise typer.BadParameter(f"{path}: unknown top-level option '{key}'{_did_you_mean(key, options)}")
 
 
 # Options every command takes. Use as annotations: ``workdir: WorkdirOpt = None``.
@@ -124,7 +150,8 @@ ConfigOpt = Annotated[
         help="TOML file of options (top-level keys and a [command] table); flags win.",
     ),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+# Seeds reach numpy, which takes 0 .. 2**32 - 1: checked here, where the option is parsed.
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Random seed (0 .. 2^32-1).")]
 
 
 def parse_list(value: str | None, option: str) -> list[str]:

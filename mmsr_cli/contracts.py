@@ -81,6 +81,13 @@ GRAPHS_DIR = "graphs"
 RUNS_DIR = "runs"
 MANIFESTS_DIR = "manifests"
 LOGS_DIR = "logs"
+# Writer locks live beside the logs: process state, not outputs (nothing hashes or compares them).
+DATASET_LOCK = f"{LOGS_DIR}/dataset.lock"  # held by every stage that writes the dataset folder
+
+
+def run_lock(run: str) -> str:
+    """Held by `train` while it writes runs/<run>/."""
+    return f"{LOGS_DIR}/run-{run}.lock"
 
 
 def features_tensor_file(modality: str) -> str:

@@ -234,8 +234,26 @@ class TextEncoder:
 # Image inputs
 
 
-def load_image(path: Path):
-    """Open an image as RGB, or return the reason it cannot be used (PIL image, None) | (None, reason)."""
+# Image preparation bounds the memory of every step, whatever the file claims (docs: README,
+# "Reliability"). Decoding allocates up to 4 bytes per pixel, so the header's size is checked before
+# any pixel is decoded; a decoded image far larger than the network's input is shrunk by an integer
+# factor before any mode conversion copies it; and the resize to the network's short side cannot
+# blow up a thin strip (1 x 100,000 pixels would become 256 x 25.6 M) because the long side is first
+# cropped to MAX_ASPECT_RATIO times the short side, keeping the centre the network's crop sees.
+MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000; at most ~256 MB decoded, ~320 MB with one conversion
+MAX_ASPECT_RATIO = 16  # long side / short side kept before the resize (the centre crop is square)
+SHRINK_ABOVE_PIXELS = 16_000_000  # larger decoded images are reduced before conversion
+# Modes Image.reduce() accepts; other modes ("1", "P", "I;16*") are converted first.
+_REDUCIBLE_MODES = {"L", "LA", "La", "I", "F", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "PA"}
+_REDUCIBLE_FORM = {"1": "L", "I;16": "I"}  # others (palettes): RGB, or RGBA with transparency
+
+
+def load_image(path: Path, short_side: int = 256):
+    """Open an image as RGB, or return the reason it cannot be used (PIL image, None) | (None, reason).
+
+    ``short_side`` is the size the network's transform resizes the shorter side to; images much
+    larger than that are shrunk early, never below it.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -246,15 +264,48 @@ def load_image(path: Path):
     except OSError as e:
         return None, f"image file unreadable ({e.strerror})"
     try:
-        with Image.open(path) as img:
-            img.load()
-            return _to_rgb(img), None
+        with Image.open(path) as img:  # reads the header only
+            width, height = img.size
+            if width < 1 or height < 1:
+                return None, "image has no pixels"
+            if width * height > MAX_IMAGE_PIXELS:
+                return None, "image too large"
+            img.load()  # the first frame of an animation only
+            return _bounded_rgb(img, short_side), None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # Over PIL's pixel limit: decoding could take gigabytes. The warning is an error inside
         # `run` (see _image_warnings_as_errors), so it never reaches stderr.
         return None, "image too large"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except MemoryError:
+        return None, "image too large"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         return None, f"unreadable image ({type(e).__name__})"  # no path: reasons are counted
+
+
+def _bounded_rgb(img, short_side: int):
+    """A decoded image -> RGB, upright (EXIF orientation), aspect ratio at most MAX_ASPECT_RATIO,
+    shrunk first when it is far larger than ``short_side`` needs."""
+    from PIL import ImageOps
+
+    width, height = img.size
+    short, long = min(width, height), max(width, height)
+    if long > MAX_ASPECT_RATIO * short:
+        keep = MAX_ASPECT_RATIO * short
+        if width > height:
+            box = ((width - keep) // 2, 0, (width - keep) // 2 + keep, height)
+        else:
+            box = (0, (height - keep) // 2, width, (height - keep) // 2 + keep)
+        img = img.crop(box)
+        short = min(img.size)
+    if img.size[0] * img.size[1] > SHRINK_ABOVE_PIXELS and short >= 2 * short_side:
+        if img.mode not in _REDUCIBLE_MODES:  # one 4-byte-per-pixel copy at most
+            img = img.convert(_REDUCIBLE_FORM.get(img.mode[:4], "RGBA" if "transparency" in img.info else "RGB"))
+        img = img.reduce(short // short_side)
+    try:
+        img = ImageOps.exif_transpose(img)
+    except (ValueError, TypeError, KeyError, OSError, SyntaxError):
+        pass  # a malformed EXIF block: keep the pixels as stored
+    return _to_rgb(img)
 
 
 @contextlib.contextmanager
@@ -346,6 +397,7 @@ class ImageEncoder:
             self.weights_label = str(path.resolve())
         self.dim = _drop_final_linear(net, model)
         self.transform = default.transforms()  # ImageNet resize/crop/normalise of this architecture
+        self.short_side = min(getattr(self.transform, "resize_size", None) or [256])
         self.net = net.eval().to(device)
         self.device = device
         self.dtype = dtype
@@ -357,7 +409,7 @@ class ImageEncoder:
         path = (root / rel).resolve()
         if not path.is_relative_to(root.resolve()):
             return None, "image path outside the dataset folder"
-        img, reason = load_image(path)
+        img, reason = load_image(path, self.short_side)
         if img is None:
             return None, reason
         return self.transform(img), None

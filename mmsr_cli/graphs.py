@@ -43,7 +43,16 @@ import torch
 from . import contracts as C
 from .errors import MmsrError
 from .models.base import ModalityInfo
-from .workdir import DatasetDir, read_parquet, remove_dead_temporaries, temp_prefix, upstream, validate_modality_name
+from .workdir import (
+    DatasetDir,
+    fsync_path,
+    full_disk_as_error,
+    read_parquet,
+    remove_dead_temporaries,
+    temp_prefix,
+    upstream,
+    validate_modality_name,
+)
 
 # Relation ids (edge_rel). Homogeneous: IN/OUT/BI; heterogeneous: HETERO; SELF belongs to both.
 REL_SELF = 0
@@ -574,47 +583,49 @@ def build_graphs(ds: DatasetDir, opts: BuildGraphsOptions, progress=None) -> Bui
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(root), dir=root.parent))
     counts: dict = {}
     try:
-        for split in splits:
-            path = ds.path(C.samples_file(split))
-            flat, ptr, target, user_idx, sample_idx = _read_samples(path)
-            _check_samples(path, flat, ptr, target, sample_idx, n_items)
-            ts = time.perf_counter()
-            task = progress.add_task(f"graphs {split}", total=len(ptr) - 1) if progress is not None else None
-            arrays = build_msgraphs(
-                flat,
-                ptr,
-                item_codes,
-                n_items,
-                progress=(lambda n: progress.advance(task, n)) if progress is not None else None,
-            )
-            arrays.target = target.astype(np.int32)
-            arrays.user_idx = user_idx.astype(np.int32)
-            _save_arrays(tmp / split, arrays)
-            S = arrays.n_samples
-            counts[split] = {
-                "samples": S,
-                "nodes": int(arrays.node_ptr[-1]),
-                "edges": int(arrays.edge_ptr[-1]),
-                "positions": int(arrays.pos_ptr[-1]),
-                "mean_nodes": round(float(arrays.node_ptr[-1]) / max(S, 1), 3),
-                "mean_edges": round(float(arrays.edge_ptr[-1]) / max(S, 1), 3),
-                "seconds": round(time.perf_counter() - ts, 3),
+        with full_disk_as_error(root):  # numpy reports a short write without an errno
+            for split in splits:
+                path = ds.path(C.samples_file(split))
+                flat, ptr, target, user_idx, sample_idx = _read_samples(path)
+                _check_samples(path, flat, ptr, target, sample_idx, n_items)
+                ts = time.perf_counter()
+                task = progress.add_task(f"graphs {split}", total=len(ptr) - 1) if progress is not None else None
+                arrays = build_msgraphs(
+                    flat,
+                    ptr,
+                    item_codes,
+                    n_items,
+                    progress=(lambda n: progress.advance(task, n)) if progress is not None else None,
+                )
+                arrays.target = target.astype(np.int32)
+                arrays.user_idx = user_idx.astype(np.int32)
+                _save_arrays(tmp / split, arrays)
+                S = arrays.n_samples
+                counts[split] = {
+                    "samples": S,
+                    "nodes": int(arrays.node_ptr[-1]),
+                    "edges": int(arrays.edge_ptr[-1]),
+                    "positions": int(arrays.pos_ptr[-1]),
+                    "mean_nodes": round(float(arrays.node_ptr[-1]) / max(S, 1), 3),
+                    "mean_edges": round(float(arrays.edge_ptr[-1]) / max(S, 1), 3),
+                    "seconds": round(time.perf_counter() - ts, 3),
+                }
+                log.info("%s: %s", split, counts[split])
+            meta = {
+                "variant": variant,
+                "modalities": names,
+                "n_items": n_items,
+                "n_codes": {i.name: int(i.n_codes) for i in infos},
+                "codes_per_item": {i.name: int(np.asarray(i.item_codes).shape[1]) for i in infos},
+                "splits": splits,
+                # no timings here: identical inputs must give identical bytes (and fingerprint)
+                "counts": {sp: {k: v for k, v in c.items() if k != "seconds"} for sp, c in counts.items()},
+                "relations": dict(enumerate(RELATION_NAMES)),
+                "node_types": ["item", *names],
             }
-            log.info("%s: %s", split, counts[split])
-        meta = {
-            "variant": variant,
-            "modalities": names,
-            "n_items": n_items,
-            "n_codes": {i.name: int(i.n_codes) for i in infos},
-            "codes_per_item": {i.name: int(np.asarray(i.item_codes).shape[1]) for i in infos},
-            "splits": splits,
-            # no timings here: identical inputs must give identical bytes (and fingerprint)
-            "counts": {sp: {k: v for k, v in c.items() if k != "seconds"} for sp, c in counts.items()},
-            "relations": dict(enumerate(RELATION_NAMES)),
-            "node_types": ["item", *names],
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, root)
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            fsync_path(tmp)
+            _replace_dir(tmp, root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

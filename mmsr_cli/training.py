@@ -24,6 +24,7 @@ All ``.pt`` files hold only tensors and plain containers: ``torch.load(weights_o
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 
 from . import contracts as C
 from . import distributed
-from .errors import MmsrError
+from .errors import MmsrError, check_typed_fields
 from .evaluation import METRIC_NAMES, check_metric, evaluate_split, to_device
 from .models import build_model, check_model_name, model_class
 from .models.base import DatasetInfo, ModalityInfo, ModelConfig, Recommender
@@ -53,6 +54,7 @@ from .workdir import (
     write_bytes_atomic,
     write_json_atomic,
     write_torch_atomic,
+    writer_lock,
 )
 
 CONFIG_FILE = "config.json"
@@ -351,13 +353,26 @@ def recorded_codes(ds: DatasetDir, config: dict) -> dict | None:
 
 
 def read_run_config(path: Path) -> dict:
+    """A run's config.json, its ``train`` and ``model`` sections checked field by field against the
+    typed configs (types, then the ranges the command line enforces), naming the file and field."""
     if not path.exists():
         raise MmsrError(f"{path}: run config not found; run `mmsr train` first or check --run")
     try:
         cfg = json.loads(path.read_text())
-        TrainConfig(**cfg["train"]), ModelConfig(**{**cfg["model"], "modalities": tuple(cfg["model"]["modalities"])})
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MmsrError(f"{path}: not a valid run config ({type(e).__name__}: {e})") from e
+    if not isinstance(cfg, dict):
+        raise MmsrError(f"{path}: not a valid run config (expected a JSON object)")
+    for section, cls in (("train", TrainConfig), ("model", ModelConfig)):
+        check_typed_fields(cls, cfg.get(section), f"{path}: field '{section}")
+    if "modalities" not in cfg["model"]:
+        raise MmsrError(f"{path}: field 'model.modalities' is missing")
+    defaults = with_config_defaults(cfg)
+    try:
+        TrainConfig(**defaults["train"]).validate()
+        check_model_config(ModelConfig(**{**defaults["model"], "modalities": tuple(defaults["model"]["modalities"])}))
+    except MmsrError as e:
+        raise MmsrError(f"{path}: invalid value in the run config: {e}") from e
     return cfg
 
 
@@ -522,7 +537,11 @@ def train(
     from .runtime import resolve_device
 
     with distributed.process_group(resolve_device(tc.device)):
-        return _train(ds, tc, mc, resume=resume)
+        run = tc.run_name or default_run_name(ds, tc)
+        # One writer per run folder (rank 0 alone writes it under torchrun).
+        lock = writer_lock(ds.path(C.run_lock(run)), f"run {run}") if distributed.is_main() else contextlib.nullcontext()
+        with lock:
+            return _train(ds, tc, mc, resume=resume)
 
 
 def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool) -> TrainResult:

@@ -8,6 +8,7 @@ run on missing, corrupted or stale inputs with a message that says which command
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -144,13 +145,76 @@ def remove_dead_temporaries(folder: Path) -> None:
             pass
 
 
+# A write that fails with less than this free is a full disk, whatever the library reported: numpy's
+# short write raises an OSError without errno, torch's zip writer a RuntimeError, pyarrow an
+# ArrowIOError. A file system is full once a write fails; what is left is below one block.
+FULL_DISK_BELOW_BYTES = 1 << 20
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes the current user may still write on the file system of ``path`` (or of its nearest
+    existing parent); None where that cannot be asked."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    # root may write into the blocks reserved for it; everyone else stops at f_bavail
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
+def _raised_for_full_disk(exc: BaseException, path: Path) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    free = free_bytes(path)
+    return free is not None and free < FULL_DISK_BELOW_BYTES
+
+
+@contextlib.contextmanager
+def full_disk_as_error(path: Path) -> Iterator[None]:
+    """Any failure while writing ``path`` on a full file system -> one-line :class:`MmsrError`.
+
+    Call it while the failed write's temporary still exists: deleting it frees the space that
+    tells a full disk from another failure.
+    """
+    try:
+        yield
+    except MmsrError:
+        raise
+    except Exception as e:
+        if _raised_for_full_disk(e, Path(path)):
+            raise MmsrError(f"{path}: no space left on device; earlier outputs are kept") from e
+        raise
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or every file under a folder, to the disk: a file system that allocates space
+    late reports a full disk here, before the rename publishes a file it could not store."""
+    path = Path(path)
+    files = [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [path]
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
 
     Readers therefore see either the old complete file or the new complete file, never a
-    half-written one, and a failure leaves the previous output intact. Temporaries that a killed
-    run left in the folder are deleted on the first write there.
+    half-written one, and a failure leaves the previous output intact; a full disk is reported as
+    such however the writing library words it. Temporaries that a killed run left in the folder are
+    deleted on the first write there.
     """
     path = Path(path)
     try:
@@ -158,16 +222,16 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
         remove_dead_temporaries(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=suffix or ".tmp", dir=path.parent)
     except OSError as e:
+        if e.errno in _FULL_ERRNOS:
+            raise MmsrError(f"{path}: no space left on device; earlier outputs are kept") from e
         raise MmsrError(f"{path.parent}: cannot write here ({e.strerror})") from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except OSError as e:
-        if e.errno == 28:  # ENOSPC
-            raise MmsrError(f"{path}: no space left on device; previous output kept") from e
-        raise
+        with full_disk_as_error(path):
+            yield tmp_path
+            fsync_path(tmp_path)
+            os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -216,6 +280,43 @@ def read_parquet(path: Path, schema: pa.Schema | None = None) -> pa.Table:
 
 
 # ----------------------------------------------------------------------------------------------
+# Writer locks
+
+
+@contextlib.contextmanager
+def writer_lock(lock_file: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` while writing ``what``; a second writer gets a
+    one-line error naming the holder.
+
+    ``fcntl.flock`` rather than the filelock package: filelock truncates the lock file on every
+    attempt, which would erase the holder's description a refused writer reports. The kernel drops
+    the lock when its holder dies, so a killed run never blocks the next one.
+    """
+    import fcntl
+
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 500, 0).decode("utf-8", "replace").strip() or "another process"
+            raise MmsrError(
+                f"{lock_file}: {what} is being written by {holder}; wait for it to finish or stop it"
+            ) from None
+        try:  # who holds it, for the error above; best effort (a full disk still locks)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"mmsr pid {os.getpid()} on {platform.node()} ({' '.join(sys.argv[1:3])}), "
+                          f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# ----------------------------------------------------------------------------------------------
 # Versions recorded in manifests
 
 
@@ -251,6 +352,17 @@ class DatasetDir:
 
     def path(self, rel: str) -> Path:
         return self.root / rel
+
+    @contextlib.contextmanager
+    def writing(self, create: bool = False) -> Iterator["DatasetDir"]:
+        """Hold the dataset's writer lock: one stage at a time writes the folder. Without
+        ``create``, a folder that does not exist is not made for the lock (the stage then refuses
+        its missing inputs and leaves nothing behind)."""
+        if not create and not self.root.is_dir():
+            yield self
+            return
+        with writer_lock(self.path(C.DATASET_LOCK), f"dataset {self.name}"):
+            yield self
 
     # -- manifests ------------------------------------------------------------------------------
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,3 +77,63 @@ def shared_dataset(name: str) -> Path:
     if not (path / "sequences.tsv").exists():
         pytest.skip(f"{path} not available")
     return path
+
+
+def make_items(tmp_path, rows: list[dict], name: str = "toy"):
+    """items.parquet from ``rows`` (item_idx in order) and a preprocess manifest."""
+    import pyarrow as pa
+
+    from mmsr_cli import contracts as C
+    from mmsr_cli.workdir import DatasetDir, write_parquet_atomic
+
+    ds = DatasetDir.open(tmp_path, name)
+    cols = {f: [r.get(f) for r in rows] for f in ("title", "categories", "brand", "description", "image_path")}
+    table = pa.table(
+        {
+            "item_idx": pa.array(range(len(rows)), pa.int32()),
+            "item_id": [f"I{i}" for i in range(len(rows))],
+            **cols,
+            "n_interactions": pa.array([5] * len(rows), pa.int32()),
+        }
+    )
+    write_parquet_atomic(ds.path(C.ITEMS), table, C.ITEMS_SCHEMA)
+    ds.write_manifest(C.STAGE_PREPROCESS, outputs=[C.ITEMS], options={})
+    return ds
+
+
+@dataclass
+class LimitedRun:
+    exit_code: int
+    stdout: str
+    stderr: str
+    peak_rss_mib: float  # the child's own peak resident memory (wait4), not the test's
+
+
+def run_cli_limited(args: list, memory_limit_bytes: int, timeout: float = 600) -> LimitedRun:
+    """Run ``mmsr ARGS`` in a child process whose address space is capped (RLIMIT_AS): a memory
+    regression then fails there with MemoryError or a refused allocation instead of taking the
+    machine down with the OOM killer."""
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "mmsr_cli", *map(str, args)], stdout=out, stderr=err,
+                                env=env, preexec_fn=cap)
+        deadline = time.monotonic() + timeout
+        while True:  # wait4: this child's own rusage (peak RSS), not the maximum over all children
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise TimeoutError(f"mmsr {args[0]} ran over {timeout} s")
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return LimitedRun(proc.returncode, out.read(), err.read(), usage.ru_maxrss / 1024)

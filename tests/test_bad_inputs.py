@@ -699,6 +699,41 @@ def test_checkpoint_of_another_dataset_or_model(cli, work, break_run, command, e
     assert tree_hashes(work.workdir) == before
 
 
+@pytest.mark.parametrize(
+    "section, field, value, expected",
+    [
+        ("model", "dim", "16", "field 'model.dim': expected int, got str '16'"),
+        ("model", "dropout", None, "field 'model.dropout': expected float, got NoneType"),
+        ("model", "layers", True, "field 'model.layers': expected int, got bool"),
+        ("model", "modalities", "image", "field 'model.modalities': expected a list of str"),
+        ("model", "dims", 16, "field 'model.dims': unknown field"),
+        ("train", "seed", 1.5, "field 'train.seed': expected int, got float"),
+        ("train", "epochs", 0, "invalid value in the run config: --epochs: must be >= 1"),
+        ("model", "dropout", 2.0, "invalid value in the run config: --dropout: must be in [0, 1)"),
+        ("train", None, [], "field 'train': expected an object, got list"),
+    ],
+    ids=["str-for-int", "null-float", "bool-for-int", "str-for-list", "unknown", "float-seed", "range", "dropout",
+         "section-type"],
+)
+@pytest.mark.parametrize("command", ["evaluate", "recommend", "train"])
+def test_run_config_fields_are_typed_where_read(cli, work, command, section, field, value, expected):
+    """config.json is read through the typed configs: one line naming the file and the field, for
+    every command that reads a run back (train reads it to resume)."""
+    path = work.path("runs/m/config.json")
+    config = json.loads(path.read_text())
+    if field is None:
+        config[section] = value
+    else:
+        config[section][field] = value
+    path.write_text(json.dumps(config))
+    args = {"evaluate": ["--run", "m"], "recommend": ["--run", "m", "--users", "u1"],
+            "train": [*MMSR_RUN, "--run-name", "m"]}[command]
+    before = tree_hashes(work.workdir)
+    line = assert_error(cli(mmsr(work, command, *args)), expected)
+    assert f"{path}:" in line
+    assert tree_hashes(work.workdir) == before
+
+
 # ----------------------------------------------------------------------------------------------
 # --config files
 
@@ -709,13 +744,15 @@ def test_checkpoint_of_another_dataset_or_model(cli, work, break_run, command, e
         ("[preprocess\ncore = 0\n", "run.toml: not valid TOML"),
         (b'[preprocess]\nsplit = "caf\xe9"\n', "run.toml: not valid TOML ('utf-8' codec can't decode"),
         ("preprocess = 3\n", "run.toml: [preprocess] must be a table"),
-        ("[preprocess]\ncores = 0\n", "run.toml: [preprocess] has unknown option 'cores'"),
+        ("[preprocess]\ncores = 0\n", "run.toml: [preprocess] has unknown option 'cores' (did you mean 'core'?)"),
+        ("[preproces]\ncore = 0\n", "run.toml: [preproces] is not a command (did you mean 'preprocess'?)"),
+        ('datset = "toy"\n', "run.toml: unknown top-level option 'datset' (did you mean 'dataset'?)"),
         ('[preprocess]\ncore = "five"\n', "Invalid value for '--core'"),
         ("[preprocess]\ncore = true\n", "run.toml: 'core' takes a value, not true"),
         ("[preprocess]\nmax-len = 0\n", "--max-len: must be >= 1, got 0"),
         (None, "run.toml: cannot read (Is a directory)"),
     ],
-    ids=["syntax", "latin1", "not-a-table", "unknown-key", "wrong-type", "bool-for-int", "out-of-range", "directory"],
+    ids=["syntax", "latin1", "not-a-table", "unknown-key", "unknown-table", "unknown-top-level-key", "wrong-type", "bool-for-int", "out-of-range", "directory"],
 )
 def test_bad_config_file(cli, work, content, expected):
     cfg = work.workdir / "run.toml"

@@ -19,7 +19,8 @@ from PIL import Image
 from mmsr_cli import contracts as C
 from mmsr_cli.errors import MmsrError
 from mmsr_cli.features import FeatureOptions, TextEncoder, item_text, mean_pool, packaged_model_dir, run
-from mmsr_cli.workdir import DatasetDir, file_sha256, write_parquet_atomic
+from conftest import make_items
+from mmsr_cli.workdir import DatasetDir, file_sha256
 
 IMAGE_NET = ["--modality", "image", "--model", "mobilenet_v3_small", "--weights", "none"]
 MOBILENET_DIM = 1024  # input of mobilenet_v3_small's final Linear
@@ -36,23 +37,6 @@ def tiny_t5(tmp_path_factory):
     T5EncoderModel(config).save_pretrained(folder)
     ByT5Tokenizer().save_pretrained(folder)
     return folder
-
-
-def make_items(tmp_path, rows: list[dict], name: str = "toy") -> DatasetDir:
-    """items.parquet from ``rows`` (item_idx in order) and a preprocess manifest."""
-    ds = DatasetDir.open(tmp_path, name)
-    cols = {f: [r.get(f) for r in rows] for f in ("title", "categories", "brand", "description", "image_path")}
-    table = pa.table(
-        {
-            "item_idx": pa.array(range(len(rows)), pa.int32()),
-            "item_id": [f"I{i}" for i in range(len(rows))],
-            **cols,
-            "n_interactions": pa.array([5] * len(rows), pa.int32()),
-        }
-    )
-    write_parquet_atomic(ds.path(C.ITEMS), table, C.ITEMS_SCHEMA)
-    ds.write_manifest(C.STAGE_PREPROCESS, outputs=[C.ITEMS], options={})
-    return ds
 
 
 TEXT_ROWS = [

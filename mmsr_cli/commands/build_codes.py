@@ -49,5 +49,6 @@ def build_codes_command(
         lr=lr,
     ).validate()
     ds = DatasetDir.open(workdir, dataset)
-    for result in run(ds, opts):
-        console.print(result.summary(ds.name), markup=False, highlight=False, soft_wrap=True)
+    with ds.writing():
+        for result in run(ds, opts):
+            console.print(result.summary(ds.name), markup=False, highlight=False, soft_wrap=True)

@@ -39,7 +39,7 @@ def build_graphs_command(
         no_codes=no_codes,
         splits=tuple(parse_list(splits, "--splits")),
     )
-    with progress(transient=True) as bar:
+    with ds.writing(), progress(transient=True) as bar:
         result = build_graphs(ds, opts, progress=bar)
     per_split = ", ".join(
         f"{s} {c['samples']} graphs ({c['mean_nodes']:.1f} nodes, {c['mean_edges']:.1f} edges each)"

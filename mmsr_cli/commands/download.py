@@ -41,5 +41,6 @@ def download(
     opts = DownloadOptions(
         images=images, workers=workers, retries=retries, timeout=timeout, base_url=base_url, from_dir=from_dir
     )
-    result = run_download(ds, opts)
+    with ds.writing(create=True):
+        result = run_download(ds, opts)
     console.print(f"{result.summary()} -> {ds.path('raw')}", highlight=False, markup=False, soft_wrap=True)

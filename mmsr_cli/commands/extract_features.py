@@ -45,7 +45,8 @@ def extract_features_command(
     chunk_size: Annotated[
         int, typer.Option("--chunk-size", help="Items per saved chunk: an interrupted run resumes after the last one.")
     ] = 1024,
-    workers: Annotated[int, typer.Option("--workers", help="image only: threads decoding images.")] = 2,
+    # each decoding thread may hold one image of up to features.MAX_IMAGE_PIXELS (~320 MB)
+    workers: Annotated[int, typer.Option("--workers", min=1, max=8, help="image only: threads decoding images (1-8).")] = 2,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
     precision: Annotated[
         str, typer.Option("--precision", help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, fp16 or bf16.")
@@ -71,5 +72,6 @@ def extract_features_command(
         workers=workers,
     ).validate()
     ds = DatasetDir.open(workdir, dataset)
-    result = run(ds, opts)
+    with ds.writing():
+        result = run(ds, opts)
     console.print(result.summary(ds.name), markup=False, highlight=False, soft_wrap=True)

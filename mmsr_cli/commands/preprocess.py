@@ -35,5 +35,6 @@ def preprocess_command(
 
     opts = PreprocessOptions(core=core, max_len=max_len, split=split, test_ratio=test_ratio).validate()
     ds = DatasetDir.open(workdir, dataset)
-    result = run(ds, opts)
+    with ds.writing():
+        result = run(ds, opts)
     console.print(result.summary(ds.name), markup=False, highlight=False, soft_wrap=True)
