@@ -34,7 +34,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -531,9 +531,15 @@ def train(
     mc: ModelConfig,
     *,
     resume: bool = True,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train (or resume) the run ``tc.run_name``; see the module docstring for the files. Under
-    torchrun, every launched process joins the process group for the run (distributed.py)."""
+    torchrun, every launched process joins the process group for the run (distributed.py).
+
+    ``on_epoch(row)`` sees each history row (epoch, loss, ``valid`` metrics) once the epoch's files
+    are written, the rows a resumed run already had first; an exception it raises (`mmsr tune`'s
+    pruning) ends the run there, its files those of a run interrupted after that epoch. Called in
+    rank 0 only: not for torchrun."""
     from .runtime import resolve_device
 
     with distributed.process_group(resolve_device(tc.device)):
@@ -541,10 +547,10 @@ def train(
         # One writer per run folder (rank 0 alone writes it under torchrun).
         lock = writer_lock(ds.path(C.run_lock(run)), f"run {run}") if distributed.is_main() else contextlib.nullcontext()
         with lock:
-            return _train(ds, tc, mc, resume=resume)
+            return _train(ds, tc, mc, resume=resume, on_epoch=on_epoch)
 
 
-def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool) -> TrainResult:
+def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool, on_epoch=None) -> TrainResult:
     from .runtime import TRIM_EVERY_STEPS, progress, release_freed_memory, resolve_device, set_seed
 
     tc.validate()
@@ -613,6 +619,8 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool) ->
     distributed.check_agree(start_epoch, "the epoch this run resumes after + 1", device)
     if distributed.is_main():
         write_json_atomic(folder / CONFIG_FILE, record)
+    for row in history if on_epoch is not None else ():  # the epochs a resumed run already has
+        on_epoch(row)
     step = distributed.wrap(TrainStep(model), device)  # DDP under torchrun (not for Pop)
     log.info("train %s on %s: %s %s (device %s)", run, ds.name, tc, mc, device)
 
@@ -705,6 +713,8 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool) ->
             log.info("epoch %d: loss %.5f, valid %s, %.2fs", epoch, mean_loss, json.dumps(valid), t2 - t0)
             if stopped:
                 log.info("early stop: no %s improvement for %d epochs", tc.metric, bad_epochs)
+            if on_epoch is not None:
+                on_epoch(row)
             distributed.barrier()
 
     if not history:
