@@ -90,6 +90,15 @@ def run_lock(run: str) -> str:
     return f"{LOGS_DIR}/run-{run}.lock"
 
 
+TUNE_DIR = "tune"  # `mmsr tune`: its Optuna studies (SQLite) and the best options of each
+TUNE_STORAGE = f"{TUNE_DIR}/studies.sqlite3"
+
+
+def tune_config_file(study: str) -> str:
+    """The best options of a study, as a config file `mmsr train --config` takes."""
+    return f"{TUNE_DIR}/{study}.toml"
+
+
 def features_tensor_file(modality: str) -> str:
     return f"{FEATURES_DIR}/{modality}.pt"
 
@@ -202,6 +211,12 @@ def metrics_file(split: str, setting: str = "") -> str:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}")
     return f"metrics_{split}_{setting}.json" if setting else f"metrics_{split}.json"
+
+
+def ranks_file(split: str, setting: str = "") -> str:
+    """``ranks_<split>[_<setting>].npy``: the rank of each sample's target (int32, sample order),
+    written by `mmsr evaluate` beside the metrics file of the same name (paired significance tests)."""
+    return metrics_file(split, setting).replace("metrics_", "ranks_", 1).removesuffix(".json") + ".npy"
 
 
 def _seed_suffix(seed: int) -> str:

@@ -90,6 +90,9 @@ class Recommender(nn.Module):
     #: the harness fills DatasetInfo.train_interactions / item_features only for models that ask
     needs_interactions: ClassVar[bool] = False
     needs_item_features: ClassVar[bool] = False
+    #: `mmsr tune`: the model's own options to search, beyond the paper's shared ranges
+    #: (space.PAPER_SPACE); option -> space.Range, a tuple of choices, or a fixed value
+    search_space: ClassVar[dict] = {}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # [B, d]
         raise NotImplementedError

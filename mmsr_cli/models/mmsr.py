@@ -161,6 +161,7 @@ class MMSR(Recommender):
     """Multi-modality enriched sequential recommender over MSGraphs (HAN-GNN + last pooling)."""
 
     input_kind = "graph"
+    search_space = {"fusion": ("adaptive", "hohe", "heho", "synchronous")}  # `mmsr tune`, besides space.PAPER_SPACE
 
     def __init__(self, config: ModelConfig, info: DatasetInfo):
         super().__init__()
