@@ -75,10 +75,13 @@ class MetricAccumulator:
         self.sums: dict[str, torch.Tensor] = {}
         self.n = 0
 
-    def add(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
-        for name, v in metrics_from_ranks(pessimistic_ranks(scores, targets), self.ks).items():
+    def add(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Add a batch; returns its ranks."""
+        ranks = pessimistic_ranks(scores, targets)
+        for name, v in metrics_from_ranks(ranks, self.ks).items():
             self.sums[name] = self.sums.get(name, 0) + v.sum()
         self.n += len(targets)
+        return ranks
 
     def result(self) -> dict[str, float]:
         if self.n == 0:
@@ -96,12 +99,14 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 @torch.no_grad()
-def evaluate_split(model, split, batch_size: int, device: torch.device, progress=None, observe=None) -> dict[str, float]:
+def evaluate_split(model, split, batch_size: int, device: torch.device, progress=None, observe=None,
+                   ranks: list | None = None) -> dict[str, float]:
     """Mean metrics of ``model`` over every sample of ``split`` (full ranking; see module doc).
 
     Returns the metrics plus ``n`` (number of samples). ``observe(model)`` runs after each batch
     is scored (e.g. :class:`GateStatistics` reading the model's last forward). Under torchrun
     (distributed.py) each rank scores its slice of the samples and the sums are all-reduced.
+    ``ranks``, a list, receives each batch's target ranks (CPU int64, sample order; one process).
     """
     from . import distributed
 
@@ -113,7 +118,9 @@ def evaluate_split(model, split, batch_size: int, device: torch.device, progress
         for positions in batches(len(rows), batch_size):
             idx = rows[positions]
             batch = to_device(split.collate(idx), device)
-            acc.add(model.score(batch), batch["target"])
+            batch_ranks = acc.add(model.score(batch), batch["target"])
+            if ranks is not None:
+                ranks.append(batch_ranks.cpu())
             if observe is not None:
                 observe(model)
             if progress is not None:
@@ -223,10 +230,12 @@ def evaluate_run(
         data = R.open_split(ds, bundle, split, disorder_seed)
     gates = gate_statistics_for(loaded.model, loaded.config)
     t0 = time.perf_counter()
+    ranks: list[torch.Tensor] = []
     with progress(transient=True) as bar:
         task = bar.add_task(f"{run} {split}", total=len(data))
         metrics = evaluate_split(
-            loaded.model, data, loaded.train_config.batch_size, dev, lambda n: bar.advance(task, n), observe=gates
+            loaded.model, data, loaded.train_config.batch_size, dev, lambda n: bar.advance(task, n), observe=gates,
+            ranks=ranks,
         )
     record = {
         "run": run,
@@ -243,7 +252,12 @@ def evaluate_run(
         record["setting"] = applied
     if gates is not None and gates.result() is not None:
         record["gates"] = gates.result()
-    name = C.metrics_file(split, setting.name if setting is not None else "")
+    setting_name = setting.name if setting is not None else ""
+    record["ranks"] = C.ranks_file(split, setting_name)  # per-sample ranks for paired tests (significance.py)
+    from .significance import write_ranks
+
+    write_ranks(loaded.folder / record["ranks"], torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64))
+    name = C.metrics_file(split, setting_name)
     write_json_atomic(loaded.folder / name, record)
     from .training import recorded_codes
 
@@ -304,6 +318,7 @@ def compare_runs(records: list[dict]) -> list[dict]:
         out.append(
             {
                 "experiment": describe_experiment(members[0]["config"]),
+                "model": members[0]["config"]["model"]["model"],
                 "runs": [r["run"] for r in members],
                 "seeds": [r["config"]["train"]["seed"] for r in members],
                 "mean": {m: float(v.mean()) for m, v in values.items()},

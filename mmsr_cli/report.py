@@ -3,7 +3,9 @@
 Reads, per dataset, ``runs/<run>/config.json``, ``history.json`` and every ``metrics_*.json``
 (`mmsr evaluate`, clean and under robustness settings) and writes, without evaluating anything:
 
-* results tables (paper Table 2): mean ± std over the runs that differ only by seed
+* results tables (paper Table 2): mean ± std over the runs that differ only by seed (the mean
+  alone for one run), significant gains starred (paired tests on the stored per-sample ranks,
+  significance.py: each MMSR experiment against the best baseline, or the pairs asked for);
   (``evaluation.compare_runs``), metrics in %, the best baseline underlined, the best value in
   bold, and the relative gain of MMSR over the best baseline;
 * robustness curves (Figure 4): a metric against the share of items whose modality is dropped,
@@ -33,6 +35,8 @@ import numpy as np
 from . import contracts as C
 from .errors import MmsrError
 from .evaluation import METRIC_NAMES, check_metric, compare_runs, describe_experiment, experiment_key, option_token
+from .significance import (ALPHA, MARK, Arm, PairTest, default_pairs, fmt_p, parse_pairs, read_ranks, run_tests,
+                           significant_cells)
 from .workdir import atomic_path, write_bytes_atomic
 
 SHOWN = METRIC_NAMES  # hr, mrr, ndcg @5/10/20
@@ -47,6 +51,7 @@ class RunFiles:
     config: dict
     history: list[dict] | None
     metrics: list[dict] = field(default_factory=list)  # metrics_*.json records, "file" added
+    folder: Path = Path()  # runs/<run>/ (its ranks files)
 
     @property
     def model(self) -> str:
@@ -85,7 +90,7 @@ def _read_run(folder: Path, dataset: str) -> RunFiles:
         history = _read_json(folder / HISTORY_FILE, "re-run `mmsr train` for this run")
         if not isinstance(history, list):
             raise MmsrError(f"{folder / HISTORY_FILE}: expected a list of epochs")
-    run = RunFiles(folder.name, dataset, config, history)
+    run = RunFiles(folder.name, dataset, config, history, folder=folder)
     for path in sorted(folder.glob("metrics_*.json")):
         rec = _read_json(path, f"re-run `mmsr evaluate --run {folder.name}`")
         if not isinstance(rec, dict) or not isinstance(rec.get("metrics"), dict) or "split" not in rec:
@@ -273,8 +278,14 @@ def _pct(v: float) -> str:
     return f"{100 * v:.2f}"
 
 
-def results_table(groups: list[Group]) -> list[str]:
-    """Markdown rows: mean ± std in %, best baseline underlined, best overall bold, then MMSR's gain."""
+def _cell(mean: float, std: float, n: int) -> str:
+    """A mean in %, with ± std only over several runs (one run has no spread to show)."""
+    return f"{_pct(mean)} ± {_pct(std)}" if n > 1 else _pct(mean)
+
+
+def results_table(groups: list[Group], marked: set[tuple[str, str]] = frozenset()) -> list[str]:
+    """Markdown rows: mean ± std in %, best baseline underlined, best overall bold, significant
+    gains (``marked``: (label, metric), significance.significant_cells) starred, then MMSR's gain."""
     baselines = [g for g in groups if g.model != "mmsr"]
     best_base = {m: max((g.mean[m] for g in baselines), default=None) for m in SHOWN}
     best_all = {m: max(g.mean[m] for g in groups) for m in SHOWN}
@@ -283,7 +294,7 @@ def results_table(groups: list[Group]) -> list[str]:
     for g in groups:
         cells = []
         for m in SHOWN:
-            cell = f"{_pct(g.mean[m])} ± {_pct(g.std[m])}"
+            cell = _cell(g.mean[m], g.std[m], len(g.runs)) + (MARK if (g.label, m) in marked else "")
             if g.model != "mmsr" and g.mean[m] == best_base[m]:
                 cell = f"<u>{cell}</u>"
             if g.mean[m] == best_all[m]:
@@ -298,6 +309,50 @@ def results_table(groups: list[Group]) -> list[str]:
             gains.append("n/a" if not base else f"{100 * (ref.mean[m] - base) / base:+.1f}%")
         lines.append(f"| gain of {ref.label} over the best baseline | | " + " | ".join(gains) + " |")
     return lines
+
+
+def significance_tests(runs: list[RunFiles], groups: list[Group], split: str, pairs: str | None) -> tuple[list[PairTest], list[str]]:
+    """Paired tests (significance.py) between the groups: ``pairs`` (RUN_A:RUN_B,...) or each
+    MMSR experiment against the best baseline per metric; also the runs without a ranks file
+    (evaluated before `evaluate` stored them), whose experiments are left out of the default pairs."""
+    by_name = {r.name: r for r in runs}
+    arms, unranked = [], []
+    for g in groups:
+        ranks, samples = [], set()
+        for name in g.runs:
+            run = by_name[name]
+            rec = run.clean(split)
+            path = run.folder / rec["ranks"] if rec.get("ranks") else None
+            if path is None or not path.exists():
+                unranked.append(name)
+                ranks = None
+                break
+            ranks.append(read_ranks(path))
+            samples.add(f"{(rec.get('fingerprints') or {}).get('preprocess')}/{split}")
+        arms.append(Arm(g.label, g.model, g.runs, g.seeds, g.mean, ranks, samples.pop() if len(samples) == 1 else ""))
+    if pairs is not None:
+        chosen = parse_pairs(pairs, arms, SHOWN, "--pairs")
+    else:
+        chosen = default_pairs([a for a in arms if a.ranks is not None], SHOWN)
+    return run_tests(chosen), unranked
+
+
+def significance_section(tests: list[PairTest], unranked: list[str]) -> list[str]:
+    md = []
+    if tests:
+        md += ["Paired tests over the same test cases (each case's metric averaged over the seeds; over the seeds "
+               "too where both have two or more in common): difference in % points and p-values.", "",
+               "| experiment | against | metric | difference | t-test | Wilcoxon | seeds | t-test (seeds) | Wilcoxon (seeds) |",
+               "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for t in tests:
+            md.append(f"| {t.a} | {t.b} | {t.metric.upper()} | {100 * t.diff:+.2f}{MARK if t.significant else ''} | "
+                      f"{fmt_p(t.t_p)} | {fmt_p(t.wilcoxon_p)} | {t.n_seeds or ''} | {fmt_p(t.seeds_t_p)} | "
+                      f"{fmt_p(t.seeds_wilcoxon_p)} |")
+        md.append("")
+    if unranked:
+        md += [f"No per-sample ranks for {', '.join(unranked)} (evaluated before `mmsr evaluate` stored them): "
+               "re-run `mmsr evaluate` on them for paired tests.", ""]
+    return md
 
 
 def setting_records(runs: list[RunFiles], split: str) -> list[tuple[RunFiles, dict]]:
@@ -565,6 +620,7 @@ def write_report(
     runs: list[str] | None = None,
     metric: str = "ndcg@10",
     split: str = "test",
+    pairs: str | None = None,
 ) -> ReportResult:
     """Write the Markdown report ``output`` and its figures; see the module docstring."""
     check_metric(metric)
@@ -587,7 +643,7 @@ def write_report(
         "# mmsr report",
         "",
         f"{n_runs} run(s) of {len(found)} dataset(s) in `{Path(workdir)}`. Metrics are in %, mean ± std "
-        f"(ddof 0) over the runs that differ only by seed, on the {split} split (full ranking over all items, "
+        f"(ddof 0; the mean alone for one run) over the runs that differ only by seed, on the {split} split (full ranking over all items, "
         f"pessimistic ties). Figures use {metric.upper()}.",
         "",
     ]
@@ -604,10 +660,14 @@ def write_report(
         md += [f"### Results ({split})", ""]
         groups = clean_groups(dataset_runs, split)
         if groups:
-            md += results_table(groups)
+            tests, unranked = significance_tests(dataset_runs, groups, split, pairs)
+            md += results_table(groups, significant_cells(tests))
             ref = reference_mmsr(groups)
             md += ["", "Underlined: the best baseline; bold: the best experiment."
-                   + (f" The gain row compares {ref.label} with the best baseline of each column." if ref and len(groups) > 1 else ""), ""]
+                   + (f" The gain row compares {ref.label} with the best baseline of each column." if ref and len(groups) > 1 else "")
+                   + (f" {MARK}: significant gain, p < {ALPHA} in a paired t-test and a Wilcoxon signed-rank test over the "
+                      "test cases (below)." if tests else ""), ""]
+            md += significance_section(tests, unranked)
         else:
             md += [f"No clean {split} evaluation yet: run `mmsr evaluate --dataset {dataset} --run RUN --split {split}`.", ""]
 
@@ -622,7 +682,7 @@ def write_report(
                 md += ["| experiment | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---:|" * len(ratios)]
                 for label, points in by_label.items():
                     md.append(f"| {label} | " + " | ".join(
-                        f"{_pct(points[r][0])} ± {_pct(points[r][1])}" if r in points else "" for r in ratios) + " |")
+                        _cell(*points[r]) if r in points else "" for r in ratios) + " |")
                 md += ["", f"![robustness to missing {selector}]({rel})", ""]
 
         columns, table = perturbation_table(dataset_runs, split, metric)

@@ -19,7 +19,13 @@ def evaluate_command(
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best (validation) or last.")] = "best",
     compare: Annotated[
         Optional[str],
-        typer.Option("--compare", help="Comma-separated runs to evaluate side by side, grouped by config minus seed."),
+        typer.Option("--compare", help="Comma-separated runs to evaluate side by side, grouped by config minus seed, "
+                     "with paired significance tests (--pairs)."),
+    ] = None,
+    pairs: Annotated[
+        Optional[str],
+        typer.Option("--pairs", help="With --compare: RUN_A:RUN_B,... paired tests of A's experiment against B's on every metric "
+                     "[default: each MMSR experiment against the best baseline on each metric]."),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
     drop_modality: Annotated[
@@ -41,7 +47,8 @@ def evaluate_command(
 ) -> None:
     """Rank all items for every sample of a split (pessimistic ties); HR, MRR, NDCG @5/10/20.
 
-    Writes runs/<run>/metrics_<split>.json and prints a table on stdout; with --drop-modality or
+    Writes runs/<run>/metrics_<split>.json (and the per-sample ranks, ranks_<split>.npy) and prints a
+    table on stdout; with --drop-modality or
     --perturb, runs/<run>/metrics_<split>_<setting>.json (e.g. metrics_test_drop-text-0.3.json),
     the items chosen by --seed.
     """
@@ -55,6 +62,8 @@ def evaluate_command(
 
     if (run is None) == (compare is None):
         raise MmsrError("give exactly one of --run NAME or --compare RUN1,RUN2,...")
+    if pairs is not None and compare is None:
+        raise MmsrError("--pairs: only with --compare")
     runs = [run] if run is not None else parse_list(compare, "--compare")
     if len(set(runs)) != len(runs):
         raise MmsrError(f"--compare: a run is named twice in {compare}")
@@ -81,18 +90,38 @@ def evaluate_command(
             markup=False, highlight=False, soft_wrap=True,
         )
         return
+    from .. import significance as sig
+    from ..training import run_dir
+
     groups = compare_runs(records)
-    out.print(f"{ds.name} / {split}{shown} ({checkpoint}.pt): mean ± std over seeds", markup=False, highlight=False)
+    arms = sig.arms_from_groups(groups, records, lambda name: run_dir(ds, name))
+    chosen = sig.parse_pairs(pairs, arms, SHOWN, "--pairs") if pairs is not None else sig.default_pairs(arms, SHOWN)
+    tests = sig.run_tests(chosen)
+    marked = sig.significant_cells(tests)
+    out.print(f"{ds.name} / {split}{shown} ({checkpoint}.pt): mean (± std over seeds where there are several)"
+              + (f"; {sig.MARK} significant gain (paired t-test and Wilcoxon over the test cases, p < {sig.ALPHA})" if tests else ""),
+              markup=False, highlight=False)
     table = Table()
     table.add_column("experiment")
     table.add_column("seeds", justify="right")
     for m in SHOWN:
         table.add_column(m, justify="right")
     for g in groups:
+        spread = len(g["seeds"]) > 1
         table.add_row(
             g["experiment"],
             ",".join(str(s) for s in g["seeds"]),
-            *(f"{g['mean'][m]:.4f} ± {g['std'][m]:.4f}" for m in SHOWN),
+            *(f"{g['mean'][m]:.4f}" + (f" ± {g['std'][m]:.4f}" if spread else "")
+              + (sig.MARK if (g["experiment"], m) in marked else "") for m in SHOWN),
         )
     out.print(table)
-    console.print(f"compared {len(runs)} runs in {len(groups)} experiment(s)", markup=False, highlight=False)
+    if tests:
+        pt = Table(title="paired tests (p-values)")
+        for column in ("experiment", "against", "metric", "difference", "t-test", "Wilcoxon", "seeds", "t-test (seeds)", "Wilcoxon (seeds)"):
+            pt.add_column(column, justify="left" if column in ("experiment", "against", "metric") else "right")
+        for t in tests:
+            pt.add_row(t.a, t.b, t.metric, f"{t.diff:+.4f}" + (sig.MARK if t.significant else ""), sig.fmt_p(t.t_p),
+                       sig.fmt_p(t.wilcoxon_p), str(t.n_seeds or ""), sig.fmt_p(t.seeds_t_p), sig.fmt_p(t.seeds_wilcoxon_p))
+        out.print(pt)
+    console.print(f"compared {len(runs)} runs in {len(groups)} experiment(s); {len(tests)} paired test(s)",
+                  markup=False, highlight=False)

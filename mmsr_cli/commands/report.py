@@ -21,10 +21,16 @@ def report_command(
     ] = None,
     metric: Annotated[str, typer.Option("--metric", help="Metric of the figures and robustness tables.")] = "ndcg@10",
     split: Annotated[str, typer.Option("--split", help="Split whose metrics files are reported: valid or test.")] = "test",
+    pairs: Annotated[
+        Optional[str],
+        typer.Option("--pairs", help="RUN_A:RUN_B,... paired significance tests of A's experiment against B's on every metric "
+                     "[default: each MMSR experiment against the best baseline on each metric]."),
+    ] = None,
     workdir: WorkdirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Results tables (mean ± std over seeds, best baseline underlined, gain of MMSR), robustness
+    """Results tables (mean ± std over seeds, best baseline underlined, gain of MMSR, significant gains
+    starred after paired tests over the test cases), robustness
     curves (Figure 4), disordered/mismatched case study (Figure 1), c/k heat map (Figure 5),
     update-gate statistics and training curves, from config.json, history.json and metrics_*.json."""
     from ..errors import MmsrError
@@ -36,7 +42,7 @@ def report_command(
     run_names = parse_list(runs, "--runs") or None
     if run_names and len(set(run_names)) != len(run_names):
         raise MmsrError(f"--runs: a run is named twice in {runs}")
-    result = write_report(root, output if output is not None else root / "report.md", names, run_names, metric, split)
+    result = write_report(root, output if output is not None else root / "report.md", names, run_names, metric, split, pairs)
     console.print(
         f"report: {result.n_runs} run(s) of {', '.join(result.datasets)}, {len(result.figures)} figure(s) -> {result.path}",
         markup=False, highlight=False, soft_wrap=True,
