@@ -162,7 +162,7 @@ def open_study(ds: DatasetDir, name: str, settings: TuneSettings | None):
                 return optuna.load_study(study_name=name, storage=storage), lock
             except KeyError:
                 raise MmsrError(f"{path}: no study '{name}'; run `mmsr tune` first") from None
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNE_AFTER_TRIALS, n_warmup_steps=PRUNE_AFTER_EPOCHS - 1)
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNE_AFTER_TRIALS, n_warmup_steps=PRUNE_AFTER_EPOCHS)
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize", pruner=pruner,
                                     load_if_exists=True)
         record = settings.record()

@@ -1,0 +1,175 @@
+"""`mmsr tune`: Optuna search on validation, ordinary trial runs, resumption after kill -9, the
+best options as a train config, and no look at the test split."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from mmsr_cli import contracts as C
+from mmsr_cli import training, tuning
+from mmsr_cli.models.space import PAPER_SPACE, Choice, Range, model_space
+
+from conftest import run_cli
+from test_training import make_toy, one_error_line, run_folder
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(one_thread):
+    """One torch thread (conftest.one_thread)."""
+
+
+def tune(ds, *args):
+    return run_cli(["tune", "--workdir", ds.workdir, "--dataset", ds.name, *args])
+
+
+def small_space(tmp_path: Path) -> Path:
+    path = tmp_path / "space.toml"
+    path.write_text("dim = 16\nbatch-size = [64, 128]\nlayers = { low = 1, high = 2 }\n")
+    return path
+
+
+def studies(ds, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{ds.path(C.TUNE_STORAGE)}")
+
+
+def test_model_spaces_follow_the_paper_and_the_model():
+    assert PAPER_SPACE["lr"] == Range(1e-4, 1e-2, log=True) and 0.0 in PAPER_SPACE["weight_decay"].values
+    assert PAPER_SPACE["batch_size"] == Choice((128, 256, 512)) and PAPER_SPACE["layers"] == Range(1, 4)
+    assert model_space("mmsr")["fusion"] == Choice(("adaptive", "hohe", "heho", "synchronous"))
+    assert "fusion" not in model_space("sasrec") and "dropout" not in model_space("srgnn")  # SR-GNN has none
+
+
+def test_tune_searches_on_validation_writes_a_train_config_and_never_opens_test(tmp_path, monkeypatch):
+    ds = make_toy(tmp_path / "work")
+    opened, read = [], []
+    real_open, real_read = training.DatasetBundle.open_split, pq.read_table
+
+    def recording_open(self, ds_, split):
+        opened.append(split)
+        return real_open(self, ds_, split)
+
+    def recording_read(source, *args, **kwargs):
+        read.append(str(source))
+        return real_read(source, *args, **kwargs)
+
+    monkeypatch.setattr(training.DatasetBundle, "open_split", recording_open)
+    monkeypatch.setattr(pq, "read_table", recording_read)
+    r = tune(ds, "--model", "sasrec", "--trials", "3", "--epochs", "3", "--patience", "0", "--study", "s",
+             "--space", small_space(tmp_path))
+    assert r.exit_code == 0, r.stderr
+    assert set(opened) == {"train", "valid"} and not [p for p in read if "test" in Path(p).name]
+    study = studies(ds, "s")
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    # trial 0: the defaults of `mmsr train` that the space holds (batch 512 is outside it)
+    assert trials[0].params == {"lr": 1e-3, "weight_decay": 0.0, "dropout": 0.3, "layers": 2, "batch_size": 64}
+    for t in trials:  # each trial is an ordinary run whose best validation epoch is the trial's value
+        folder = run_folder(ds, f"tune-s-t{t.number:03d}")
+        history = json.loads((folder / "history.json").read_text())
+        assert len(history) == 3 and t.value == max(h["valid"]["ndcg@10"] for h in history)
+        assert t.intermediate_values == {e: max(h["valid"]["ndcg@10"] for h in history[:e]) for e in (1, 2, 3)}
+        assert not list(folder.glob("metrics_test*")) and not list(folder.glob("ranks_test*"))
+    best = max(trials, key=lambda t: t.value)
+    assert f"best valid ndcg@10 {best.value:.4f} (trial {best.number}" in r.stderr
+    assert "│ 2 " in r.stdout or "│     2 │" in r.stdout  # the trials table
+
+    # the best options as a config file that `mmsr train --config` takes: it retrains the best trial
+    config = ds.path(C.tune_config_file("s"))
+    options = tomllib.loads(config.read_text())["train"]
+    assert options["model"] == "sasrec" and options["lr"] == best.params["lr"] and options["dim"] == 16
+    r = run_cli(["train", "--workdir", ds.workdir, "--config", config, "--run-name", "retrained"])
+    assert r.exit_code == 0, r.stderr
+    history = json.loads((run_folder(ds, "retrained") / "history.json").read_text())
+    assert max(h["valid"]["ndcg@10"] for h in history) == pytest.approx(best.value)
+
+    # more trials resume the study; other fixed options are refused, naming the difference
+    r = tune(ds, "--model", "sasrec", "--trials", "4", "--epochs", "3", "--patience", "0", "--study", "s",
+             "--space", small_space(tmp_path))
+    assert r.exit_code == 0, r.stderr
+    assert len(studies(ds, "s").get_trials()) == 4
+    r = tune(ds, "--model", "sasrec", "--trials", "4", "--epochs", "5", "--patience", "0", "--study", "s",
+             "--space", small_space(tmp_path))
+    assert "the study exists with another epochs (3)" in one_error_line(r) and r.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("lr = { low = 1e-2, high = 1e-4, log = true }", "field 'lr': low 0.01 must not exceed high 0.0001"),
+        ("layers = [1, 2.5]", "field 'layers': expected an integer, got 2.5"),
+        ("fusion = ['adaptive']", "field 'fusion': not used by model sasrec"),
+        ("epochs = 3", "field 'epochs': not a tunable option"),
+        ("dropout = 1.5", "field 'dropout': value 1.5 is invalid"),
+        ("lr = {low = 1e-4}", "field 'lr': a range is"),
+        ("lr = 0.001\nweight-decay = 0.0\ndropout = 0.1\nlayers = 1\nbatch-size = 64", "--space: no option is searched"),
+    ],
+)
+def test_bad_space_files_are_one_line_errors(tmp_path, content, expected):
+    ds = make_toy(tmp_path / "work")
+    path = tmp_path / "bad.toml"
+    path.write_text(content + "\n")
+    r = tune(ds, "--model", "sasrec", "--trials", "1", "--space", path)
+    line = one_error_line(r)
+    assert expected in line and r.exit_code == 2
+    assert expected.startswith("--space") or str(path) in line
+    assert not ds.path(f"{C.RUNS_DIR}").exists()
+
+
+def test_tune_refuses_pop_and_bad_options(tmp_path):
+    ds = make_toy(tmp_path / "work")
+    assert "nothing to tune" in one_error_line(tune(ds, "--model", "pop", "--trials", "1"))
+    assert "--timeout: expected a positive duration" in one_error_line(tune(ds, "--model", "sasrec", "--timeout", "soon"))
+    assert "--trials: must be >= 1" in one_error_line(tune(ds, "--model", "sasrec", "--trials", "0"))
+
+
+@pytest.mark.slow
+def test_a_killed_tune_resumes_with_no_trial_lost_or_counted_twice(tmp_path, monkeypatch):
+    """kill -9 while trial 1 trains: a new `tune` fails the silent trial, retries it from its
+    last.pt under the same run, and ends with exactly --trials finished trials."""
+    ds = make_toy(tmp_path / "work")
+    args = ["tune", "--workdir", str(ds.workdir), "--dataset", ds.name, "--model", "sasrec", "--trials", "3",
+            "--epochs", "20", "--patience", "0", "--study", "k", "--space", str(small_space(tmp_path))]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mmsr_cli", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    history = run_folder(ds, "tune-k-t001") / "history.json"
+    deadline = time.time() + 300
+    try:
+        while not (history.exists() and len(json.loads(history.read_text() or "[]")) >= 2):
+            assert proc.poll() is None and time.time() < deadline, "tune ended before trial 1 trained two epochs"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = json.loads(history.read_text())
+    assert 2 <= len(before) < 20
+    assert [t.state.name for t in studies(ds, "k").get_trials()] == ["COMPLETE", "RUNNING"]
+
+    monkeypatch.setattr(tuning, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(tuning, "GRACE_SECONDS", 2)
+    r = run_cli(args)
+    assert r.exit_code == 0, r.stderr
+    trials = studies(ds, "k").get_trials()
+    states = [t.state.name for t in trials]
+    assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1 and len(trials) == 4
+    retry = next(t for t in trials if t.state.name == "COMPLETE" and t.user_attrs["run"] == "tune-k-t001")
+    assert retry.params == trials[1].params and retry.number != 1
+    after = json.loads(history.read_text())
+    assert [h["epoch"] for h in after] == list(range(1, 21))  # resumed from last.pt, no epoch twice
+    assert [training.without_measurements(h) for h in after[:len(before)]] == [training.without_measurements(h) for h in before]
+    new = [t for t in trials if t.number > 1 and t is not retry]  # trial 2 or 3, whichever began first
+    assert len(new) == 1 and new[0].user_attrs["run"] == f"tune-k-t{new[0].number:03d}"
+    assert "process died; queued again" in r.stdout
