@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from mmsr_cli.errors import MmsrError
 from mmsr_cli import contracts as C
 from mmsr_cli import training, tuning
 from mmsr_cli.models.space import PAPER_SPACE, Choice, Range, model_space
@@ -173,3 +174,16 @@ def test_a_killed_tune_resumes_with_no_trial_lost_or_counted_twice(tmp_path, mon
     new = [t for t in trials if t.number > 1 and t is not retry]  # trial 2 or 3, whichever began first
     assert len(new) == 1 and new[0].user_attrs["run"] == f"tune-k-t{new[0].number:03d}"
     assert "process died; queued again" in r.stdout
+
+
+def test_a_space_can_pin_the_authors_variant_and_is_checked_as_a_whole(tmp_path):
+    from mmsr_cli.models.space import model_space, read_space_file
+
+    path = tmp_path / "authors.toml"
+    path.write_text('variant = "authors"\nattention-dropout = [0.0, 0.2]\n')
+    # MMSR's own space searches --fusion, which the authors' layer does not have: refused before any trial
+    with pytest.raises(MmsrError, match=r"field 'fusion': value 'hohe' is invalid .*--variant authors"):
+        read_space_file(path, "mmsr", model_space("mmsr"))
+    path.write_text('variant = "authors"\nfusion = "adaptive"\nattention-dropout = [0.0, 0.2]\n')
+    space = read_space_file(path, "mmsr", model_space("mmsr"))
+    assert space["variant"] == "authors" and space["attention_dropout"] == Choice((0.0, 0.2))

@@ -48,7 +48,9 @@ PAPER_SPACE: dict[str, Param] = {
 
 # Options a space may hold: TrainConfig fields first, then ModelConfig fields (`mmsr train` names).
 TRAIN_OPTIONS = ("lr", "weight_decay", "clip_norm", "batch_size")
-MODEL_OPTIONS = ("dim", "layers", "heads", "dropout", "fusion", "aggregator", "feed_forward", "invasive")
+MODEL_OPTIONS = (
+    "dim", "layers", "heads", "dropout", "fusion", "aggregator", "feed_forward", "invasive", "variant", "attention_dropout",
+)
 
 
 def option_type(name: str) -> type:
@@ -154,8 +156,11 @@ def _typed(path: Path, key: str, kind: type, value: Any):
 
 
 def check_space(space: dict[str, Param], model: str, where: str) -> None:
-    """Every value a space can give must make a valid configuration (one-line errors otherwise)."""
-    for name, param in space.items():
+    """Every value a space can give, beside the space's fixed options, must make a valid
+    configuration (one-line errors otherwise)."""
+    pinned = fixed(space)
+    # the fixed options one by one first, so that a bad one is named, not an option checked beside it
+    for name, param in [*pinned.items(), *searched(space).items()]:
         if isinstance(param, Range):
             if not (math.isfinite(param.low) and math.isfinite(param.high)) or param.low > param.high:
                 raise MmsrError(f"{where}: field '{name}': low {param.low} must not exceed high {param.high}")
@@ -172,7 +177,7 @@ def check_space(space: dict[str, Param], model: str, where: str) -> None:
             values = (param,)
         for value in values:
             try:
-                configs({name: value}, model)
+                configs({**(pinned if name not in pinned else {}), name: value}, model)
             except (MmsrError, ValueError) as e:
                 raise MmsrError(f"{where}: field '{name}': value {value!r} is invalid ({e})") from None
 
