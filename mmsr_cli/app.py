@@ -26,8 +26,9 @@ try:  # typer >= 0.20 vendors its own click
 except ImportError:  # pragma: no cover - older typer uses the click package
     from click import exceptions as click_exc
 
+from . import contracts as C
 from .entry import INTERRUPTED
-from .errors import MmsrError
+from .errors import MmsrError, Range
 
 app = typer.Typer(
     name="mmsr",
@@ -150,8 +151,25 @@ ConfigOpt = Annotated[
         help="TOML file of options (top-level keys and a [command] table); flags win.",
     ),
 ]
-# Seeds reach numpy, which takes 0 .. 2**32 - 1: checked here, where the option is parsed.
-SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Random seed (0 .. 2^32-1).")]
+
+
+def ranged(*decls: str, rng: Range, help: str):
+    """A numeric option checked against ``rng`` where it is parsed, from the command line or a
+    --config file alike: one line naming the option, exit 2, before the command runs. Every
+    int and float option of every command is declared through here (tests/test_bad_inputs.py
+    walks the commands to hold that)."""
+    name = max(decls, key=len)
+
+    def check(value):
+        if value is not None:
+            rng.check(name, value)
+        return value
+
+    return typer.Option(*decls, callback=check, help=f"{help} [{rng.describe()}]")
+
+
+# Seeds reach numpy, which takes 0 .. 2**32 - 1.
+SeedOpt = Annotated[int, ranged("--seed", rng=C.RANGE_SEED, help="Random seed.")]
 
 
 def parse_list(value: str | None, option: str) -> list[str]:

@@ -126,13 +126,13 @@ class CodesOptions:
     n_init: int = 10  # K-means restarts (fixed so that a seed decides the result)
 
     def validate(self) -> "CodesOptions":
-        for opt, value in (("--ae-dim", self.ae_dim), ("--clusters", self.clusters), ("--top-k", self.top_k),
-                           ("--epochs", self.epochs), ("--patience", self.patience),
-                           ("--batch-size", self.batch_size)):
-            if value < 1:
-                raise MmsrError(f"{opt}: must be at least 1, got {value}")
-        if not 0 < self.lr < float("inf"):
-            raise MmsrError(f"--lr: must be a finite number > 0, got {self.lr}")
+        for opt, value, rng in (("--ae-dim", self.ae_dim, C.RANGE_AE_DIM), ("--clusters", self.clusters, C.RANGE_CLUSTERS),
+                                ("--top-k", self.top_k, C.RANGE_CODES_TOP_K), ("--epochs", self.epochs, C.RANGE_AE_EPOCHS),
+                                ("--patience", self.patience, C.RANGE_AE_PATIENCE), ("--lr", self.lr, C.RANGE_LR),
+                                ("--seed", self.seed, C.RANGE_SEED)):
+            rng.check(opt, value)
+        if self.batch_size < 1:  # not an option: a library caller's value
+            raise MmsrError(f"CodesOptions.batch_size: must be at least 1, got {self.batch_size}")
         if not self.no_codes and self.top_k > self.clusters:
             raise MmsrError(f"--top-k {self.top_k}: must not exceed --clusters {self.clusters}")
         for name in self.modalities or []:

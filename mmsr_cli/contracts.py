@@ -33,11 +33,54 @@ import re
 
 import pyarrow as pa
 
+from .errors import Range
+
 # ----------------------------------------------------------------------------------------------
 # Dataset names and the datasets `download` knows.
 
 DATASET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MODALITY_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+# ----------------------------------------------------------------------------------------------
+# Numeric option ranges: each is checked where its option is parsed (app.ranged) and again where
+# a library caller or a run's config.json hands the value over (the options' validate()). Upper
+# bounds keep a typo from becoming an out-of-memory crash: no command needs more than 4 GiB on
+# the synthetic set at the largest batch sizes.
+
+RANGE_SEED = Range(0, 2**32 - 1)  # numpy's seeds
+RANGE_RATIO = Range(0, 1, lo_open=True, hi_open=True, integer=False)  # --test-ratio, --drop-ratio, --perturb-ratio
+RANGE_LR = Range(0, 10, lo_open=True, integer=False)
+# download
+RANGE_DOWNLOAD_WORKERS = Range(1, 64)
+RANGE_RETRIES = Range(0, 100)
+RANGE_TIMEOUT = Range(0, 3600, lo_open=True, integer=False)
+# preprocess
+RANGE_CORE = Range(0, 1000)
+RANGE_MAX_LEN = Range(1, 1000)
+# extract-features: a batch of 128 images at 224 px keeps ResNet-50's activations near 1.5 GB
+RANGE_FEATURE_BATCH = Range(1, 128)
+RANGE_FEATURE_CHUNK = Range(1, 16384)
+RANGE_TEXT_TOKENS = Range(1, 512)  # the position limit of the text encoders we ship
+RANGE_DECODE_WORKERS = Range(1, 8)  # each decoding thread may hold one image of up to ~320 MB
+# build-codes
+RANGE_AE_DIM = Range(1, 2048)
+RANGE_CLUSTERS = Range(1, 10000)
+RANGE_CODES_TOP_K = Range(1, 100)
+RANGE_AE_EPOCHS = Range(1, 100000)
+RANGE_AE_PATIENCE = Range(1, 10000)
+# train (and the run configs read back)
+RANGE_EPOCHS = Range(1, 10000)
+RANGE_TRAIN_BATCH = Range(1, 4096)
+RANGE_PATIENCE = Range(0, 10000)
+RANGE_MAX_STEPS = Range(0, 10**9)
+RANGE_WEIGHT_DECAY = Range(0, 10, integer=False)
+RANGE_CLIP_NORM = Range(0, 1e6, integer=False)
+RANGE_DROPOUT = Range(0, 1, hi_open=True, integer=False)
+RANGE_DIM = Range(1, 1024)
+RANGE_LAYERS = Range(1, 16)
+RANGE_HEADS = Range(1, 64)
+# recommend
+RANGE_TOP_K = Range(1, 1000)
 
 # ----------------------------------------------------------------------------------------------
 # Stage names (manifest keys). Per-modality stages are suffixed with ":<modality>".

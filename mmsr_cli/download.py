@@ -104,12 +104,9 @@ class DownloadOptions:
     chunk_size: int = 1 << 20
 
     def validate(self) -> None:
-        if self.workers < 1:
-            raise MmsrError(f"--workers: must be at least 1, got {self.workers}")
-        if self.retries < 0:
-            raise MmsrError(f"--retries: must be 0 or more, got {self.retries}")
-        if not self.timeout > 0:
-            raise MmsrError(f"--timeout: must be positive, got {self.timeout}")
+        C.RANGE_DOWNLOAD_WORKERS.check("--workers", self.workers)
+        C.RANGE_RETRIES.check("--retries", self.retries)
+        C.RANGE_TIMEOUT.check("--timeout", self.timeout)
         if self.base_url is not None:
             check_http_url(self.base_url, "--base-url")
 

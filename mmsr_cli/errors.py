@@ -40,3 +40,34 @@ def check_typed_fields(cls, data, where: str) -> None:
             shown = hint.__name__
         if not ok:
             raise MmsrError(f"{where}.{key}': expected {shown}, got {type(value).__name__} {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The accepted values of a numeric option, ``lo .. hi`` with each end included unless marked
+    open. One object per option, used where the option is parsed (``app.ranged``) and where a
+    library caller or a file read back (a run's config.json) hands the same value over."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = True
+
+    def describe(self) -> str:
+        if self.integer:
+            return f"an integer in {self.lo}..{self.hi}"
+        if self.lo_open and self.hi_open:
+            return f"a number strictly between {self.lo} and {self.hi}"
+        return f"a number in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+    def check(self, option: str, value) -> None:
+        """``MmsrError`` naming ``option`` unless ``value`` is in range (NaN never is)."""
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+        if ok and self.integer and isinstance(value, float):
+            ok = False
+        if ok:
+            ok = (self.lo < value if self.lo_open else self.lo <= value) and (
+                value < self.hi if self.hi_open else value <= self.hi)
+        if not ok:
+            raise MmsrError(f"{option}: must be {self.describe()}, got {value}")

@@ -79,10 +79,11 @@ class FeatureOptions:
             self.model = DEFAULT_MODEL[self.modality]
         if self.precision not in PRECISIONS:
             raise MmsrError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for opt, value in (("--batch-size", self.batch_size), ("--chunk-size", self.chunk_size),
-                           ("--max-length", self.max_length), ("--workers", self.workers)):
-            if value < 1:
-                raise MmsrError(f"{opt}: must be at least 1, got {value}")
+        for opt, value, rng in (("--batch-size", self.batch_size, C.RANGE_FEATURE_BATCH),
+                                ("--chunk-size", self.chunk_size, C.RANGE_FEATURE_CHUNK),
+                                ("--max-length", self.max_length, C.RANGE_TEXT_TOKENS),
+                                ("--workers", self.workers, C.RANGE_DECODE_WORKERS)):
+            rng.check(opt, value)
         if self.modality == "text":
             if self.weights != "default":
                 raise MmsrError("--weights: applies to --modality image only (text models load "

@@ -33,7 +33,6 @@ import ast
 import gzip
 import html
 import json
-import math
 import re
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -73,14 +72,11 @@ class PreprocessOptions:
     test_ratio: float = 0.2
 
     def validate(self) -> "PreprocessOptions":
-        if self.core < 0:
-            raise MmsrError(f"--core: must be >= 0 (0 or 1 disables k-core), got {self.core}")
-        if self.max_len < 1:
-            raise MmsrError(f"--max-len: must be >= 1, got {self.max_len}")
+        C.RANGE_CORE.check("--core", self.core)
+        C.RANGE_MAX_LEN.check("--max-len", self.max_len)
         if self.split not in SPLIT_METHODS:
             raise MmsrError(f"--split: expected one of {', '.join(SPLIT_METHODS)}, got {self.split!r}")
-        if not (0.0 < self.test_ratio < 1.0) or math.isnan(self.test_ratio):
-            raise MmsrError(f"--test-ratio: must be strictly between 0 and 1, got {self.test_ratio}")
+        C.RANGE_RATIO.check("--test-ratio", self.test_ratio)
         return self
 
     def manifest_options(self) -> dict[str, Any]:

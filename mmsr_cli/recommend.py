@@ -47,10 +47,8 @@ class RecommendOptions:
     def validate(self) -> "RecommendOptions":
         if bool(self.users) == self.all_users:
             raise MmsrError("give exactly one of --users U1,U2,... or --all-users")
-        if self.top_k < 1:
-            raise MmsrError(f"--top-k: must be >= 1, got {self.top_k}")
-        if self.batch_size < 1:
-            raise MmsrError(f"--batch-size: must be >= 1, got {self.batch_size}")
+        C.RANGE_TOP_K.check("--top-k", self.top_k)
+        C.RANGE_TRAIN_BATCH.check("--batch-size", self.batch_size)  # the run's training batch size
         return self
 
 

@@ -48,8 +48,7 @@ DEFAULT_MISMATCH_RATIO = 0.5
 
 
 def check_ratio(value: float, option: str) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 < value < 1.0):
-        raise MmsrError(f"{option}: must be a number strictly between 0 and 1, got {value}")
+    C.RANGE_RATIO.check(option, value)
     return float(value)
 
 

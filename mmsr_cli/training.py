@@ -96,23 +96,19 @@ class TrainConfig:
         check_model_name(self.model)
         check_metric(self.metric)
         check_drop_options(self.drop_modality, self.drop_ratio if self.drop_modality or self.drop_ratio else None)
-        for name, low in (("epochs", 1), ("batch_size", 1), ("patience", 0), ("max_steps", 0)):
-            if getattr(self, name) < low:
-                raise MmsrError(f"--{name.replace('_', '-')}: must be >= {low}, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "clip_norm"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                raise MmsrError(f"--{name.replace('_', '-')}: must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value}")
+        for name, rng in (("epochs", C.RANGE_EPOCHS), ("batch_size", C.RANGE_TRAIN_BATCH), ("patience", C.RANGE_PATIENCE),
+                          ("max_steps", C.RANGE_MAX_STEPS), ("lr", C.RANGE_LR), ("weight_decay", C.RANGE_WEIGHT_DECAY),
+                          ("clip_norm", C.RANGE_CLIP_NORM), ("seed", C.RANGE_SEED)):
+            rng.check(f"--{name.replace('_', '-')}", getattr(self, name))
         if self.run_name and not C.DATASET_NAME_RE.match(self.run_name):
             raise MmsrError(f"--run-name: invalid name {self.run_name!r} (letters, digits, '.', '_' and '-')")
         return self
 
 
 def check_model_config(cfg: ModelConfig) -> ModelConfig:
-    if cfg.dim < 1 or cfg.layers < 1 or cfg.heads < 1:
-        raise MmsrError("--dim, --layers and --heads must be >= 1")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise MmsrError(f"--dropout: must be in [0, 1), got {cfg.dropout}")
+    for name, rng in (("dim", C.RANGE_DIM), ("layers", C.RANGE_LAYERS), ("heads", C.RANGE_HEADS),
+                      ("dropout", C.RANGE_DROPOUT), ("attention_dropout", C.RANGE_DROPOUT)):
+        rng.check(f"--{name.replace('_', '-')}", getattr(cfg, name))
     if cfg.model in ("sasrec", "sasrecf") and cfg.dim % cfg.heads:
         raise MmsrError(f"--heads: {cfg.heads} does not divide --dim {cfg.dim}")
     if cfg.model == "mmsr":

@@ -415,8 +415,8 @@ def test_earlier_outputs_survive_a_failed_rerun(cli, tmp_path):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--workers", "0"], "--workers: must be at least 1"),
-        (["--retries", "-1"], "--retries: must be 0 or more"),
+        (["--workers", "0"], "--workers: must be an integer in 1..64, got 0"),
+        (["--retries", "-1"], "--retries: must be an integer in 0..100, got -1"),
         (["--base-url", "ftp://mirror"], "--base-url: expected an http(s) URL"),
     ],
 )

@@ -98,7 +98,7 @@ def test_bad_inputs_keep_earlier_output(cli, trained, tmp_path):
     assert out.read_bytes() == before
     assert "exactly one of --users" in one_error_line(recommend(cli, trained, "--users", "u1", "--all-users"))
     assert "exactly one of --users" in one_error_line(recommend(cli, trained))
-    assert "--top-k: must be >= 1" in one_error_line(recommend(cli, trained, "--all-users", "--top-k", "0"))
+    assert "--top-k: must be an integer in 1..1000, got 0" in one_error_line(recommend(cli, trained, "--all-users", "--top-k", "0"))
     r = cli(["recommend", "--workdir", trained.workdir, "--dataset", trained.name, "--run", "missing", "--all-users"])
     assert "no such run" in one_error_line(r)
 

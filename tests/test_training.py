@@ -241,7 +241,7 @@ def test_a_run_trained_before_an_option_existed_joins_its_experiment():
         (["--model", "sasrec", "--no-pos-emb"], "--no-pos-emb: not used by model sasrec"),
         (["--model", "sasrec", "--modalities", "image"], "--modalities: not used by model sasrec"),
         (["--model", "sasrec", "--metric", "auc"], "--metric: unknown metric 'auc'"),
-        (["--model", "sasrec", "--epochs", "0"], "--epochs: must be >= 1, got 0"),
+        (["--model", "sasrec", "--epochs", "0"], "--epochs: must be an integer in 1..10000, got 0"),
         (["--model", "sasrec", "--dim", "15", "--heads", "2"], "--heads: 2 does not divide --dim 15"),
         (["--model", "sasrecf"], "has no modality codes; run `mmsr build-codes --modality NAME --dataset toy` first"),
     ],

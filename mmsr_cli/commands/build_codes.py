@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..app import ConfigOpt, DatasetOpt, SeedOpt, WorkdirOpt, app, console, parse_list
+from .. import contracts as C
+from ..app import ConfigOpt, DatasetOpt, SeedOpt, WorkdirOpt, app, console, parse_list, ranged
 
 
 @app.command("build-codes")
@@ -16,18 +17,18 @@ def build_codes_command(
         Optional[str],
         typer.Option("--modality", help="Comma-separated modality names [default: every modality with features]."),
     ] = None,
-    ae_dim: Annotated[int, typer.Option("--ae-dim", help="Autoencoder bottleneck: size of reduced vectors and centres.")] = 128,
-    clusters: Annotated[int, typer.Option("--clusters", "-c", help="K-means clusters (codes) per modality.")] = 30,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Codes per item: its k nearest centres by cosine.")] = 3,
+    ae_dim: Annotated[int, ranged("--ae-dim", rng=C.RANGE_AE_DIM, help="Autoencoder bottleneck: size of reduced vectors and centres.")] = 128,
+    clusters: Annotated[int, ranged("--clusters", "-c", rng=C.RANGE_CLUSTERS, help="K-means clusters (codes) per modality.")] = 30,
+    top_k: Annotated[int, ranged("--top-k", "-k", rng=C.RANGE_CODES_TOP_K, help="Codes per item: its k nearest centres by cosine.")] = 3,
     no_codes: Annotated[
         bool,
         typer.Option("--no-codes", help="No clustering: each item is its own modality node (paper Fig. 5 baseline)."),
     ] = False,
-    epochs: Annotated[int, typer.Option("--epochs", help="Autoencoder: most training epochs.")] = 200,
+    epochs: Annotated[int, ranged("--epochs", rng=C.RANGE_AE_EPOCHS, help="Autoencoder: most training epochs.")] = 200,
     patience: Annotated[
-        int, typer.Option("--patience", help="Autoencoder: stop after N epochs without held-out improvement.")
+        int, ranged("--patience", rng=C.RANGE_AE_PATIENCE, help="Autoencoder: stop after N epochs without held-out improvement.")
     ] = 10,
-    lr: Annotated[float, typer.Option("--lr", help="Autoencoder: Adam learning rate.")] = 1e-3,
+    lr: Annotated[float, ranged("--lr", rng=C.RANGE_LR, help="Autoencoder: Adam learning rate.")] = 1e-3,
     seed: SeedOpt = 0,
     workdir: WorkdirOpt = None,
     config: ConfigOpt = None,

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..app import ConfigOpt, DatasetOpt, WorkdirOpt, app, console
+from .. import contracts as C
+from ..app import ConfigOpt, DatasetOpt, WorkdirOpt, app, console, ranged
 from ..download import KNOWN_DATASETS, DownloadOptions, run_download
 from ..workdir import DatasetDir
 
@@ -27,9 +28,9 @@ def download(
                      "optional images/). Any dataset name is allowed."),
     ] = None,
     images: Annotated[bool, typer.Option("--images/--no-images", help="Fetch (or copy) item images.")] = True,
-    workers: Annotated[int, typer.Option("--workers", help="Concurrent image downloads.")] = 8,
-    retries: Annotated[int, typer.Option("--retries", help="Extra attempts per file or image.")] = 5,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds without data before an attempt fails.")] = 60.0,
+    workers: Annotated[int, ranged("--workers", rng=C.RANGE_DOWNLOAD_WORKERS, help="Concurrent image downloads.")] = 8,
+    retries: Annotated[int, ranged("--retries", rng=C.RANGE_RETRIES, help="Extra attempts per file or image.")] = 5,
+    timeout: Annotated[float, ranged("--timeout", rng=C.RANGE_TIMEOUT, help="Seconds without data before an attempt fails.")] = 60.0,
     base_url: Annotated[
         Optional[str],
         typer.Option("--base-url", help="Host and folder of the Amazon files (a mirror) instead of the SNAP one."),

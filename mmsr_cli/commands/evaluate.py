@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..app import ConfigOpt, DatasetOpt, SeedOpt, WorkdirOpt, app, console, parse_list
+from .. import contracts as C
+from ..app import ConfigOpt, DatasetOpt, SeedOpt, WorkdirOpt, app, console, parse_list, ranged
 
 SHOWN = ("hr@5", "hr@10", "hr@20", "mrr@5", "mrr@10", "mrr@20", "ndcg@5", "ndcg@10", "ndcg@20")
 
@@ -33,13 +34,13 @@ def evaluate_command(
         typer.Option("--drop-modality", help="Missing modalities (paper 5.4): image, text, all or a modality name; "
                      "a share --drop-ratio of the items lose it (MMSR: its nodes are removed from the graphs)."),
     ] = None,
-    drop_ratio: Annotated[Optional[float], typer.Option("--drop-ratio", help="Share of items (0 < R < 1) that lose the modality.")] = None,
+    drop_ratio: Annotated[Optional[float], ranged("--drop-ratio", rng=C.RANGE_RATIO, help="Share of items (0 < R < 1) that lose the modality.")] = None,
     perturb: Annotated[
         Optional[str],
         typer.Option("--perturb", help="disordered (shuffle each history) or mismatched (displace items' modality codes), paper Figure 1."),
     ] = None,
     perturb_ratio: Annotated[
-        Optional[float], typer.Option("--perturb-ratio", help="mismatched: share of items (0 < R < 1) given other items' codes [default: 0.5].")
+        Optional[float], ranged("--perturb-ratio", rng=C.RANGE_RATIO, help="mismatched: share of items (0 < R < 1) given other items' codes [default: 0.5].")
     ] = None,
     seed: SeedOpt = 0,
     workdir: WorkdirOpt = None,

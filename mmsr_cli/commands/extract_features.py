@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..app import ConfigOpt, DatasetOpt, WorkdirOpt, app, console, parse_list
+from .. import contracts as C
+from ..app import ConfigOpt, DatasetOpt, WorkdirOpt, app, console, parse_list, ranged
 
 
 @app.command("extract-features")
@@ -40,13 +41,12 @@ def extract_features_command(
         typer.Option("--fields", help="text only: item fields joined into the text, in order "
                      "(title, categories, brand, description)."),
     ] = "title,categories,brand",
-    max_length: Annotated[int, typer.Option("--max-length", help="text only: truncate to N tokens.")] = 128,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Items per forward pass.")] = 32,
+    max_length: Annotated[int, ranged("--max-length", rng=C.RANGE_TEXT_TOKENS, help="text only: truncate to N tokens.")] = 128,
+    batch_size: Annotated[int, ranged("--batch-size", rng=C.RANGE_FEATURE_BATCH, help="Items per forward pass.")] = 32,
     chunk_size: Annotated[
-        int, typer.Option("--chunk-size", help="Items per saved chunk: an interrupted run resumes after the last one.")
+        int, ranged("--chunk-size", rng=C.RANGE_FEATURE_CHUNK, help="Items per saved chunk: an interrupted run resumes after the last one.")
     ] = 1024,
-    # each decoding thread may hold one image of up to features.MAX_IMAGE_PIXELS (~320 MB)
-    workers: Annotated[int, typer.Option("--workers", min=1, max=8, help="image only: threads decoding images (1-8).")] = 2,
+    workers: Annotated[int, ranged("--workers", rng=C.RANGE_DECODE_WORKERS, help="image only: threads decoding images.")] = 2,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
     precision: Annotated[
         str, typer.Option("--precision", help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, fp16 or bf16.")

@@ -6,16 +6,17 @@ from typing import Annotated
 
 import typer
 
-from ..app import ConfigOpt, DatasetOpt, WorkdirOpt, app, console
+from .. import contracts as C
+from ..app import ConfigOpt, DatasetOpt, WorkdirOpt, app, console, ranged
 
 
 @app.command("preprocess")
 def preprocess_command(
     dataset: DatasetOpt,
     core: Annotated[
-        int, typer.Option("--core", help="k-core: keep users and items with >= K interactions (0 or 1: off).")
+        int, ranged("--core", rng=C.RANGE_CORE, help="k-core: keep users and items with >= K interactions (0 or 1: off).")
     ] = 5,
-    max_len: Annotated[int, typer.Option("--max-len", help="Keep the last N items of each history.")] = 50,
+    max_len: Annotated[int, ranged("--max-len", rng=C.RANGE_MAX_LEN, help="Keep the last N items of each history.")] = 50,
     split: Annotated[
         str,
         typer.Option(
@@ -24,7 +25,7 @@ def preprocess_command(
         ),
     ] = "loo",
     test_ratio: Annotated[
-        float, typer.Option("--test-ratio", help="Share of each sequence used as test cases (--split ratio).")
+        float, ranged("--test-ratio", rng=C.RANGE_RATIO, help="Share of each sequence used as test cases (--split ratio).")
     ] = 0.2,
     workdir: WorkdirOpt = None,
     config: ConfigOpt = None,

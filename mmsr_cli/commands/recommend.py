@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..app import ConfigOpt, DatasetOpt, WorkdirOpt, app, console, parse_list
+from .. import contracts as C
+from ..app import ConfigOpt, DatasetOpt, WorkdirOpt, app, console, parse_list, ranged
 
 
 @app.command("recommend")
@@ -16,7 +17,7 @@ def recommend_command(
     run: Annotated[str, typer.Option("--run", help="Run name (folder under runs/).")],
     users: Annotated[Optional[str], typer.Option("--users", help="Comma-separated user ids (as in the raw data).")] = None,
     all_users: Annotated[bool, typer.Option("--all-users", help="Recommend for every user.")] = False,
-    top_k: Annotated[int, typer.Option("--top-k", help="Items per user.")] = 10,
+    top_k: Annotated[int, ranged("--top-k", rng=C.RANGE_TOP_K, help="Items per user.")] = 10,
     exclude_seen: Annotated[bool, typer.Option("--exclude-seen", help="Leave out items the user already interacted with.")] = False,
     output: Annotated[
         Optional[Path], typer.Option("--output", "-o", help="Write a Parquet file (user_id, rank, item_id, title, score).")

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..app import ConfigOpt, DatasetOpt, SeedOpt, WorkdirOpt, app, console, parse_list
+from .. import contracts as C
+from ..app import ConfigOpt, DatasetOpt, SeedOpt, WorkdirOpt, app, console, parse_list, ranged
 from ..distributed import launched_main
 from ..models import model_names
 
@@ -21,17 +22,17 @@ def train_command(
         typer.Option("--run-name", help="Run folder under runs/ [default: <model>-<split>-s<seed>, split loo or ratio<r>; "
                      "mmsr-<aggregator>-<split>-s<seed> for an --aggregator other than han]."),
     ] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Maximum epochs [default: 50].")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per batch (training and evaluation).")] = 512,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate [default: 1e-3].")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Adam L2 weight decay [default: 0].")] = None,
-    clip_norm: Annotated[Optional[float], typer.Option("--clip-norm", help="Clip gradients to this norm [default: 0 = off].")] = None,
-    dropout: Annotated[Optional[float], typer.Option("--dropout", help="Dropout ratio [default: 0.3].")] = None,
-    dim: Annotated[Optional[int], typer.Option("--dim", help="Embedding size [default: 128].")] = None,
-    layers: Annotated[Optional[int], typer.Option("--layers", help="GNN layers / transformer blocks / GRU layers [default: 2].")] = None,
-    heads: Annotated[Optional[int], typer.Option("--heads", help="Attention heads: SASRec(F), NOVA, DIF-SR, Trans2D [default: 2].")] = None,
+    epochs: Annotated[Optional[int], ranged("--epochs", rng=C.RANGE_EPOCHS, help="Maximum epochs [default: 50].")] = None,
+    batch_size: Annotated[int, ranged("--batch-size", rng=C.RANGE_TRAIN_BATCH, help="Samples per batch (training and evaluation).")] = 512,
+    lr: Annotated[Optional[float], ranged("--lr", rng=C.RANGE_LR, help="Adam learning rate [default: 1e-3].")] = None,
+    weight_decay: Annotated[Optional[float], ranged("--weight-decay", rng=C.RANGE_WEIGHT_DECAY, help="Adam L2 weight decay [default: 0].")] = None,
+    clip_norm: Annotated[Optional[float], ranged("--clip-norm", rng=C.RANGE_CLIP_NORM, help="Clip gradients to this norm [default: 0 = off].")] = None,
+    dropout: Annotated[Optional[float], ranged("--dropout", rng=C.RANGE_DROPOUT, help="Dropout ratio [default: 0.3].")] = None,
+    dim: Annotated[Optional[int], ranged("--dim", rng=C.RANGE_DIM, help="Embedding size [default: 128].")] = None,
+    layers: Annotated[Optional[int], ranged("--layers", rng=C.RANGE_LAYERS, help="GNN layers / transformer blocks / GRU layers [default: 2].")] = None,
+    heads: Annotated[Optional[int], ranged("--heads", rng=C.RANGE_HEADS, help="Attention heads: SASRec(F), NOVA, DIF-SR, Trans2D [default: 2].")] = None,
     patience: Annotated[
-        Optional[int], typer.Option("--patience", help="Stop after N epochs without validation improvement; 0 = never [default: 5].")
+        Optional[int], ranged("--patience", rng=C.RANGE_PATIENCE, help="Stop after N epochs without validation improvement; 0 = never [default: 5].")
     ] = None,
     seed: SeedOpt = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
@@ -59,9 +60,9 @@ def train_command(
                      "preset: configs/mmsr-authors-beauty.toml) [default: paper]."),
     ] = None,
     attention_dropout: Annotated[
-        Optional[float], typer.Option("--attention-dropout", help="MMSR: dropout on the attention weights [default: 0].")
+        Optional[float], ranged("--attention-dropout", rng=C.RANGE_DROPOUT, help="MMSR: dropout on the attention weights [default: 0].")
     ] = None,
-    max_steps: Annotated[int, typer.Option("--max-steps", help="At most N training batches per epoch (smoke runs); 0 = all.")] = 0,
+    max_steps: Annotated[int, ranged("--max-steps", rng=C.RANGE_MAX_STEPS, help="At most N training batches per epoch (smoke runs); 0 = all.")] = 0,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the run from its last.pt if present.")] = True,
     metric: Annotated[str, typer.Option("--metric", help="Validation metric for early stopping and best.pt.")] = "ndcg@10",
     drop_modality: Annotated[
@@ -70,7 +71,7 @@ def train_command(
                      "a share --drop-ratio of the items lose it for the whole run (seeded by --seed)."),
     ] = None,
     drop_ratio: Annotated[
-        Optional[float], typer.Option("--drop-ratio", help="Share of items (0 < R < 1) that lose the --drop-modality.")
+        Optional[float], ranged("--drop-ratio", rng=C.RANGE_RATIO, help="Share of items (0 < R < 1) that lose the --drop-modality.")
     ] = None,
     workdir: WorkdirOpt = None,
     config: ConfigOpt = None,
