@@ -223,6 +223,22 @@ CODES_SCHEMA = pa.schema(
 # Item images: raw/images/<safe name>.<ext>. Item ids come from untrusted metadata, so they are
 # turned into a file name that cannot escape the images folder.
 
+# User and item ids are compared exactly across files (a log's item against items.jsonl, an image
+# name, --users): a control character or surrounding whitespace would make the same id two ids
+# and silently lose its metadata, so the source readers refuse them (no stripping anywhere).
+ID_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def id_problem(value: str) -> str | None:
+    """Why ``value`` is not a usable user or item id, or None when it is."""
+    m = ID_CONTROL_RE.search(value)
+    if m is not None:
+        return f"has a control character (U+{ord(m.group()):04X}) at position {m.start()}"
+    if value != value.strip():
+        return "has leading or trailing whitespace"
+    return None
+
+
 _SAFE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
 

@@ -595,6 +595,9 @@ def review_asins(path: Path) -> set[str]:
             raise MmsrError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
         except (KeyError, TypeError):
             raise MmsrError(f"{path}:{lineno}: field 'asin' missing") from None
+        problem = C.id_problem(str(asin))
+        if problem is not None:  # preprocess refuses it as well: say so before any image is fetched
+            raise MmsrError(f"{path}:{lineno}: field 'asin' {problem} in {str(asin)!r}; ids are matched exactly, fix the file")
         asins.add(str(asin))
     return asins
 

@@ -185,7 +185,15 @@ def _required_id(obj: dict, key: str, where: str) -> str:
         raise MmsrError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
     if not value.strip():
         raise MmsrError(f"{where}: field '{key}' is empty")
+    check_id(value, where, key)
     return value
+
+
+def check_id(value: str, where: str, field: str) -> None:
+    """Refuse a user or item id that cannot be matched exactly (contracts.id_problem)."""
+    problem = C.id_problem(value)
+    if problem is not None:
+        raise MmsrError(f"{where}: field '{field}' {problem} in {value!r}; ids are matched exactly, fix the file")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,11 +245,16 @@ def read_sequences(path: Path, on_bytes: Callable[[int], None] | None = None) ->
         where = f"{path}:{lineno}"
         if len(parts) != 2:
             raise MmsrError(f"{where}: expected 2 tab-separated fields (user_id, item_ids), got {len(parts)}")
-        user_id, item_ids = parts[0].strip(), parts[1].split()
-        if not user_id:
+        user_id, item_ids = parts[0], parts[1].split()
+        if not user_id.strip():
             raise MmsrError(f"{where}: field 'user_id' is empty")
         if not item_ids:
             raise MmsrError(f"{where}: field 'item_ids' is empty")
+        check_id(user_id, where, "user_id")
+        bad = C.ID_CONTROL_RE.search(parts[1])  # item ids are separated by spaces, nothing else
+        if bad is not None:
+            raise MmsrError(f"{where}: field 'item_ids' has a control character (U+{ord(bad.group()):04X}) in "
+                            f"{parts[1]!r}; ids are matched exactly, fix the file")
         if user_id in users.codes:
             raise MmsrError(f"{where}: user '{user_id}' appears on more than one line")
         u = users(user_id)
@@ -332,6 +345,12 @@ def _check_generic(df: pl.DataFrame, path: Path, row_label: Callable[[int], str]
         bad = df.select(pl.col(col).is_null() | (pl.col(col).str.strip_chars() == "")).to_series()
         if bad.any():
             raise MmsrError(f"{row_label(int(bad.arg_true()[0]))}: field '{col}' missing")
+        bad = df.select(
+            pl.col(col).str.contains(C.ID_CONTROL_RE.pattern) | (pl.col(col).str.strip_chars() != pl.col(col))
+        ).to_series()
+        if bad.any():
+            row = int(bad.arg_true()[0])
+            check_id(df[col][row], row_label(row), col)
     bad = df["timestamp"].is_null()
     if bad.any():
         raise MmsrError(f"{row_label(int(bad.arg_true()[0]))}: field 'timestamp' missing")
@@ -445,10 +464,13 @@ def read_amazon_meta(path: Path, wanted: set[str], on_bytes: Callable[[int], Non
     for lineno, line in _iter_lines(path, on_bytes):
         if not line.strip():
             continue
-        m = _ASIN_RE.search(line)
-        if m is not None and (m.group(1) if m.group(1) is not None else m.group(2)) not in wanted:
-            continue
         where = f"{path}:{lineno}"
+        m = _ASIN_RE.search(line)
+        if m is not None:
+            asin = m.group(1) if m.group(1) is not None else m.group(2)
+            if asin not in wanted:
+                check_id(asin, where, "asin")  # 'a ' would otherwise hide the metadata of item 'a'
+                continue
         rec = _parse_record(line, where, allow_literal=True)
         asin = _required_id(rec, "asin", where)
         if asin not in wanted:

@@ -197,6 +197,70 @@ def test_bad_raw_data_keeps_the_previous_outputs(cli, tmp_path, files, args, exp
     assert temporaries(ds.root) == []
 
 
+# User and item ids are matched exactly across files: every source reader refuses an id with a
+# control character or surrounding whitespace (which would silently lose its metadata), naming
+# the file, the line (or row) and the field. One case per source, field and kind of fault.
+
+BAD_IDS = {"leading-space": " b", "trailing-space": "b ", "control": "b\x07", "nul": "b\x00x"}
+
+
+def _parquet_bytes(users: list[str], items: list[str]) -> bytes:
+    import pyarrow as pa
+
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"user": users, "item": items, "timestamp": list(range(len(users)))}), sink)
+    return sink.getvalue()
+
+
+def _raw_with_bad_id(source: str, field: str, bad: str) -> tuple[dict, str]:
+    """Raw files of ``source`` with ``bad`` in place of one user (u2) or item (b) id, and the
+    place the error must name."""
+    user, item = (bad.replace("b", "u2"), "b") if field in ("user_id", "reviewerID", "user") else ("u2", bad)
+    users, items = ["u1", user, "u3"], ["a", item, "c"]
+    if source == "sequences":
+        return {C.RAW_SEQUENCES: tsv(("u1", "a b c"), (user, f"a {item} c"), ("u3", "c b a")),
+                C.RAW_ITEMS: GOOD_ITEMS}, f"sequences.tsv:3: field '{field}'"
+    if source == "items.jsonl":
+        return {C.RAW_SEQUENCES: GOOD_SEQ, C.RAW_ITEMS: "".join(json.dumps({"asin": i}) + "\n" for i in items)}, \
+            f"items.jsonl:2: field '{field}'"
+    if source == "reviews":
+        lines = [json.dumps({"reviewerID": u, "asin": i, "unixReviewTime": t}) for t, (u, i) in enumerate(zip(users, items))]
+        return {C.RAW_REVIEWS: gz(lines), C.RAW_META: gz([repr({"asin": "a"})])}, f"reviews.json.gz:2: field '{field}'"
+    if source == "meta":
+        return {C.RAW_REVIEWS: reviews(), C.RAW_META: gz([repr({"asin": i, "title": "t"}) for i in items])}, \
+            f"meta.json.gz:2: field '{field}'"
+    if source == "csv":
+        return {"raw/interactions.csv": "user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for t, (u, i) in enumerate(zip(users, items)))}, \
+            f"interactions.csv:3: field '{field}'"
+    return {"raw/interactions.parquet": _parquet_bytes(users, items)}, f"interactions.parquet: row 1: field '{field}'"
+
+
+ID_FIELDS = [("sequences", "user_id"), ("sequences", "item_ids"), ("items.jsonl", "asin"), ("reviews", "reviewerID"),
+             ("reviews", "asin"), ("meta", "asin"), ("csv", "user"), ("csv", "item"), ("parquet", "user"), ("parquet", "item")]
+
+
+@pytest.mark.parametrize(
+    "source, field, kind",
+    # sequences.tsv separates item ids by whitespace: spaces around one are separators, not part of it
+    [pytest.param(s, f, k, id=f"{s}-{f}-{k}") for s, f in ID_FIELDS for k in BAD_IDS
+     if not (f == "item_ids" and "space" in k)],
+)
+def test_ids_with_control_characters_or_surrounding_whitespace_are_refused(cli, tmp_path, source, field, kind):
+    files, where = _raw_with_bad_id(source, field, BAD_IDS[kind])
+    ds = make_dataset(tmp_path, files)
+    problem = "leading or trailing whitespace" if "space" in kind else "control character"
+    line = assert_error(cli(mmsr(ds, "preprocess", "--core", "0")), where, problem)
+    assert str(ds.path(C.RAW_DIR)) in line
+    assert not ds.path(C.ITEMS).exists()
+
+
+def test_review_ids_are_checked_before_any_image_is_fetched(tmp_path):
+    path = tmp_path / "reviews.json.gz"
+    path.write_bytes(gz([json.dumps({"reviewerID": "u", "asin": "a\t"})]))
+    with pytest.raises(MmsrError, match=r"reviews.json.gz:1: field 'asin' has a control character \(U\+0009\)"):
+        D.review_asins(path)
+
+
 @pytest.mark.parametrize("rel", [C.RAW_SEQUENCES, C.RAW_ITEMS])
 def test_utf8_byte_order_mark_is_not_part_of_the_first_line(cli, tmp_path, rel):
     files = {C.RAW_SEQUENCES: GOOD_SEQ, C.RAW_ITEMS: GOOD_ITEMS}
