@@ -127,6 +127,7 @@ class ImageResult:
     no_url: int = 0  # items without an image URL in the metadata
     failed: dict[str, str] = field(default_factory=dict)  # item id -> reason
     bytes: int = 0  # bytes fetched or copied now
+    skipped: list[str] = field(default_factory=list)  # --from: files of images/ that are not images
 
 
 @dataclass
@@ -150,6 +151,9 @@ class DownloadResult:
         if self.images is not None:
             im = self.images
             parts.append(f"images {im.ok} ok ({im.new} new), {len(im.failed)} failed, {im.no_url} without image source")
+            if im.skipped:
+                shown = ", ".join(im.skipped[:5]) + (", ..." if len(im.skipped) > 5 else "")
+                parts.append(f"{len(im.skipped)} file(s) of images/ skipped, not {'/'.join(C.IMAGE_EXTENSIONS)}: {shown}")
         for key, value in self.counts.items():
             parts.append(f"{value} {key}")
         return ", ".join(parts)
@@ -771,8 +775,10 @@ def _ingest_images(src: Path, dest: Path, log: logging.Logger) -> ImageResult:
     _remove_stale_temporaries(dest)
     wanted = set()
     for p in sorted(src.iterdir()):
-        if not p.is_file() or p.name.startswith(".") or p.suffix not in C.IMAGE_EXTENSIONS:
-            log.info("%s: skipped, not an image file (extensions: %s)", p, ", ".join(C.IMAGE_EXTENSIONS))
+        # .JPG is taken as .jpg (find_images matches extensions in any case); hidden files are not images
+        if not p.is_file() or p.name.startswith(".") or p.suffix.lower() not in C.IMAGE_EXTENSIONS:
+            log.info("%s: skipped, not an image file (extensions: %s, any case)", p, ", ".join(C.IMAGE_EXTENSIONS))
+            result.skipped.append(p.name)
             continue
         wanted.add(p.name)
         copied = _copy_atomic(p, dest / p.name)
@@ -840,7 +846,8 @@ def run_download(ds: DatasetDir, opts: DownloadOptions) -> DownloadResult:
     extra = {}
     if result.images is not None:
         im = result.images
-        counts.update(images_ok=im.ok, images_failed=len(im.failed), images_no_url=im.no_url)
+        counts.update(images_ok=im.ok, images_failed=len(im.failed), images_no_url=im.no_url,
+                      images_skipped=len(im.skipped))
         extra["image_failures"] = dict(list(im.failed.items())[:MANIFEST_MAX_FAILURES])
     options = {
         "source": result.source,

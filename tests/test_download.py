@@ -339,6 +339,29 @@ def test_from_sequence_format_with_images(cli, tmp_path):
     assert DatasetDir.open(wd, "my-data").require("download")["fingerprint"] == fingerprint
 
 
+@pytest.mark.parametrize("names", [("A1.PNG", "A3.Png"), ("A1.png", "A3.PNG")], ids=["all-upper", "mixed"])
+def test_from_images_in_any_case_reach_their_items_and_skipped_files_are_named(cli, tmp_path, names):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    shutil.copytree(SEQ_FIXTURE, src)
+    for old, new in zip(("A1.png", "A3.png"), names):
+        (src / "images" / old).rename(src / "images" / new)
+    wd = tmp_path / "wd"
+    r = cli(["download", "--dataset", "d", "--from", src, "--workdir", wd])
+    assert r.exit_code == 0, r.stderr
+    assert "images 2 ok (2 new)" in r.stderr
+    assert "1 file(s) of images/ skipped" in r.stderr and "README.txt" in r.stderr  # said, not silent
+    assert DatasetDir.open(wd, "d").require("download")["counts"]["images_skipped"] == 1
+    r = cli(["preprocess", "--dataset", "d", "--workdir", wd, "--core", "0"])
+    assert r.exit_code == 0, r.stderr
+    items = pq.read_table(wd / "d" / C.ITEMS).to_pydict()
+    paths = dict(zip(items["item_id"], items["image_path"]))
+    assert paths["A1"] == f"{C.RAW_IMAGES_DIR}/{names[0]}" and paths["A3"] == f"{C.RAW_IMAGES_DIR}/{names[1]}"
+
+
 def test_from_switching_layout_removes_the_old_files(cli, tmp_path):
     wd = tmp_path / "wd"
     assert cli(["download", "-d", "d", "--from", SEQ_FIXTURE, "--workdir", wd, "--no-images"]).exit_code == 0
