@@ -17,7 +17,8 @@ Ranks are computed by counting on the device, batch by batch: no sorted ranking 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -195,24 +196,25 @@ def gate_statistics_for(model, config: dict) -> GateStatistics | None:
 # Evaluating trained runs (`mmsr evaluate`)
 
 
-def evaluate_run(
-    ds, run: str, split: str = "test", checkpoint: str = "best", device: str = "auto", setting=None
-) -> dict:
-    """Metrics of a run's checkpoint on ``split``, written to ``runs/<run>/metrics_<split>.json``,
-    or, under a robustness ``setting`` (robustness.Setting: dropped or perturbed modalities, paper
-    section 5.4 and Figure 1), to ``runs/<run>/metrics_<split>_<setting>.json``. MMSR runs with
-    adaptive fusion also record their update-gate statistics (:class:`GateStatistics`)."""
-    import time
+@dataclass
+class _Evaluation:
+    """A run made ready for scoring: everything that can refuse its options or files is done."""
 
+    loaded: Any  # training.LoadedRun
+    data: Any  # the split's samples, under the setting if any
+    applied: dict | None  # the setting as recorded, with the items it touched
+    config: dict  # config.json plus the codes it was trained on
+    device: Any
+
+
+def prepare_evaluation(ds, run: str, split: str, checkpoint: str, dev, setting=None) -> _Evaluation:
+    """Load ``run`` and apply ``setting``: every check of ``evaluate_run`` before any scoring."""
     from . import contracts as C
     from . import robustness as R
-    from .runtime import progress, resolve_device
-    from .training import load_run
-    from .workdir import write_json_atomic
+    from .training import load_run, recorded_codes
 
     if split not in ("valid", "test"):
         raise MmsrError(f"--split: expected valid or test, got {split!r}")
-    dev = resolve_device(device)
     loaded = load_run(ds, run, checkpoint, dev)
     bundle, applied = loaded.bundle, None
     if setting is None:
@@ -228,13 +230,53 @@ def evaluate_run(
             disorder_seed = setting.seed
         R.set_code_channels(loaded.model, bundle.info.modalities)
         data = R.open_split(ds, bundle, split, disorder_seed)
+    codes = recorded_codes(ds, loaded.config)  # runs trained before config.json recorded them
+    config = loaded.config if codes is None else {**loaded.config, "codes": codes}
+    return _Evaluation(loaded, data, applied, config, dev)
+
+
+def evaluate_run(
+    ds, run: str, split: str = "test", checkpoint: str = "best", device: str = "auto", setting=None
+) -> dict:
+    """Metrics of a run's checkpoint on ``split``, written to ``runs/<run>/metrics_<split>.json``,
+    or, under a robustness ``setting`` (robustness.Setting: dropped or perturbed modalities, paper
+    section 5.4 and Figure 1), to ``runs/<run>/metrics_<split>_<setting>.json``. MMSR runs with
+    adaptive fusion also record their update-gate statistics (:class:`GateStatistics`)."""
+    return evaluate_runs(ds, [run], split, checkpoint, device, setting)[0]
+
+
+def evaluate_runs(
+    ds, runs: list[str], split: str = "test", checkpoint: str = "best", device: str = "auto", setting=None
+) -> list[dict]:
+    """``evaluate_run`` for several runs, validate-then-act: every run is loaded and checked
+    against the options first (and let go again, so memory holds one run at a time), so a run
+    that cannot be evaluated is reported before any metrics file is written."""
+    from .runtime import resolve_device
+
+    dev = resolve_device(device)
+    if len(runs) > 1:
+        for run in runs:
+            prepare_evaluation(ds, run, split, checkpoint, dev, setting)
+    return [_score(ds, run, split, checkpoint, setting, prepare_evaluation(ds, run, split, checkpoint, dev, setting))
+            for run in runs]
+
+
+def _score(ds, run: str, split: str, checkpoint: str, setting, ev: _Evaluation) -> dict:
+    """Score ``ev`` and write its metrics file; returns the record with its config and file name."""
+    import time
+
+    from . import contracts as C
+    from .runtime import progress
+    from .workdir import write_json_atomic
+
+    loaded, data = ev.loaded, ev.data
     gates = gate_statistics_for(loaded.model, loaded.config)
     t0 = time.perf_counter()
     ranks: list[torch.Tensor] = []
     with progress(transient=True) as bar:
         task = bar.add_task(f"{run} {split}", total=len(data))
         metrics = evaluate_split(
-            loaded.model, data, loaded.train_config.batch_size, dev, lambda n: bar.advance(task, n), observe=gates,
+            loaded.model, data, loaded.train_config.batch_size, ev.device, lambda n: bar.advance(task, n), observe=gates,
             ranks=ranks,
         )
     record = {
@@ -248,8 +290,8 @@ def evaluate_run(
         "protocol": "full ranking over all items, pessimistic ties, history items not excluded",
         "fingerprints": loaded.config.get("fingerprints", {}),
     }
-    if applied is not None:
-        record["setting"] = applied
+    if ev.applied is not None:
+        record["setting"] = ev.applied
     if gates is not None and gates.result() is not None:
         record["gates"] = gates.result()
     setting_name = setting.name if setting is not None else ""
@@ -259,11 +301,7 @@ def evaluate_run(
     write_ranks(loaded.folder / record["ranks"], torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64))
     name = C.metrics_file(split, setting_name)
     write_json_atomic(loaded.folder / name, record)
-    from .training import recorded_codes
-
-    codes = recorded_codes(ds, loaded.config)  # runs trained before config.json recorded them
-    config = loaded.config if codes is None else {**loaded.config, "codes": codes}
-    return {"config": config, "file": name, **record}
+    return {"config": ev.config, "file": name, **record}
 
 
 def experiment_key(config: dict) -> str:

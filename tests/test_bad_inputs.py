@@ -825,6 +825,35 @@ def test_checkpoint_of_another_dataset_or_model(cli, work, break_run, command, e
 
 
 @pytest.mark.parametrize(
+    "fault, expected",
+    [("no-such-run", "runs/gone: no such run"),
+     ("no-checkpoint", "runs/m/best.pt"),
+     ("bad-config", "runs/m/config.json: field 'model.dim': expected int"),
+     ("other-dataset", "run was trained on dataset 'elsewhere'")],
+)
+def test_several_runs_are_all_checked_before_any_is_written(cli, work, fault, expected):
+    """evaluate --compare: a run that cannot be evaluated is found before the metrics of the
+    runs named before it are written (validate, then act)."""
+    runs = "s,m"
+    if fault == "no-such-run":
+        runs = "s,gone"
+    elif fault == "no-checkpoint":
+        work.path("runs/m/best.pt").unlink()
+    else:
+        path = work.path("runs/m/config.json")
+        config = json.loads(path.read_text())
+        if fault == "bad-config":
+            config["model"]["dim"] = "16"
+        else:
+            config["dataset"] = "elsewhere"
+        path.write_text(json.dumps(config))
+    before = tree_hashes(work.workdir)
+    assert_error(cli(mmsr(work, "evaluate", "--compare", runs)), expected)
+    assert tree_hashes(work.workdir) == before
+    assert temporaries(work.workdir) == []
+
+
+@pytest.mark.parametrize(
     "section, field, value, expected",
     [
         ("model", "dim", "16", "field 'model.dim': expected int, got str '16'"),

@@ -57,7 +57,7 @@ def evaluate_command(
     from rich.table import Table
 
     from ..errors import MmsrError
-    from ..evaluation import compare_runs, evaluate_run
+    from ..evaluation import compare_runs, evaluate_runs
     from ..robustness import Setting
     from ..workdir import DatasetDir
 
@@ -71,7 +71,7 @@ def evaluate_command(
     setting = Setting.from_options(drop_modality, drop_ratio, perturb, perturb_ratio, seed)
     shown = f" / {setting.name}" if setting is not None else ""
     ds = DatasetDir.open(workdir, dataset)
-    records = [evaluate_run(ds, r, split, checkpoint, device, setting) for r in runs]
+    records = evaluate_runs(ds, runs, split, checkpoint, device, setting)  # all checked before any is written
 
     out = Console()  # stdout: the table is the command's data
     if not out.is_terminal:  # piped: do not squeeze the columns into 80 characters
