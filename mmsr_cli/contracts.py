@@ -81,6 +81,8 @@ RANGE_LAYERS = Range(1, 16)
 RANGE_HEADS = Range(1, 64)
 # recommend
 RANGE_TOP_K = Range(1, 1000)
+# tune (its trials train with --epochs and --patience as above)
+RANGE_TRIALS = Range(1, 10000)
 
 # ----------------------------------------------------------------------------------------------
 # Stage names (manifest keys). Per-modality stages are suffixed with ":<modality>".

@@ -217,8 +217,7 @@ def tune(
     optuna = _optuna()
     from .training import load_dataset, train
 
-    if trials < 1:
-        raise MmsrError(f"--trials: must be >= 1, got {trials}")
+    C.RANGE_TRIALS.check("--trials", trials)
     S.check_space(settings.space, settings.model, where="--space")
     if not S.searched(settings.space):
         raise MmsrError("--space: no option is searched (every entry is fixed)")

@@ -132,7 +132,7 @@ def test_tune_refuses_pop_and_bad_options(tmp_path):
     ds = make_toy(tmp_path / "work")
     assert "nothing to tune" in one_error_line(tune(ds, "--model", "pop", "--trials", "1"))
     assert "--timeout: expected a positive duration" in one_error_line(tune(ds, "--model", "sasrec", "--timeout", "soon"))
-    assert "--trials: must be >= 1" in one_error_line(tune(ds, "--model", "sasrec", "--trials", "0"))
+    assert "--trials: must be an integer in 1..10000, got 0" in one_error_line(tune(ds, "--model", "sasrec", "--trials", "0"))
 
 
 @pytest.mark.slow

@@ -7,14 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..app import ConfigOpt, DatasetOpt, SeedOpt, WorkdirOpt, app, console
+from .. import contracts as C
+from ..app import ConfigOpt, DatasetOpt, SeedOpt, WorkdirOpt, app, console, ranged
 
 
 @app.command("tune")
 def tune_command(
     dataset: DatasetOpt,
     model: Annotated[str, typer.Option("--model", "-m", help="Model to tune (any but pop, which has no parameters).")] = "mmsr",
-    trials: Annotated[int, typer.Option("--trials", "-n", help="Finished trials the study should have (a resumed study counts its earlier ones).")] = 20,
+    trials: Annotated[int, ranged("--trials", "-n", rng=C.RANGE_TRIALS, help="Finished trials the study should have (a resumed study counts its earlier ones).")] = 20,
     space: Annotated[
         Optional[Path],
         typer.Option("--space", help="TOML file narrowing the model's search space (lr = {low = 1e-4, high = 3e-3, log = true}, "
@@ -24,8 +25,8 @@ def tune_command(
         Optional[str], typer.Option("--timeout", help="Start no trial after this long (600, 600s, 30m, 2h); the running one finishes.")
     ] = None,
     study: Annotated[Optional[str], typer.Option("--study", help="Study name [default: <model>-<split>-s<seed>].")] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Maximum epochs per trial.")] = 50,
-    patience: Annotated[int, typer.Option("--patience", help="Early stopping of each trial (epochs without validation gain); 0 = never.")] = 5,
+    epochs: Annotated[int, ranged("--epochs", rng=C.RANGE_EPOCHS, help="Maximum epochs per trial.")] = 50,
+    patience: Annotated[int, ranged("--patience", rng=C.RANGE_PATIENCE, help="Early stopping of each trial (epochs without validation gain); 0 = never.")] = 5,
     metric: Annotated[str, typer.Option("--metric", help="Validation metric the study maximises.")] = "ndcg@10",
     seed: SeedOpt = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
