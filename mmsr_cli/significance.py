@@ -138,14 +138,26 @@ def default_pairs(arms: list[Arm], metrics) -> list[tuple[Arm, Arm, str]]:
     return out
 
 
-def parse_pairs(value: str, arms: list[Arm], metrics, option: str) -> list[tuple[Arm, Arm, str]]:
-    """``RUN_A:RUN_B,...``: the experiment of run A against that of run B, on every metric."""
-    by_run = {run: arm for arm in arms for run in arm.runs}
+def pair_names(value: str, option: str, runs: list[str] | None = None) -> list[tuple[str, str]]:
+    """``RUN_A:RUN_B,...`` as (A, B) pairs; with ``runs``, each name must be one of them. What
+    can be checked before any run is evaluated (evaluate checks it before writing anything)."""
     out = []
     for item in value.split(","):
         a, sep, b = item.strip().partition(":")
         if not sep or not a or not b:
             raise MmsrError(f"{option}: expected RUN_A:RUN_B[,RUN_C:RUN_D...], got {item.strip()!r}")
+        for run in (a, b) if runs is not None else ():
+            if run not in runs:
+                raise MmsrError(f"{option}: run {run!r} is not among the compared runs")
+        out.append((a, b))
+    return out
+
+
+def parse_pairs(value: str, arms: list[Arm], metrics, option: str) -> list[tuple[Arm, Arm, str]]:
+    """``RUN_A:RUN_B,...``: the experiment of run A against that of run B, on every metric."""
+    by_run = {run: arm for arm in arms for run in arm.runs}
+    out = []
+    for a, b in pair_names(value, option):
         for run in (a, b):
             if run not in by_run:
                 raise MmsrError(f"{option}: run {run!r} is not among the compared runs (or has no {'clean'} metrics)")

@@ -829,7 +829,8 @@ def test_checkpoint_of_another_dataset_or_model(cli, work, break_run, command, e
     [("no-such-run", "runs/gone: no such run"),
      ("no-checkpoint", "runs/m/best.pt"),
      ("bad-config", "runs/m/config.json: field 'model.dim': expected int"),
-     ("other-dataset", "run was trained on dataset 'elsewhere'")],
+     ("other-dataset", "run was trained on dataset 'elsewhere'"),
+     ("pairs-typo", "--pairs: run 'n' is not among the compared runs")],
 )
 def test_several_runs_are_all_checked_before_any_is_written(cli, work, fault, expected):
     """evaluate --compare: a run that cannot be evaluated is found before the metrics of the
@@ -839,7 +840,7 @@ def test_several_runs_are_all_checked_before_any_is_written(cli, work, fault, ex
         runs = "s,gone"
     elif fault == "no-checkpoint":
         work.path("runs/m/best.pt").unlink()
-    else:
+    elif fault != "pairs-typo":
         path = work.path("runs/m/config.json")
         config = json.loads(path.read_text())
         if fault == "bad-config":
@@ -848,7 +849,8 @@ def test_several_runs_are_all_checked_before_any_is_written(cli, work, fault, ex
             config["dataset"] = "elsewhere"
         path.write_text(json.dumps(config))
     before = tree_hashes(work.workdir)
-    assert_error(cli(mmsr(work, "evaluate", "--compare", runs)), expected)
+    pairs = ["--pairs", "m:n"] if fault == "pairs-typo" else []
+    assert_error(cli(mmsr(work, "evaluate", "--compare", runs, *pairs)), expected)
     assert tree_hashes(work.workdir) == before
     assert temporaries(work.workdir) == []
 
