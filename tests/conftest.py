@@ -87,7 +87,7 @@ def make_items(tmp_path, rows: list[dict], name: str = "toy"):
     from mmsr_cli.workdir import DatasetDir, write_parquet_atomic
 
     ds = DatasetDir.open(tmp_path, name)
-    cols = {f: [r.get(f) for r in rows] for f in ("title", "categories", "brand", "description", "image_path")}
+    cols = {f: [r.get(f) for r in rows] for f in ("title", "categories", "brand", "description", "features", "image_path")}
     table = pa.table(
         {
             "item_idx": pa.array(range(len(rows)), pa.int32()),
@@ -137,3 +137,51 @@ def run_cli_limited(args: list, memory_limit_bytes: int, timeout: float = 600) -
         out.seek(0)
         err.seek(0)
         return LimitedRun(proc.returncode, out.read(), err.read(), usage.ru_maxrss / 1024)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny, randomly initialised Hugging Face models saved to a folder (no hub access in tests)
+
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [
+    str(d) for d in range(10)
+]
+
+
+def tiny_hf_model(kind: str, folder: Path) -> Path:
+    """Save a tiny random ``kind`` model to ``folder``: text towers ``siglip-text``/``clip-text``
+    (with a WordPiece tokenizer), image models ``clip``, ``siglip``, ``dinov2``, ``vit`` (with an
+    image processor at 32x32 pixels)."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    if kind in ("siglip-text", "clip-text"):
+        (folder / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+        T.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+        text = dict(small, vocab_size=len(TINY_VOCAB), max_position_embeddings=24)
+        if kind == "siglip-text":
+            model = T.SiglipTextModel(T.SiglipTextConfig(**text, pad_token_id=0, bos_token_id=2, eos_token_id=3))
+        else:
+            model = T.CLIPTextModelWithProjection(T.CLIPTextConfig(**text, projection_dim=8, bos_token_id=2, eos_token_id=3))
+        model.save_pretrained(folder)
+        return folder
+    vision = dict(small, image_size=32, patch_size=8)
+    if kind == "clip":
+        model = T.CLIPVisionModelWithProjection(T.CLIPVisionConfig(**vision, projection_dim=8))
+        processor = T.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    elif kind == "siglip":
+        model = T.SiglipVisionModel(T.SiglipVisionConfig(**vision))
+        processor = T.SiglipImageProcessor(size={"height": 32, "width": 32})
+    elif kind == "dinov2":
+        model = T.Dinov2Model(T.Dinov2Config(**vision))
+        processor = T.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    elif kind == "vit":
+        model = T.ViTModel(T.ViTConfig(**vision), add_pooling_layer=False)
+        processor = T.ViTImageProcessor(size={"height": 32, "width": 32})
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

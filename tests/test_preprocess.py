@@ -101,13 +101,13 @@ def test_sequence_format_texts_images_and_first_appearance_ids(cli, tmp_path):
     # Ids: order of first appearance in the file (b, a, c from u1, then d from u2).
     assert items.to_pylist() == [
         dict(item_idx=0, item_id="b", title="L'Oreal & Co", categories=["Beauty", "Nails"], brand=None,
-             description=None, image_path=None, n_interactions=2),
+             description=None, features=None, image_path=None, n_interactions=2),
         dict(item_idx=1, item_id="a", title=None, categories=None, brand=None, description="Soft <b>",
-             image_path="raw/images/a.jpg", n_interactions=2),
+             features=None, image_path="raw/images/a.jpg", n_interactions=2),
         dict(item_idx=2, item_id="c", title=None, categories=None, brand=None, description=None,
-             image_path=None, n_interactions=2),
+             features=None, image_path=None, n_interactions=2),
         dict(item_idx=3, item_id="d", title=None, categories=None, brand=None, description=None,
-             image_path=None, n_interactions=1),
+             features=None, image_path=None, n_interactions=1),
     ]
     users = pq.read_table(ds.path(C.USERS))
     assert users.to_pylist() == [
@@ -360,7 +360,7 @@ GOOD_SEQ = tsv(("u1", "a b c"), ("u2", "a b c"))
         ({"raw/other.txt": "x"}, [], r"raw: no interaction file found"),
         ({C.RAW_SEQUENCES: GOOD_SEQ}, ["--core", "5"], r"no interactions left after the 5-core filter"),
         ({C.RAW_SEQUENCES: tsv(("u1", "a b"), ("u2", "b a"))}, ["--core", "2"], r"every user is too short"),
-        ({C.RAW_SEQUENCES: GOOD_SEQ}, ["--split", "random"], r"--split: expected one of loo, ratio, got 'random'"),
+        ({C.RAW_SEQUENCES: GOOD_SEQ}, ["--split", "random"], r"--split: expected one of loo, ratio, official, got 'random'"),
         ({C.RAW_SEQUENCES: GOOD_SEQ}, ["--split", "ratio", "--test-ratio", "1.5"], r"--test-ratio: must be a number strictly between 0 and 1"),
         ({C.RAW_SEQUENCES: GOOD_SEQ}, ["--test-ratio", "0"], r"--test-ratio: must be a number strictly between 0 and 1"),
         ({C.RAW_SEQUENCES: GOOD_SEQ}, ["--max-len", "0"], r"--max-len: must be an integer in 1\.\.1000, got 0"),

@@ -16,8 +16,9 @@ from ..workdir import DatasetDir
 @app.command(
     "download",
     help=f"Fetch raw data into <workdir>/<dataset>/raw/. Known datasets: {', '.join(KNOWN_DATASETS)} "
-    "(synthetic is generated locally); any other name needs --from DIR. Re-running skips complete "
-    "files and resumes partial ones.",
+    "(Amazon 2014; synthetic is generated locally), and amazon2023-<Category> (Amazon Reviews 2023 "
+    "from the Hugging Face hub, e.g. amazon2023-All_Beauty; HF_ENDPOINT selects a mirror); any other "
+    "name needs --from DIR. Re-running skips complete files and resumes partial ones.",
 )
 def download(
     dataset: DatasetOpt,
@@ -35,12 +36,23 @@ def download(
         Optional[str],
         typer.Option("--base-url", help="Host and folder of the Amazon files (a mirror) instead of the SNAP one."),
     ] = None,
+    benchmark: Annotated[
+        Optional[str],
+        typer.Option("--benchmark", help="Amazon 2023: fetch the official 5-core split files of this "
+                     "split (last_out, last_out_w_his, timestamp, timestamp_w_his) instead of the raw "
+                     "reviews; then `preprocess --split official`."),
+    ] = None,
+    revision: Annotated[
+        Optional[str],
+        typer.Option("--revision", help="Amazon 2023: hub revision (branch, tag or commit hash) to pin."),
+    ] = None,
     workdir: WorkdirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     ds = DatasetDir.open(workdir, dataset)
     opts = DownloadOptions(
-        images=images, workers=workers, retries=retries, timeout=timeout, base_url=base_url, from_dir=from_dir
+        images=images, workers=workers, retries=retries, timeout=timeout, base_url=base_url, from_dir=from_dir,
+        benchmark=benchmark, revision=revision,
     )
     with ds.writing(create=True):
         result = run_download(ds, opts)

@@ -39,7 +39,7 @@ def extract_features_command(
     fields: Annotated[
         str,
         typer.Option("--fields", help="text only: item fields joined into the text, in order "
-                     "(title, categories, brand, description)."),
+                     "(title, categories, brand, description, features; features: Amazon 2023 only)."),
     ] = "title,categories,brand",
     max_length: Annotated[int, ranged("--max-length", rng=C.RANGE_TEXT_TOKENS, help="text only: truncate to N tokens.")] = 128,
     batch_size: Annotated[int, ranged("--batch-size", rng=C.RANGE_FEATURE_BATCH, help="Items per forward pass.")] = 32,

@@ -21,7 +21,8 @@ def preprocess_command(
         str,
         typer.Option(
             "--split",
-            help="loo: last item test, second-to-last valid; ratio: last --test-ratio of each user test.",
+            help="loo: last item test, second-to-last valid; ratio: last --test-ratio of each user test; "
+            "official: the train/valid/test files of Amazon 2023's benchmark, kept exactly (no --core filter).",
         ),
     ] = "loo",
     test_ratio: Annotated[

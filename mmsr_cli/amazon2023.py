@@ -1,0 +1,312 @@
+"""Amazon Reviews 2023 (McAuley Lab): fetch from the Hugging Face hub, detect and read its files.
+
+The release is the hub dataset repository ``McAuley-Lab/Amazon-Reviews-2023``. Per category
+(``All_Beauty``, ``Video_Games``, ...) it holds
+
+* ``raw/review_categories/<Category>.jsonl``: one review per line (``user_id``, ``parent_asin``,
+  ``timestamp`` in milliseconds, ...);
+* ``raw/meta_categories/meta_<Category>.jsonl``: one item per line (``parent_asin``, ``title``,
+  ``features`` and ``description`` lists, ``categories``, ``store``, ``images`` with
+  ``thumb``/``large``/``hi_res`` URLs);
+* ``benchmark/5core/<split>/<Category>.{train,valid,test}.csv``: the official 5-core splits
+  (``user_id,parent_asin,rating,timestamp``; the ``*_w_his`` variants add a ``history`` column).
+
+A dataset named ``amazon2023-<Category>`` is downloaded into ``raw/amazon2023/`` in that same
+layout with :func:`huggingface_hub.hf_hub_download` (its resume of partial files, its up-to-date
+checks, ``--revision`` pinning and the ``HF_ENDPOINT`` mirror variable), so a snapshot of the
+release copied there by hand reads the same way. Items are ``parent_asin`` as in the benchmark.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import contracts as C
+from .errors import MmsrError
+from .preprocess import (
+    ItemMeta,
+    RawLog,
+    _Coder,
+    _clean_categories,
+    _clean_text,
+    _frame,
+    _iter_lines,
+    _parse_record,
+    _required_id,
+)
+
+REPO_ID = "McAuley-Lab/Amazon-Reviews-2023"
+DATASET_PREFIX = "amazon2023-"
+RAW_SUBDIR = f"{C.RAW_DIR}/amazon2023"  # the release's layout below this folder
+BENCHMARK_SPLITS = ("last_out", "last_out_w_his", "timestamp", "timestamp_w_his")
+SPLIT_FILES = ("train", "valid", "test")
+# Image size keys of a metadata image, largest first.
+IMAGE_SIZES = ("hi_res", "large", "thumb")
+
+
+def category_of(dataset: str) -> str | None:
+    """``Video_Games`` for the dataset name ``amazon2023-Video_Games``; None for other names."""
+    if not dataset.startswith(DATASET_PREFIX):
+        return None
+    category = dataset[len(DATASET_PREFIX):]
+    if not category:
+        raise MmsrError(f"--dataset {dataset}: name the category, e.g. {DATASET_PREFIX}All_Beauty")
+    return category
+
+
+def review_file(category: str) -> str:
+    return f"raw/review_categories/{category}.jsonl"
+
+
+def meta_file(category: str) -> str:
+    return f"raw/meta_categories/meta_{category}.jsonl"
+
+
+def benchmark_files(category: str, split: str) -> list[str]:
+    return [f"benchmark/5core/{split}/{category}.{part}.csv" for part in SPLIT_FILES]
+
+
+# ----------------------------------------------------------------------------------------------
+# Download
+
+
+@dataclass
+class HubFiles:
+    files: list[str]  # relative to the dataset folder
+    bytes: int
+    transferred: int  # bytes of the files that were absent or changed before this call
+    skipped: int  # files already up to date
+    commit: str | None  # the revision's commit hash, as the hub reported it
+
+
+def hub_download(ds_root: Path, category: str, benchmark: str | None, revision: str | None,
+                 log: logging.Logger) -> HubFiles:
+    """Reviews + metadata, or the ``benchmark`` split files + metadata, into ``raw/amazon2023/``."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import errors as hf_errors
+
+    if benchmark is not None and benchmark not in BENCHMARK_SPLITS:
+        raise MmsrError(f"--benchmark: expected one of {', '.join(BENCHMARK_SPLITS)}, got {benchmark!r}")
+    names = [meta_file(category)]
+    names += benchmark_files(category, benchmark) if benchmark else [review_file(category)]
+    local_dir = ds_root / RAW_SUBDIR
+    endpoint = os.environ.get("HF_ENDPOINT") or None  # read now, not when huggingface_hub was imported
+    files, size, transferred, skipped = [], 0, 0, 0
+    for name in names:
+        before = _stamp(local_dir / name)
+        try:
+            path = hf_hub_download(
+                REPO_ID, name, repo_type="dataset", revision=revision, local_dir=local_dir, endpoint=endpoint
+            )
+        except hf_errors.RevisionNotFoundError:
+            raise MmsrError(f"--revision {revision}: not a revision of {REPO_ID}") from None
+        except hf_errors.RemoteEntryNotFoundError:
+            raise MmsrError(
+                f"--dataset {DATASET_PREFIX}{category}: {name} is not in {REPO_ID} "
+                "(category names are spelled as in the release, e.g. All_Beauty, Video_Games)"
+            ) from None
+        except hf_errors.RepositoryNotFoundError:
+            raise MmsrError(f"{endpoint or 'huggingface.co'}: dataset {REPO_ID} not found") from None
+        except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MmsrError(f"{name}: download from {endpoint or 'huggingface.co'} failed ({first})") from None
+        files.append(f"{RAW_SUBDIR}/{name}")
+        file_size = Path(path).stat().st_size
+        size += file_size
+        unchanged = before is not None and before == _stamp(Path(path))
+        skipped += unchanged
+        transferred += 0 if unchanged else file_size
+        log.info("%s -> %s (%s)", name, path, "up to date" if unchanged else f"{file_size} bytes")
+    return HubFiles(files, size, transferred, skipped, _local_commit(local_dir, names[0]))
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _local_commit(local_dir: Path, name: str) -> str | None:
+    """The commit hash huggingface_hub recorded for a file it downloaded into ``local_dir``."""
+    try:  # a private module of huggingface_hub: the commit is then simply not recorded
+        from huggingface_hub._local_folder import read_download_metadata
+
+        meta = read_download_metadata(local_dir, name)
+    except (ImportError, OSError, ValueError):
+        return None
+    return meta.commit_hash if meta is not None else None
+
+
+def image_url(images, where: str) -> str | None:
+    """The largest URL of the main image (variant ``MAIN``, else the first) of a metadata record."""
+    if images is None:
+        return None
+    if not isinstance(images, list) or not all(isinstance(im, dict) for im in images):
+        raise MmsrError(f"{where}: field 'images' must be a list of objects")
+    if not images:
+        return None
+    main = next((im for im in images if im.get("variant") == "MAIN"), images[0])
+    for key in IMAGE_SIZES:
+        url = main.get(key)
+        if isinstance(url, str) and url.startswith(("http://", "https://")):
+            return url
+    return None
+
+
+def meta_image_urls(path: Path, wanted: set[str]) -> tuple[dict[str, str], int]:
+    """Image URL of each wanted item (largest size of its main image), and the number without one."""
+    urls: dict[str, str] = {}
+    for lineno, line in _iter_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        rec = _parse_record(line, where, allow_literal=False)
+        item = _required_id(rec, "parent_asin", where)
+        if item in wanted:
+            url = image_url(rec.get("images"), where)
+            if url:
+                urls[item] = url
+    return dict(sorted(urls.items())), len(wanted) - len(urls)
+
+
+# ----------------------------------------------------------------------------------------------
+# Detecting and reading the files in raw/amazon2023/
+
+
+@dataclass
+class Files:
+    category: str
+    reviews: Path | None
+    meta: Path | None
+    benchmarks: dict[str, list[Path]]  # split -> [train, valid, test]
+
+
+def detect(raw: Path) -> Files | None:
+    """The release's files under ``raw/amazon2023/`` (one category), or None when there are none."""
+    root = raw / "amazon2023"
+    if not root.is_dir():
+        return None
+    cats = {p.name[: -len(".jsonl")] for p in (root / "raw/review_categories").glob("*.jsonl")}
+    cats |= {p.name[len("meta_"): -len(".jsonl")] for p in (root / "raw/meta_categories").glob("meta_*.jsonl")}
+    cats |= {p.name[: -len(".train.csv")] for p in (root / "benchmark/5core").glob("*/*.train.csv")}
+    if not cats:
+        return None
+    if len(cats) > 1:
+        raise MmsrError(f"{root}: files of several categories ({', '.join(sorted(cats))}); keep one")
+    (cat,) = cats
+    benchmarks = {}
+    for split in BENCHMARK_SPLITS:
+        paths = [root / rel for rel in benchmark_files(cat, split)]
+        if any(p.is_file() for p in paths):
+            for p in paths:
+                if not p.is_file():
+                    raise MmsrError(f"{p}: file not found (the {split} split needs train, valid and test)")
+            benchmarks[split] = paths
+    reviews, meta = root / review_file(cat), root / meta_file(cat)
+    return Files(cat, reviews if reviews.is_file() else None, meta if meta.is_file() else None, benchmarks)
+
+
+def _timestamp(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise MmsrError(f"{where}: field 'timestamp' must be an integer (milliseconds)")
+    try:
+        return int(value)
+    except ValueError:
+        raise MmsrError(f"{where}: field 'timestamp' must be an integer (milliseconds), got {value!r}") from None
+
+
+def read_reviews(path: Path, on_bytes=None) -> RawLog:
+    """Reviews as interactions: user ``user_id``, item ``parent_asin``, time ``timestamp`` (ms)."""
+    users, items = _Coder(), _Coder()
+    u_col: list[int] = []
+    i_col: list[int] = []
+    ts_col: list[int] = []
+    for lineno, line in _iter_lines(path, on_bytes):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        rec = _parse_record(line, where, allow_literal=False)
+        u_col.append(users(_required_id(rec, "user_id", where)))
+        i_col.append(items(_required_id(rec, "parent_asin", where)))
+        if "timestamp" not in rec:
+            raise MmsrError(f"{where}: field 'timestamp' missing")
+        ts_col.append(_timestamp(rec["timestamp"], where))
+    return RawLog(_frame(u_col, i_col, ts_col), users.names, items.names, "amazon2023", ts_per_second=1000)
+
+
+def read_official(paths: list[Path], on_bytes=None) -> RawLog:
+    """The three split files of one official split; the frame gains ``split`` (0, 1, 2).
+
+    Histories are not read from the ``history`` column of the ``*_w_his`` files: they are the
+    user's earlier rows in time order, which is what the release wrote there.
+    """
+    users, items = _Coder(), _Coder()
+    u_col: list[int] = []
+    i_col: list[int] = []
+    ts_col: list[int] = []
+    split_col: list[int] = []
+    offset = 0  # bytes of the files before this one, for the progress callback
+    for split_idx, path in enumerate(paths):
+        progress = None if on_bytes is None else (lambda done, offset=offset: on_bytes(offset + done))
+        offset += path.stat().st_size
+        for lineno, line in _iter_lines(path, progress):
+            if not line.strip():
+                continue
+            fields = next(csv.reader([line]))
+            if lineno == 1 and fields[:2] == ["user_id", "parent_asin"]:
+                continue  # header
+            where = f"{path}:{lineno}"
+            if len(fields) < 4:
+                raise MmsrError(f"{where}: expected user_id,parent_asin,rating,timestamp; got {len(fields)} field(s)")
+            user, item = fields[0].strip(), fields[1].strip()
+            if not user:
+                raise MmsrError(f"{where}: field 'user_id' is empty")
+            if not item:
+                raise MmsrError(f"{where}: field 'parent_asin' is empty")
+            u_col.append(users(user))
+            i_col.append(items(item))
+            ts_col.append(_timestamp(fields[3].strip(), where))
+            split_col.append(split_idx)
+    frame = _frame(u_col, i_col, ts_col).with_columns(split=np.asarray(split_col, dtype=np.int8))
+    return RawLog(frame, users.names, items.names, "amazon2023-official", ts_per_second=1000)
+
+
+def _string_list(value, where: str, name: str) -> list[str] | None:
+    """A list of strings with the blanks dropped; a plain string counts as a list of one."""
+    if isinstance(value, str):
+        value = [value]
+    return _clean_categories(value, where, name)
+
+
+def read_meta(path: Path, wanted: set[str]) -> dict[str, ItemMeta]:
+    """Item texts of the wanted items: title, features, description (joined), categories, store."""
+    meta: dict[str, ItemMeta] = {}
+    first_line: dict[str, int] = {}
+    for lineno, line in _iter_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        rec = _parse_record(line, where, allow_literal=False)
+        item = _required_id(rec, "parent_asin", where)
+        if item in first_line:
+            raise MmsrError(f"{where}: duplicate parent_asin '{item}' (first on line {first_line[item]})")
+        first_line[item] = lineno
+        if item not in wanted:
+            continue
+        description = _string_list(rec.get("description"), where, "description")
+        meta[item] = ItemMeta(
+            title=_clean_text(rec.get("title"), where, "title"),
+            categories=_string_list(rec.get("categories"), where, "categories"),
+            brand=_clean_text(rec.get("store"), where, "store"),
+            description=" ".join(description) if description else None,
+            features=_string_list(rec.get("features"), where, "features"),
+        )
+    return meta
