@@ -4,8 +4,9 @@ Paper section 4.1 ("Nodes and their initialization"): image features ``e_a`` com
 ResNet-50 pretrained on ImageNet, text features ``e_b`` from a pretrained T5 encoder, one
 separate model per modality. Here any torchvision classification network can stand in for the
 ResNet-50 (features = the input of its final classifier layer, 2048-d avgpool output for
-ResNet-50), and any Hugging Face encoder for T5 (features = mean of the last hidden states over
-the real tokens).
+ResNet-50), or a vision model of the Hugging Face hub (CLIP/SigLIP vision towers, DINOv2, ViT;
+:mod:`mmsr_cli.hf_encoders`), and any Hugging Face encoder for T5 (features = mean of the last
+hidden states over the real tokens; CLIP/SigLIP text towers give their pooled embedding).
 
 Items without usable input (no image, a missing/empty/corrupt file, an empty text) are recorded
 as missing with a reason; their rows in the tensor are zero and must not be read as features.
@@ -198,14 +199,21 @@ class TextEncoder:
         self.source = str(source)
         if local and not (Path(source) / "config.json").exists():
             raise MmsrError(f"--model {model}: {source} is not a Hugging Face model folder (no config.json)")
+        from .hf_encoders import TEXT_TOWER_TYPES, TextTower, model_type
+
+        self.tower = None
         try:
             config = transformers.AutoConfig.from_pretrained(self.source, local_files_only=local)
-            model_cls = {
-                "t5": transformers.T5EncoderModel,
-                "mt5": transformers.MT5EncoderModel,
-            }.get(config.model_type, transformers.AutoModel)
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.source, local_files_only=local)
-            net = model_cls.from_pretrained(self.source, config=config, local_files_only=local)
+            if model_type(config) in TEXT_TOWER_TYPES:  # CLIP/SigLIP: the tower's pooled embedding
+                self.tower = TextTower(model_type(config), self.source, local)
+                net = self.tower.net
+            else:
+                model_cls = {
+                    "t5": transformers.T5EncoderModel,
+                    "mt5": transformers.MT5EncoderModel,
+                }.get(config.model_type, transformers.AutoModel)
+                net = model_cls.from_pretrained(self.source, config=config, local_files_only=local)
         except (OSError, ValueError) as e:
             if local:
                 raise MmsrError(f"--model {model}: cannot load the model in {source} ({_first_line(e)})") from e
@@ -219,16 +227,21 @@ class TextEncoder:
         self.device = device
         self.dtype = dtype
         self.max_length = max_length
-        self.dim = int(getattr(config, "d_model", None) or config.hidden_size)
+        self.dim = self.tower.dim if self.tower else int(getattr(config, "d_model", None) or config.hidden_size)
 
     def encode(self, texts: list[str]):
         import torch
 
-        batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        if self.tower is not None:
+            batch = self.tower.tokenize(self.tokenizer, texts, self.max_length)
+        else:
+            batch = self.tokenizer(
+                texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
         batch = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         with torch.inference_mode(), _autocast(self.device, self.dtype):
+            if self.tower is not None:
+                return self.tower.pool(batch).to(torch.float32).cpu()
             hidden = self.net(**batch).last_hidden_state
         return mean_pool(hidden, batch["attention_mask"]).cpu()
 
@@ -426,6 +439,21 @@ class ImageEncoder:
         return out.to(torch.float32).flatten(1).cpu()
 
 
+def image_encoder(model: str, weights: str, device, dtype):
+    """A torchvision classifier by name, else an image model of the Hugging Face hub (name or folder)."""
+    import torchvision
+
+    if model in set(torchvision.models.list_models(module=torchvision.models)):
+        return ImageEncoder(model, weights, device, dtype)
+    if "/" not in model and not Path(model).expanduser().exists():
+        return ImageEncoder(model, weights, device, dtype)  # its error lists torchvision names
+    if weights != "default":
+        raise MmsrError(f"--weights {weights}: only for torchvision models; {model} loads its own weights")
+    from .hf_encoders import HubImageEncoder
+
+    return HubImageEncoder(model, device, dtype)
+
+
 def _drop_final_linear(net, model: str) -> int:
     """Replace the last ``nn.Linear`` (the classifier) by identity; return its input size."""
     from torch import nn
@@ -572,8 +600,8 @@ def run(ds: DatasetDir, opts: FeatureOptions, *, on_chunk: Callable[[int], None]
         rows = items.select([f for f in opts.fields]).to_pylist()
         inputs: list[Any] = [item_text(r, opts.fields) for r in rows]
     else:
-        encoder = ImageEncoder(opts.model, opts.weights, device, dtype)
-        model_source, weights_label = opts.model, encoder.weights_label
+        encoder = image_encoder(opts.model, opts.weights, device, dtype)
+        model_source, weights_label = getattr(encoder, "source", opts.model), encoder.weights_label
         inputs = items.column("image_path").to_pylist()
     dim = encoder.dim
 

