@@ -14,7 +14,8 @@ A run lives in ``<dataset>/runs/<run>/``:
   atomically after every epoch; ``--resume`` (the default) continues from it, and on CPU the result
   equals that of an uninterrupted run (shuffling is seeded per epoch, the dropout RNG is restored);
 * ``best.pt``: the model's state_dict at the best validation epoch;
-* ``history.json``, ``history.csv``, ``curve.png``: per-epoch loss, validation metrics and time.
+* ``history.json``, ``history.csv``, ``curve.png``: per-epoch loss, validation metrics and time;
+  ``events.out.tfevents.*``: the same numbers for TensorBoard (tensorboard_log.py; ``--no-tensorboard``).
 
 Under ``torchrun`` the run is data-parallel over the launched processes (distributed.py: global
 batch ``--batch-size`` split over the ranks, sharded validation, rank 0 writes every file).
@@ -528,6 +529,7 @@ def train(
     *,
     resume: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
+    tensorboard: bool = True,
 ) -> TrainResult:
     """Train (or resume) the run ``tc.run_name``; see the module docstring for the files. Under
     torchrun, every launched process joins the process group for the run (distributed.py).
@@ -543,11 +545,13 @@ def train(
         # One writer per run folder (rank 0 alone writes it under torchrun).
         lock = writer_lock(ds.path(C.run_lock(run)), f"run {run}") if distributed.is_main() else contextlib.nullcontext()
         with lock:
-            return _train(ds, tc, mc, resume=resume, on_epoch=on_epoch)
+            return _train(ds, tc, mc, resume=resume, on_epoch=on_epoch, tensorboard=tensorboard)
 
 
-def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool, on_epoch=None) -> TrainResult:
+def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool, on_epoch=None,
+           tensorboard: bool = True) -> TrainResult:
     from .runtime import TRIM_EVERY_STEPS, progress, release_freed_memory, resolve_device, set_seed
+    from .tensorboard_log import GateStats, RunWriter
 
     tc.validate()
     mc = check_model_config(ModelConfig(**{**asdict(mc), "model": tc.model}))
@@ -625,7 +629,8 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool, on
         n_batches = min(n_batches, tc.max_steps)
     n_valid_batches = math.ceil(len(valid_split) / tc.batch_size)
 
-    with progress(transient=True) as bar:
+    tb = RunWriter(folder, tensorboard and distributed.is_main())
+    with progress(transient=True) as bar, contextlib.closing(tb):
         for epoch in range(start_epoch, epochs + 1):
             if stopped:
                 break
@@ -636,6 +641,7 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool, on
             if distributed.active():  # per-rank dropout masks, reproducible on resume
                 torch.manual_seed(int(np.random.SeedSequence([tc.seed, epoch, distributed.rank()]).generate_state(1)[0]))
             step.train()
+            gates = GateStats()
             loss_sum, steps = torch.zeros((), dtype=torch.float64, device=device), 0
             for b in range(n_batches):
                 global_batch = order[b * tc.batch_size : (b + 1) * tc.batch_size]
@@ -655,6 +661,8 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool, on
                     if tc.clip_norm > 0:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
                     optimizer.step()
+                if tb.writer is not None:
+                    gates.add(model)
                 loss_sum += loss.detach()
                 steps += 1
                 if steps % TRIM_EVERY_STEPS == 0:
@@ -706,6 +714,7 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool, on
                 },
             )
             write_history(folder, history, tc.metric)
+            tb.epoch(row, optimizer.param_groups[0]["lr"] if optimizer is not None else None, gates)
             log.info("epoch %d: loss %.5f, valid %s, %.2fs", epoch, mean_loss, json.dumps(valid), t2 - t0)
             if stopped:
                 log.info("early stop: no %s improvement for %d epochs", tc.metric, bad_epochs)

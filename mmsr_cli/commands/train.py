@@ -64,6 +64,11 @@ def train_command(
     ] = None,
     max_steps: Annotated[int, ranged("--max-steps", rng=C.RANGE_MAX_STEPS, help="At most N training batches per epoch (smoke runs); 0 = all.")] = 0,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the run from its last.pt if present.")] = True,
+    tensorboard: Annotated[
+        bool,
+        typer.Option("--tensorboard/--no-tensorboard", help="Write TensorBoard event files (loss, validation "
+                     "metrics, learning rate, seconds per epoch, MMSR gate statistics) into the run folder."),
+    ] = True,
     metric: Annotated[str, typer.Option("--metric", help="Validation metric for early stopping and best.pt.")] = "ndcg@10",
     drop_modality: Annotated[
         Optional[str],
@@ -153,6 +158,6 @@ def train_command(
         from ..training import default_run_name
 
         tc = replace(tc, run_name=f"{model}-{mc.aggregator}{default_run_name(ds, tc)[len(model):]}")
-    result = train(ds, tc, mc, resume=resume)
+    result = train(ds, tc, mc, resume=resume, tensorboard=tensorboard)
     if launched_main():  # under torchrun: rank 0 only
         console.print(result.summary(tc.metric), markup=False, highlight=False, soft_wrap=True)
