@@ -101,13 +101,14 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 @torch.no_grad()
 def evaluate_split(model, split, batch_size: int, device: torch.device, progress=None, observe=None,
-                   ranks: list | None = None) -> dict[str, float]:
+                   ranks: list | None = None, on_scores=None) -> dict[str, float]:
     """Mean metrics of ``model`` over every sample of ``split`` (full ranking; see module doc).
 
     Returns the metrics plus ``n`` (number of samples). ``observe(model)`` runs after each batch
     is scored (e.g. :class:`GateStatistics` reading the model's last forward). Under torchrun
     (distributed.py) each rank scores its slice of the samples and the sums are all-reduced.
-    ``ranks``, a list, receives each batch's target ranks (CPU int64, sample order; one process).
+    ``ranks``, a list, receives each batch's target ranks (CPU int64, sample order; one process);
+    ``on_scores(scores, targets)`` sees each batch's score matrix (popularity.BeyondAccuracy).
     """
     from . import distributed
 
@@ -119,9 +120,12 @@ def evaluate_split(model, split, batch_size: int, device: torch.device, progress
         for positions in batches(len(rows), batch_size):
             idx = rows[positions]
             batch = to_device(split.collate(idx), device)
-            batch_ranks = acc.add(model.score(batch), batch["target"])
+            scores = model.score(batch)
+            batch_ranks = acc.add(scores, batch["target"])
             if ranks is not None:
                 ranks.append(batch_ranks.cpu())
+            if on_scores is not None:
+                on_scores(scores, batch["target"])
             if observe is not None:
                 observe(model)
             if progress is not None:
@@ -271,13 +275,17 @@ def _score(ds, run: str, split: str, checkpoint: str, setting, ev: _Evaluation) 
 
     loaded, data = ev.loaded, ev.data
     gates = gate_statistics_for(loaded.model, loaded.config)
+    from .popularity import BeyondAccuracy, item_popularity
+
+    info = loaded.bundle.info
+    beyond = BeyondAccuracy(item_popularity(ds, info.n_users, info.n_items))
     t0 = time.perf_counter()
     ranks: list[torch.Tensor] = []
     with progress(transient=True) as bar:
         task = bar.add_task(f"{run} {split}", total=len(data))
         metrics = evaluate_split(
             loaded.model, data, loaded.train_config.batch_size, ev.device, lambda n: bar.advance(task, n), observe=gates,
-            ranks=ranks,
+            ranks=ranks, on_scores=beyond,
         )
     record = {
         "run": run,
@@ -294,6 +302,7 @@ def _score(ds, run: str, split: str, checkpoint: str, setting, ev: _Evaluation) 
         record["setting"] = ev.applied
     if gates is not None and gates.result() is not None:
         record["gates"] = gates.result()
+    record["beyond"] = beyond.result()  # coverage, recommended popularity, popularity buckets
     setting_name = setting.name if setting is not None else ""
     record["ranks"] = C.ranks_file(split, setting_name)  # per-sample ranks for paired tests (significance.py)
     from .significance import write_ranks

@@ -10,6 +10,24 @@ from .. import contracts as C
 from ..app import ConfigOpt, DatasetOpt, SeedOpt, WorkdirOpt, app, console, parse_list, ranged
 
 SHOWN = ("hr@5", "hr@10", "hr@20", "mrr@5", "mrr@10", "mrr@20", "ndcg@5", "ndcg@10", "ndcg@20")
+BEYOND_SHOWN = ("coverage@10", "avg_pop@10", "hr@10/head", "hr@10/torso", "hr@10/tail", "hr@10/rare",
+                "ndcg@10/head", "ndcg@10/torso", "ndcg@10/tail", "ndcg@10/rare")
+
+
+def _bucket_table(beyond: dict):
+    from rich.table import Table
+
+    from ..popularity import BUCKETS
+
+    table = Table(title="by the target's training popularity")
+    for col in ("bucket", "items", "popularity", "samples", "hr@10", "ndcg@10", "mrr@10"):
+        table.add_column(col, justify="left" if col == "bucket" else "right")
+    for name in BUCKETS:
+        b = beyond["buckets"][name]
+        lo_hi = b["popularity_range"]
+        table.add_row(name, f"{b['items']:,}", "-" if lo_hi is None else f"{lo_hi[0]}-{lo_hi[1]}", f"{b['n']:,}",
+                      *("-" if b["metrics"].get(m) is None else f"{b['metrics'][m]:.4f}" for m in ("hr@10", "ndcg@10", "mrr@10")))
+    return table
 
 
 @app.command("evaluate")
@@ -46,7 +64,9 @@ def evaluate_command(
     workdir: WorkdirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Rank all items for every sample of a split (pessimistic ties); HR, MRR, NDCG @5/10/20.
+    """Rank all items for every sample of a split (pessimistic ties); HR, MRR, NDCG @5/10/20,
+    catalogue coverage@K and recommended-item popularity@K, and the metrics per popularity bucket of
+    the target item (head, torso, tail, rare; popularity.py).
 
     Writes runs/<run>/metrics_<split>.json (and the per-sample ranks, ranks_<split>.npy) and prints a
     table on stdout; with --drop-modality or
@@ -88,7 +108,11 @@ def evaluate_command(
         table.add_column("value", justify="right")
         for m in SHOWN:
             table.add_row(m, f"{rec['metrics'][m]:.4f}")
+        for name, value in rec["beyond"].items():
+            if name.startswith(("coverage@", "avg_pop@")):
+                table.add_row(name, f"{value:.4f}" if name.startswith("coverage") else f"{value:.1f}")
         out.print(table)
+        out.print(_bucket_table(rec["beyond"]))
         console.print(
             f"{run}: {split} hr@10 {rec['metrics']['hr@10']:.4f}, ndcg@10 {rec['metrics']['ndcg@10']:.4f} "
             f"-> {ds.path('runs')}/{run}/{rec['file']}",
@@ -119,6 +143,20 @@ def evaluate_command(
             *(f"{g['mean'][m]:.4f}" + (f" ± {g['std'][m]:.4f}" if spread else "")
               + (sig.MARK if (g["experiment"], m) in marked else "") for m in SHOWN),
         )
+    out.print(table)
+    from ..popularity import flat_metrics
+
+    beyond = compare_runs([{**r, "metrics": flat_metrics(r["beyond"])} for r in records])
+    shown_beyond = [m for m in BEYOND_SHOWN if all(m in g["mean"] for g in beyond)]
+    table = Table(title="coverage, recommended popularity, and metrics by the target's training popularity")
+    table.add_column("experiment")
+    for m in shown_beyond:
+        table.add_column(m, justify="right")
+    for g in beyond:
+        spread = len(g["seeds"]) > 1
+        table.add_row(g["experiment"], *(
+            (f"{g['mean'][m]:.1f}" + (f" ± {g['std'][m]:.1f}" if spread else "")) if m.startswith("avg_pop")
+            else (f"{g['mean'][m]:.4f}" + (f" ± {g['std'][m]:.4f}" if spread else "")) for m in shown_beyond))
     out.print(table)
     if tests:
         pt = Table(title="paired tests (p-values)")
