@@ -16,7 +16,9 @@ Reads, per dataset, ``runs/<run>/config.json``, ``history.json`` and every ``met
   ``DATASET-c<c>k<k>`` with DATASET's preprocess fingerprint, join DATASET's section when both are
   reported (:func:`fold_sweep_copies`);
 * training curves (loss and validation metric per epoch) and the update-gate statistics of MMSR
-  (share of nodes of each type weighting ho->he above he->ho, Eq. 16-17).
+  (share of nodes of each type weighting ho->he above he->ho, Eq. 16-17);
+* evaluation beyond accuracy (popularity.py): catalogue coverage, recommended-item popularity and
+  the metric by the target item's training popularity (head, torso, tail, rare), with a bar chart.
 
 Figures are PNG files (matplotlib, Agg) in ``<output stem>_figures/`` beside the report; every
 file is written atomically, the report last.
@@ -243,6 +245,21 @@ def clean_groups(runs: list[RunFiles], split: str) -> list[Group]:
         out.append(Group(labels[experiment_key(config)], models[g["runs"][0]], g["runs"], g["seeds"], g["mean"], g["std"],
                          _default_model_options(config), int(config["train"].get("epochs", 0))))
     return sorted(out, key=lambda g: (g.model == "mmsr", g.label))
+
+
+def popularity_groups(runs: list[RunFiles], split: str) -> tuple[list[dict], dict | None]:
+    """compare_runs over the coverage, recommended popularity and per-bucket metrics of the clean
+    ``split`` evaluations that recorded them (``beyond``), and the buckets' sizes."""
+    from .popularity import flat_metrics
+
+    evaluated = [r for r in runs if r.clean(split) and r.clean(split).get("beyond") and not r.trained_with_drop]
+    if not evaluated:
+        return [], None
+    labels = experiment_labels(runs)
+    groups = compare_runs([_record(r, flat_metrics(r.clean(split)["beyond"])) for r in evaluated])
+    for g in groups:
+        g["experiment"] = labels[experiment_key(next(r.config for r in runs if r.name == g["runs"][0]))]
+    return sorted(groups, key=lambda g: g["experiment"]), evaluated[0].clean(split)["beyond"]["buckets"]
 
 
 def _default_model_options(config: dict) -> bool:
@@ -597,6 +614,24 @@ def plot_gates(path: Path, gates: dict) -> None:
     _save(fig, path)
 
 
+def plot_popularity_buckets(path: Path, groups: list[dict], metric: str) -> None:
+    from .popularity import BUCKETS
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(BUCKETS) + 0.4 * len(groups)), 3.8))
+    width = 0.8 / max(len(groups), 1)
+    x = np.arange(len(BUCKETS))
+    for i, g in enumerate(groups):
+        means = [100 * g["mean"].get(f"{metric}/{b}", np.nan) for b in BUCKETS]
+        stds = [100 * g["std"].get(f"{metric}/{b}", np.nan) for b in BUCKETS]
+        ax.bar(x + i * width, means, width, yerr=stds, capsize=2, label=g["experiment"])
+    ax.set_xticks(x + width * (len(groups) - 1) / 2, BUCKETS)
+    ax.set(ylabel=f"{metric.upper()} (%)", xlabel="target item's training popularity")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 # ----------------------------------------------------------------------------------------------
 # The report
 
@@ -731,6 +766,28 @@ def write_report(
                         md.append(f"| {label} | {i + 1} | {t} | {s['nodes']} | {s['hohe_share']:.3f} | "
                                   f"{s['heho_share']:.3f} | {s['mean_beta_hohe']:.3f} |")
             md += ["", f"![gate statistics]({rel})", ""]
+
+        pop_groups, buckets = popularity_groups(dataset_runs, split)
+        if pop_groups:
+            from .popularity import BUCKETS, RARE_MAX
+
+            md += ["### Beyond accuracy: coverage, popularity and long tail", ""]
+            md += [f"Coverage@10: share of the catalogue in some top-10 list; popularity@10: mean training "
+                   f"popularity (users) of the recommended items; {metric.upper()} (%) by the target item's "
+                   f"training popularity: rare = at most {RARE_MAX} training users, the other items split into "
+                   "thirds of their training interactions (head: the most popular items). Buckets: "
+                   + ", ".join(f"{b} {buckets[b]['items']:,} items / {buckets[b]['n']:,} samples" for b in BUCKETS)
+                   + ".", ""]
+            cols = [f"{metric}/{b}" for b in BUCKETS]
+            md += ["| experiment | seeds | coverage@10 | popularity@10 | " + " | ".join(BUCKETS) + " |",
+                   "|---|---:|---:|---:|" + "---:|" * len(BUCKETS)]
+            for g in pop_groups:
+                cells = [f"{_pct(g['mean'][c])} ± {_pct(g['std'][c])}" if c in g["mean"] else "" for c in cols]
+                md.append(f"| {g['experiment']} | {len(g['seeds'])} | {_pct(g['mean']['coverage@10'])} | "
+                          f"{g['mean']['avg_pop@10']:.1f} | " + " | ".join(cells) + " |")
+            path, rel = figure(f"{ds_key}_popularity.png")
+            plot_popularity_buckets(path, pop_groups, metric)
+            md += ["", f"![{metric} by popularity bucket]({rel})", ""]
 
         with_history = [r for r in dataset_runs if r.history and all(metric in h.get("valid", {}) for h in r.history)]
         if with_history:

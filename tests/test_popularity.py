@@ -69,3 +69,16 @@ def test_evaluate_records_buckets_that_add_up_and_pop_covers_ten_items(cli, tmp_
     r = evaluate(cli, ds, "--compare", "sasrec-loo-s0,pop-loo-s0")
     assert r.exit_code == 0, r.stderr
     assert "ndcg@10/head" in r.stdout and "avg_pop@10" in r.stdout
+    # report: the section's table comes from the metrics files, with its bar chart
+    out = tmp_path / "docs" / "report.md"
+    r = cli(["report", "--workdir", tmp_path, "--output", out])
+    assert r.exit_code == 0, r.stderr
+    text = out.read_text()
+    section = text.split("### Beyond accuracy: coverage, popularity and long tail")[1].split("###")[0]
+    pop_row = next(line for line in section.splitlines() if line.startswith("| pop | 1 |"))
+    cells = [c.strip() for c in pop_row.strip("|").split("|")]
+    assert cells[2] == "50.00" and cells[3] == f"{pop_rec['avg_pop@10']:.1f}"
+    head = beyond["buckets"]["head"]["metrics"]["ndcg@10"]
+    sasrec_row = next(line for line in section.splitlines() if line.startswith("| sasrec"))
+    assert f"{100 * head:.2f} ± 0.00" in sasrec_row
+    assert (out.parent / "report_figures" / "toy_popularity.png").read_bytes()[:4] == b"\x89PNG"
