@@ -59,10 +59,9 @@ def _mmsr(*args: str) -> None:
 
 def setup_beauty(data: Path, workdir: Path, limit: int | None) -> str:
     """Preprocessed Beauty (download --from + preprocess), cut to ``limit`` items if given."""
-    import pyarrow.parquet as pq
 
     from mmsr_cli import contracts as C
-    from mmsr_cli.workdir import DatasetDir, write_parquet_atomic
+    from mmsr_cli.workdir import DatasetDir, read_parquet, write_parquet_atomic
 
     name = "beauty"
     ds = DatasetDir.open(workdir, name)
@@ -73,7 +72,7 @@ def setup_beauty(data: Path, workdir: Path, limit: int | None) -> str:
         return name
     sub = f"beauty{limit}"
     ds_sub = DatasetDir.open(workdir, sub)
-    items = pq.read_table(ds.path(C.ITEMS)).slice(0, limit)
+    items = read_parquet(ds.path(C.ITEMS), C.ITEMS_SCHEMA, C.ITEMS_LATER_COLUMNS).slice(0, limit)
     write_parquet_atomic(ds_sub.path(C.ITEMS), items, C.ITEMS_SCHEMA)
     ds_sub.write_manifest(C.STAGE_PREPROCESS, outputs=[C.ITEMS], options={"subset_of": name})
     return sub
@@ -105,7 +104,7 @@ def setup_images(workdir: Path, n: int) -> str:
     table = pa.table({"item_idx": pa.array(range(n), pa.int32()), "item_id": [str(i) for i in range(n)],
                       "title": pa.nulls(n, pa.string()), "categories": pa.nulls(n, pa.list_(pa.string())),
                       "brand": pa.nulls(n, pa.string()), "description": pa.nulls(n, pa.string()),
-                      "image_path": paths, "n_interactions": pa.array([5] * n, pa.int32())})
+                      "features": pa.nulls(n, pa.list_(pa.string())), "image_path": paths, "n_interactions": pa.array([5] * n, pa.int32())})
     write_parquet_atomic(ds.path(C.ITEMS), table, C.ITEMS_SCHEMA)
     ds.write_manifest(C.STAGE_PREPROCESS, outputs=[C.ITEMS], options={"synthetic_images": n})
     return name

@@ -46,6 +46,7 @@ def make_dataset(tmp_path, name: str = "toy", modalities=("image", "text")) -> D
     for f in ("title", "brand", "description", "image_path"):
         items = items.append_column(f, pa.nulls(N_ITEMS, pa.string()))
     items = items.append_column("categories", pa.nulls(N_ITEMS, pa.list_(pa.string())))
+    items = items.append_column("features", pa.nulls(N_ITEMS, pa.list_(pa.string())))
     write_parquet_atomic(ds.path(C.ITEMS), items, C.ITEMS_SCHEMA)
     ds.write_manifest(C.STAGE_PREPROCESS, outputs=[C.ITEMS], options={})
     for i, m in enumerate(modalities):

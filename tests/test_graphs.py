@@ -418,6 +418,7 @@ def _items_table(n: int) -> pa.Table:
             "categories": pa.array([[]] * n, pa.list_(pa.string())),
             "brand": [None] * n,
             "description": [None] * n,
+            "features": pa.array([None] * n, pa.list_(pa.string())),
             "image_path": [None] * n,
             "n_interactions": pa.array([1] * n, pa.int32()),
         }

@@ -13,7 +13,8 @@ from mmsr_cli.features import _to_rgb
 from mmsr_cli.workdir import DatasetDir
 
 from conftest import tiny_hf_model
-from test_features import assert_one_line_error, extract, load_outputs, make_items, write_images
+from conftest import make_items
+from test_features import assert_one_line_error, extract, load_outputs, write_images
 
 # model kind -> (class that loads it, how its authors pool an image)
 IMAGE_MODELS = {
