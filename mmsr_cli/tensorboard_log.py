@@ -58,14 +58,25 @@ class GateStats:
 
 
 class RunWriter:
-    """A SummaryWriter on the run folder, or nothing at all when TensorBoard logging is off."""
+    """A SummaryWriter on the run folder, or nothing at all when TensorBoard logging is off.
+
+    Event files are append-only logs (TensorBoard reads a file cut short by a kill up to its last
+    whole record), so they are written in place, not renamed; a full disk is the usual one line.
+    """
 
     def __init__(self, folder: Path, enabled: bool):
         self.writer = None
+        self.folder = folder
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(folder))
+            with self._full_disk():
+                self.writer = SummaryWriter(log_dir=str(folder))
+
+    def _full_disk(self):
+        from .workdir import full_disk_as_error
+
+        return full_disk_as_error(self.folder / "events.out.tfevents")
 
     def epoch(self, row: dict, lr: float | None, gates: GateStats) -> None:
         if self.writer is None:
@@ -74,10 +85,13 @@ class RunWriter:
         if lr is not None:
             values["train/lr"] = lr
         values.update(gates.scalars())
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, global_step=row["epoch"])
-        self.writer.flush()
+        with self._full_disk():
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, global_step=row["epoch"])
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            writer, self.writer = self.writer, None
+            with self._full_disk():
+                writer.close()

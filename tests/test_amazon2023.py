@@ -165,7 +165,6 @@ def hub(monkeypatch):
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     monkeypatch.setenv("HF_ENDPOINT", base)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     yield state
     httpd.shutdown()
     httpd.server_close()

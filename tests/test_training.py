@@ -204,7 +204,8 @@ def test_compare_groups_runs_by_config_over_seeds(cli, toy):
     assert train(cli, toy, "--model", "pop").exit_code == 0
     r = evaluate(cli, toy, "--compare", "gru4rec-loo-s0,gru4rec-loo-s1,pop-loo-s0")
     assert r.exit_code == 0, r.stderr
-    rows = [line for line in r.stdout.splitlines() if line.startswith("│")]
+    accuracy = r.stdout.split("coverage, recommended popularity")[0]  # the first of the two tables
+    rows = [line for line in accuracy.splitlines() if line.startswith("│")]
     assert len(rows) == 2
     gru = next(line for line in rows if "gru4rec" in line)
     assert "0,1" in gru
