@@ -188,8 +188,10 @@ def test_default_aggregator_is_han_gnn_unchanged():
 def test_model_refuses_unknown_aggregators_and_han_options_elsewhere():
     with pytest.raises(MmsrError, match="--aggregator: expected one of han, gcn"):
         MMSR(ModelConfig(dim=D, aggregator="graphormer"), info())
-    with pytest.raises(MmsrError, match="--fusion/--invasive: only used by --aggregator han, not gat"):
+    with pytest.raises(MmsrError, match="^--fusion: only used by --aggregator han, not gat"):
         MMSR(ModelConfig(dim=D, aggregator="gat", fusion="hohe"), info())
+    with pytest.raises(MmsrError, match="^--invasive, --attention-dropout: only used by --aggregator han, not gcn"):
+        MMSR(ModelConfig(dim=D, aggregator="gcn", invasive=True, attention_dropout=0.2), info())
     with pytest.raises(MmsrError, match="not rgat"):
         MMSR(ModelConfig(dim=D, aggregator="rgat", invasive=True), info())
     with pytest.raises(ValueError):

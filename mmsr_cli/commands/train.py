@@ -107,9 +107,9 @@ def train_command(
     if aggregator is not None:
         from ..models.aggregators import check_aggregator
 
-        for name in ("fusion", "invasive") if check_aggregator(aggregator) != "han" else ():
+        for name in ("fusion", "invasive", "attention_dropout") if check_aggregator(aggregator) != "han" else ():
             if given[name][1] is not None:
-                raise MmsrError(f"--{name}: only used by --aggregator han, not {aggregator}")
+                raise MmsrError(f"--{name.replace('_', '-')}: only used by --aggregator han, not {aggregator}")
     if fusion is not None and fusion not in FUSIONS:
         raise MmsrError(f"--fusion: expected one of {', '.join(FUSIONS)}, got {fusion!r}")
     names = parse_list(modalities, "--modalities")

@@ -179,10 +179,12 @@ class MMSR(Recommender):
                 for _ in range(config.layers)
             )
         else:  # section 5.2: a standard aggregator in place of HAN-GNN
-            if config.fusion != ModelConfig.fusion or config.invasive or config.attention_dropout:
-                raise MmsrError(
-                    f"--fusion/--invasive/--attention-dropout: only used by --aggregator han, not {config.aggregator}"
-                )
+            used = [option for option, changed in (
+                ("--fusion", config.fusion != ModelConfig.fusion), ("--invasive", config.invasive),
+                ("--attention-dropout", config.attention_dropout != ModelConfig.attention_dropout),
+            ) if changed]
+            if used:
+                raise MmsrError(f"{', '.join(used)}: only used by --aggregator han, not {config.aggregator}")
             self.layers = build_layers(config.aggregator, config.dim, self.n_types, config.layers)
         self.feed_forward = (
             nn.ModuleList(FeedForward(config.dim) for _ in range(config.layers)) if config.feed_forward else None
