@@ -11,6 +11,7 @@ ho->he) over the epoch's training batches. Written with PyTorch's ``SummaryWrite
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -57,6 +58,27 @@ class GateStats:
         return out
 
 
+def _quiet_writer_thread_errors() -> None:
+    """Keep TensorBoard's writer thread from printing a traceback when a write fails.
+
+    The thread keeps its exception and the writer raises it again on the next add/flush/close in
+    the training thread, where ``full_disk_as_error`` turns it into the one-line error; the
+    traceback the thread itself would print through ``threading.excepthook`` is only noise.
+    Installed once per process; every other thread's exceptions go to the previous hook.
+    """
+    if getattr(threading.excepthook, "_mmsr_quiet_tensorboard", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread":
+            return
+        previous(args)
+
+    hook._mmsr_quiet_tensorboard = True
+    threading.excepthook = hook
+
+
 class RunWriter:
     """A SummaryWriter on the run folder, or nothing at all when TensorBoard logging is off.
 
@@ -69,6 +91,8 @@ class RunWriter:
         self.folder = folder
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
+
+            _quiet_writer_thread_errors()
 
             with self._full_disk():
                 self.writer = SummaryWriter(log_dir=str(folder))
