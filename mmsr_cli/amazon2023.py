@@ -39,6 +39,7 @@ from .preprocess import (
     _iter_lines,
     _parse_record,
     _required_id,
+    jsonl_records,
 )
 
 REPO_ID = "McAuley-Lab/Amazon-Reviews-2023"
@@ -164,12 +165,7 @@ def image_url(images, where: str) -> str | None:
 def meta_image_urls(path: Path, wanted: set[str]) -> tuple[dict[str, str], int]:
     """Image URL of each wanted item (largest size of its main image), and the number without one."""
     urls: dict[str, str] = {}
-    for lineno, line in _iter_lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        rec = _parse_record(line, where, allow_literal=False)
-        item = _required_id(rec, "parent_asin", where)
+    for where, rec, item in jsonl_records(path, "parent_asin", unique=False):
         if item in wanted:
             url = image_url(rec.get("images"), where)
             if url:
@@ -289,16 +285,7 @@ def _string_list(value, where: str, name: str) -> list[str] | None:
 def read_meta(path: Path, wanted: set[str]) -> dict[str, ItemMeta]:
     """Item texts of the wanted items: title, features, description (joined), categories, store."""
     meta: dict[str, ItemMeta] = {}
-    first_line: dict[str, int] = {}
-    for lineno, line in _iter_lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        rec = _parse_record(line, where, allow_literal=False)
-        item = _required_id(rec, "parent_asin", where)
-        if item in first_line:
-            raise MmsrError(f"{where}: duplicate parent_asin '{item}' (first on line {first_line[item]})")
-        first_line[item] = lineno
+    for where, rec, item in jsonl_records(path, "parent_asin"):
         if item not in wanted:
             continue
         description = _string_list(rec.get("description"), where, "description")

@@ -264,6 +264,17 @@ _REDUCIBLE_MODES = {"L", "LA", "La", "I", "F", "RGB", "RGBA", "RGBa", "CMYK", "Y
 _REDUCIBLE_FORM = {"1": "L", "I;16": "I"}  # others (palettes): RGB, or RGBA with transparency
 
 
+def image_path(rel: str | None, root: Path) -> tuple[Path | None, str | None]:
+    """(absolute path, None) of an item's image path relative to the dataset folder ``root``, or
+    (None, reason) when the item has none or the path leaves the folder."""
+    if rel is None or not str(rel).strip():
+        return None, "no image"
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root.resolve()):
+        return None, "image path outside the dataset folder"
+    return path, None
+
+
 def load_image(path: Path, short_side: int = 256):
     """Open an image as RGB, or return the reason it cannot be used (PIL image, None) | (None, reason).
 
@@ -420,11 +431,9 @@ class ImageEncoder:
 
     def prepare(self, rel: str | None, root: Path):
         """(input tensor, None) for one image path relative to ``root``, or (None, reason)."""
-        if rel is None or not str(rel).strip():
-            return None, "no image"
-        path = (root / rel).resolve()
-        if not path.is_relative_to(root.resolve()):
-            return None, "image path outside the dataset folder"
+        path, reason = image_path(rel, root)
+        if path is None:
+            return None, reason
         img, reason = load_image(path, self.short_side)
         if img is None:
             return None, reason

@@ -131,13 +131,11 @@ class HubImageEncoder:
         self.dtype = dtype
 
     def prepare(self, rel: str | None, root: Path):
-        from .features import load_image
+        from .features import image_path, load_image
 
-        if rel is None or not str(rel).strip():
-            return None, "no image"
-        path = (root / rel).resolve()
-        if not path.is_relative_to(root.resolve()):
-            return None, "image path outside the dataset folder"
+        path, reason = image_path(rel, root)
+        if path is None:
+            return None, reason
         img, reason = load_image(path)
         if img is None:
             return None, reason

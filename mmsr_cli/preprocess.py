@@ -429,19 +429,27 @@ def read_interactions_parquet(path: Path) -> RawLog:
 # Item metadata
 
 
-def read_items_jsonl(path: Path, wanted: set[str]) -> dict[str, ItemMeta]:
-    """Metadata of the ``wanted`` items; every line is validated, other items are ignored."""
-    meta: dict[str, ItemMeta] = {}
+def jsonl_records(path: Path, id_field: str, unique: bool = True) -> Iterator[tuple[str, dict, str]]:
+    """(where, record, id) of each non-blank line of a JSON-lines file whose records are keyed by
+    ``id_field``; a malformed line or id is a one-line error, and so is a repeated id when ``unique``."""
     first_line: dict[str, int] = {}
     for lineno, line in _iter_lines(path):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
         rec = _parse_record(line, where, allow_literal=False)
-        asin = _required_id(rec, "asin", where)
-        if asin in first_line:
-            raise MmsrError(f"{where}: duplicate asin '{asin}' (first on line {first_line[asin]})")
-        first_line[asin] = lineno
+        key = _required_id(rec, id_field, where)
+        if unique:
+            if key in first_line:
+                raise MmsrError(f"{where}: duplicate {id_field} '{key}' (first on line {first_line[key]})")
+            first_line[key] = lineno
+        yield where, rec, key
+
+
+def read_items_jsonl(path: Path, wanted: set[str]) -> dict[str, ItemMeta]:
+    """Metadata of the ``wanted`` items; every line is validated, other items are ignored."""
+    meta: dict[str, ItemMeta] = {}
+    for where, rec, asin in jsonl_records(path, "asin"):
         item = ItemMeta(
             title=_clean_text(rec.get("title"), where, "title"),
             categories=_clean_categories(rec.get("categories"), where, "categories"),
