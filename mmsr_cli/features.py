@@ -264,15 +264,17 @@ _REDUCIBLE_MODES = {"L", "LA", "La", "I", "F", "RGB", "RGBA", "RGBa", "CMYK", "Y
 _REDUCIBLE_FORM = {"1": "L", "I;16": "I"}  # others (palettes): RGB, or RGBA with transparency
 
 
-def image_path(rel: str | None, root: Path) -> tuple[Path | None, str | None]:
-    """(absolute path, None) of an item's image path relative to the dataset folder ``root``, or
-    (None, reason) when the item has none or the path leaves the folder."""
+def prepare_item_image(rel: str | None, root: Path, short_side: int, to_input):
+    """(network input, None) for an item's image path relative to the dataset folder ``root``,
+    or (None, reason) when it has none, its path leaves the folder, or it cannot be read;
+    ``to_input`` turns the RGB image into the encoder's input tensor."""
     if rel is None or not str(rel).strip():
         return None, "no image"
     path = (root / rel).resolve()
     if not path.is_relative_to(root.resolve()):
         return None, "image path outside the dataset folder"
-    return path, None
+    img, reason = load_image(path, short_side)
+    return (None, reason) if img is None else (to_input(img), None)
 
 
 def load_image(path: Path, short_side: int = 256):
@@ -431,13 +433,7 @@ class ImageEncoder:
 
     def prepare(self, rel: str | None, root: Path):
         """(input tensor, None) for one image path relative to ``root``, or (None, reason)."""
-        path, reason = image_path(rel, root)
-        if path is None:
-            return None, reason
-        img, reason = load_image(path, self.short_side)
-        if img is None:
-            return None, reason
-        return self.transform(img), None
+        return prepare_item_image(rel, root, self.short_side, self.transform)
 
     def encode(self, images: list):
         import torch

@@ -131,15 +131,12 @@ class HubImageEncoder:
         self.dtype = dtype
 
     def prepare(self, rel: str | None, root: Path):
-        from .features import image_path, load_image
+        from .features import prepare_item_image
 
-        path, reason = image_path(rel, root)
-        if path is None:
-            return None, reason
-        img, reason = load_image(path)
-        if img is None:
-            return None, reason
-        return self.processor(images=img, return_tensors="pt")["pixel_values"][0], None
+        return prepare_item_image(rel, root, 256, self._pixel_values)
+
+    def _pixel_values(self, img):
+        return self.processor(images=img, return_tensors="pt")["pixel_values"][0]
 
     def encode(self, images: list):
         import torch
