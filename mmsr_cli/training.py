@@ -550,10 +550,11 @@ def train(
 
 def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool, on_epoch=None,
            tensorboard: bool = True) -> TrainResult:
-    from .runtime import TRIM_EVERY_STEPS, progress, release_freed_memory, resolve_device, set_seed
+    from .runtime import TRIM_EVERY_STEPS, keep_freed_memory, progress, release_freed_memory, resolve_device, set_seed
     from .tensorboard_log import GateStats, RunWriter
 
     tc.validate()
+    keep_freed_memory()
     mc = check_model_config(ModelConfig(**{**asdict(mc), "model": tc.model}))
     device = distributed.device_for(resolve_device(tc.device))
     bundle = load_dataset(ds, mc)

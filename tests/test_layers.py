@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmsr_cli.models import layers
 from mmsr_cli.models.layers import (
     FUSION_MODES,
     REL_BI,
@@ -287,6 +288,10 @@ def test_sparse_attention_kernels_have_exact_gradients():
     types = TypeIndex.build(node_type, 3)
     h = torch.randn(len(RICH_NODE_TYPE), 3, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: layer(x, edges, types), (h,))
+    # Eq. 12's scores, built one relation at a time, also in the relation vectors a_r
+    a = layer.homogeneous.relation_vectors.detach().clone().requires_grad_(True)
+    v = torch.randn_like(h, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, r: layers._HomogeneousScores.apply(x, r, edges), (v, a))
     params = [layer.homogeneous.relation_vectors, layer.query.weight]
     grads = torch.autograd.grad(layer(h, edges, types).square().sum(), params)
     assert all(float(g.abs().sum()) > 0 for g in grads)

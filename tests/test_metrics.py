@@ -40,8 +40,16 @@ def test_ties_count_against_the_target():
 
 
 def test_nan_scores_rank_last():
-    scores = torch.tensor([[float("nan"), 0.2, 0.1]])
+    nan, inf = float("nan"), float("inf")
+    scores = torch.tensor([[nan, 0.2, 0.1]])
     assert pessimistic_ranks(scores, torch.tensor([0])).tolist() == [3]
+    # a NaN elsewhere counts as the lowest score: below a finite target, tied with a -inf one
+    scores = torch.tensor([[0.3, nan, 0.1, -inf, 0.5]] * 4)
+    assert pessimistic_ranks(scores, torch.tensor([0, 2, 3, 1])).tolist() == [2, 3, 5, 5]
+    # +inf targets tie with every +inf score; half-precision scores rank as float32
+    scores = torch.tensor([[inf, 0.0, inf, 1.0]])
+    assert pessimistic_ranks(scores, torch.tensor([0])).tolist() == [2]
+    assert pessimistic_ranks(scores.half(), torch.tensor([3])).tolist() == [3]
 
 
 def test_metric_values_single_target_ndcg():
@@ -85,3 +93,36 @@ def test_unknown_metric_is_an_error():
     assert check_metric("ndcg@10") == "ndcg@10"
     with pytest.raises(MmsrError, match="--metric: unknown metric 'ndcg@7'"):
         check_metric("ndcg@7")
+
+
+def test_evaluation_scores_a_few_rows_at_a_time_with_the_same_metrics(monkeypatch):
+    """Full-ranking evaluation multiplies user and item vectors in row chunks that bound the score
+    matrix; the metrics and per-sample ranks are those of one [B, n_items] product."""
+    from mmsr_cli import evaluation
+
+    g = torch.Generator().manual_seed(0)
+    users = torch.randint(-2, 3, (23, 4), generator=g).float()  # integer scores: many ties
+    items = torch.randint(-2, 3, (11, 4), generator=g).float()
+    targets = torch.randint(0, 11, (23,), generator=g)
+
+    class Split:
+        def __len__(self):
+            return 23
+
+        def collate(self, idx):
+            return {"target": targets[idx], "user_idx": torch.as_tensor(idx)}
+
+    class Model(torch.nn.Module):
+        def user_and_item_vectors(self, batch):
+            return users[batch["user_idx"]], items
+
+    expected_ranks = pessimistic_ranks(users @ items.T, targets)
+    seen_rows = []
+    monkeypatch.setattr(evaluation, "SCORE_CHUNK_ELEMENTS", 3 * 11)  # three users' scores at a time
+    ranks: list = []
+    got = evaluation.evaluate_split(Model(), Split(), 10, torch.device("cpu"), ranks=ranks,
+                                    on_scores=lambda s, t: seen_rows.append(s.shape[0]))
+    assert torch.equal(torch.cat(ranks), expected_ranks)
+    assert seen_rows == [3, 3, 3, 1] * 2 + [3]  # batches of 10, 10, 3 users
+    assert got.pop("n") == 23
+    assert got == pytest.approx(ranking_metrics(users @ items.T, targets))

@@ -100,8 +100,14 @@ class Recommender(nn.Module):
     def item_embeddings(self) -> torch.Tensor:  # [n_items, d]
         raise NotImplementedError
 
+    def user_and_item_vectors(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, d] user vectors, [n_items, d] item vectors) whose dot products are the scores
+        (Eq. 7); evaluation multiplies them a few rows at a time."""
+        return self(batch), self.item_embeddings()
+
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # [B, n_items]
-        return self(batch) @ self.item_embeddings().T
+        users, items = self.user_and_item_vectors(batch)
+        return users @ items.T
 
     def auxiliary_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """A model's own extra training objective, added to the harness's CE (None: none)."""

@@ -103,9 +103,9 @@ class UserItemGraphModel(Recommender):
     def item_embeddings(self) -> torch.Tensor:
         return self.representations()[1]
 
-    def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def user_and_item_vectors(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         users, items = self.representations()  # one propagation for both sides
-        return users[batch["user_idx"]] @ items.T
+        return users[batch["user_idx"]], items
 
     def split_nodes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x[: self.n_users], x[self.n_users :]

@@ -154,6 +154,40 @@ class _Aggregate(torch.autograd.Function):
         return grad_alpha, grad_values, None
 
 
+class _HomogeneousScores(torch.autograd.Function):
+    """Eq. 12 at the edges: e_k = a_r . (v_i (.) v_j) for edge k = (j -> i) of relation r.
+
+    One relation at a time, so no [N, 4, d] tensor of relation-scaled nodes is built (on CPU its
+    allocation, broadcast product and backward took most of the layer's time). The backward uses
+    that a_r scales columns: sum_j g_ij a_r (.) v_j = a_r (.) (G_r @ v).
+    """
+
+    @staticmethod
+    def forward(ctx, v: Tensor, relation_vectors: Tensor, edges: "RelationEdges") -> Tensor:
+        ctx.save_for_backward(v, relation_vectors)
+        ctx.edges = edges
+        scores = v.new_empty(edges.ho_rel.shape[0])
+        for r, (at, graph) in enumerate(edges.ho_by_relation):
+            if at.numel():
+                scores[at] = _sampled_dot(v * relation_vectors[r], v, graph)
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        v, relation_vectors = ctx.saved_tensors
+        grad_v = torch.zeros_like(v)
+        grad_a = torch.zeros_like(relation_vectors)
+        for r, (at, graph) in enumerate(ctx.edges.ho_by_relation):
+            if not at.numel():
+                continue
+            g = grad[at]
+            to_target = graph.matrix(g) @ v  # row i: sum_j g_ij v_j
+            grad_a[r] = (to_target * v).sum(0)
+            to_target += graph.matrix_t(g) @ v  # row j: sum_i g_ij v_i (the source side)
+            grad_v += to_target * relation_vectors[r]
+        return grad_v, grad_a, None
+
+
 class RelationEdges:
     """The two neighbourhoods of a batch: homogeneous (SELF/IN/OUT/BI) and heterogeneous (SELF/HETERO).
 
@@ -172,8 +206,12 @@ class RelationEdges:
         self.ho_index = torch.stack([src, dst])  # [2, E_ho] (source j, target i)
         self.ho_rel = rel  # [E_ho] in 0..3
         self.ho = CsrGraph(dst, src, n_nodes, n_nodes)
-        # rows (i, r) of the relation-scaled targets a_r (.) W_V h_i (Eq. 12)
-        self.ho_by_relation = CsrGraph(dst * N_HOMOGENEOUS_RELATIONS + rel, src, n_nodes * N_HOMOGENEOUS_RELATIONS, n_nodes)
+        # Eq. 12 one relation at a time: (positions in ho edge order, that relation's graph); within
+        # a relation the edges stay sorted by (target, source), as a CSR graph needs
+        self.ho_by_relation: list[tuple[Tensor, CsrGraph]] = []
+        for r in range(N_HOMOGENEOUS_RELATIONS):
+            at = (rel == r).nonzero().flatten()
+            self.ho_by_relation.append((at, CsrGraph(dst[at], src[at], n_nodes, n_nodes)))
         src, dst = edge_index[0, he], edge_index[1, he]
         order = torch.argsort(dst * n_nodes + src)
         self.he_index = torch.stack([src[order], dst[order]])  # [2, E_he]
@@ -212,9 +250,7 @@ class HomogeneousAttention(nn.Module):
 
     def forward(self, v: Tensor, edges: RelationEdges) -> Tensor:
         """Scores [E_ho] (edge order of ``edges.ho_index``) from the value projections ``v`` [N, d]."""
-        # a_r (.) W_V h_i for every node and relation: row i * 4 + r, the edge's row in ho_by_relation
-        targets = (v.unsqueeze(1) * self.relation_vectors).reshape(-1, v.shape[1])
-        return _EdgeDot.apply(targets, v, edges.ho_by_relation)
+        return _HomogeneousScores.apply(v, self.relation_vectors, edges)
 
 
 class HeterogeneousAttention(nn.Module):
