@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import scatter
 
@@ -133,12 +134,38 @@ class NodeEncoder(nn.Module):
         return torch.cat(parts)
 
     def forward(self, node_type: Tensor, node_ref: Tensor, pos_index: Tensor, pos_node: Tensor, types: TypeIndex) -> Tensor:
-        parts = [self.content(node_ref, types)]
+        """h^(0) [N, d] of nodes sorted by type.
+
+        W is linear, so it is applied to table rows rather than to every node's concatenated input:
+        W [e; e^ty; e^po] = W_e e + W_ty e^ty + mean_p(W_po e^po_p) with W = [W_e | W_ty | W_po],
+        each product over the distinct rows a batch uses (its items and codes, the types, the
+        positions) and then gathered, instead of one [N, 3d] x [3d, d] product over all nodes.
+        """
+        d = self.item_embedding.embedding_dim
+        blocks = iter(self.merge.weight.split(d, dim=1))
+        h = self.projected_content(node_ref, types, next(blocks))
         if self.type_embedding is not None:
-            parts.append(self.type_embedding(node_type))
-        if self.position_embedding is not None:  # mean of the position embeddings of each node
-            parts.append(scatter(self.position_embedding(pos_index), pos_node, 0, node_type.shape[0], "mean"))
-        return self.merge(torch.cat(parts, dim=-1))
+            h = h + F.linear(self.type_embedding.weight, next(blocks))[node_type]
+        if self.position_embedding is not None:  # mean of the (projected) position embeddings of each node
+            positions = F.linear(self.position_embedding.weight, next(blocks))[pos_index]
+            h = h + scatter(positions, pos_node, 0, node_type.shape[0], "mean")
+        return h if self.merge.bias is None else h + self.merge.bias
+
+    def projected_content(self, node_ref: Tensor, types: TypeIndex, weight: Tensor) -> Tensor:
+        """W_e e_n for nodes sorted by type, computed once per distinct item or code of the batch."""
+        parts = []
+        for t, ref in enumerate(torch.split(node_ref, types.counts)):
+            if not ref.numel():
+                continue
+            rows, where = torch.unique(ref, return_inverse=True)
+            if t == 0:
+                content = self.item_embedding(rows)
+            else:
+                content = self.code_projections[t - 1](self.code_embeddings[t - 1](rows))
+            parts.append(F.linear(content, weight)[where])
+        if not parts:
+            return weight.new_zeros(0, weight.shape[0])
+        return torch.cat(parts)
 
 
 class FeedForward(nn.Module):

@@ -1,0 +1,171 @@
+"""Training-step and validation-pass speed of several models, side by side in one process.
+
+    python scripts/bench_step_speed.py --workdir W --dataset beauty-ratio [--models mmsr,sasrec]
+        [--batch 512] [--dim 128] [--steps 6] [--rounds 3] [--threads 1] [--valid] [--option k=v ...]
+
+For each model: the training step of `mmsr train` (TrainStep: forward, CE over all items, backward,
+Adam) on the same random training batches, timed in ``--rounds`` rounds that alternate the models
+(so a neighbour's load on a shared machine hits all of them alike), after one warm-up step; the
+median round is reported. Also: the dense FLOPs of one step (torch's FlopCounterMode: matmuls,
+linear layers and attention; sparse kernels, softmax and element-wise work are not counted), the
+FLOP/s this gives, and that as a share of the machine's matmul rate measured on the spot (a
+[4096, d] x [d, d] product, the shape of a projection of every node, and a 2048^3 one), i.e. the
+roofline of the step. ``--valid`` adds one full-ranking pass over the validation split.
+
+The import path decides which code is measured: run it with PYTHONPATH pointing at another
+checkout to time that one with the same script (docs/benchmarks.md compares commits that way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode  # _count_flops overridden below
+
+import mmsr_cli
+from mmsr_cli import runtime
+from mmsr_cli.evaluation import evaluate_split
+from mmsr_cli.models import build_model
+from mmsr_cli.models.base import ModelConfig
+from mmsr_cli.training import TrainStep, load_dataset
+from mmsr_cli.workdir import DatasetDir
+
+
+def parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def matmul_rate(rows: int, inner: int, cols: int, repeats: int = 10) -> float:
+    """FLOP/s of a float32 [rows, inner] x [inner, cols] product on this machine, now."""
+    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * rows * inner * cols * repeats / (time.perf_counter() - start)
+
+
+class DenseFlopCounter(FlopCounterMode):
+    """FlopCounterMode that leaves out products with a sparse operand, which it would count as
+    dense [N, N] products (MMSR's CSR attention kernels)."""
+
+    def _count_flops(self, func_packet, out, args, kwargs):
+        if any(isinstance(a, torch.Tensor) and a.layout != torch.strided for a in args):
+            return out
+        return super()._count_flops(func_packet, out, args, kwargs)
+
+
+class Subject:
+    """One model with its optimiser and split, ready to take training steps."""
+
+    def __init__(self, ds: DatasetDir, name: str, options: dict):
+        self.name = name
+        bundle = load_dataset(ds, ModelConfig(model=name, **options))
+        self.train = bundle.open_split(ds, "train")
+        self.valid = bundle.open_split(ds, "valid")
+        torch.manual_seed(0)
+        self.model = build_model(bundle.model_config, bundle.info)
+        self.step_module = TrainStep(self.model)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.steps = 0
+
+    def step(self, indices: np.ndarray) -> None:
+        self.model.train()
+        loss = self.step_module(self.train.collate(indices))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.steps += 1
+        if self.steps % runtime.TRIM_EVERY_STEPS == 0:  # as the training loop does
+            runtime.release_freed_memory()
+
+    def step_flops(self, indices: np.ndarray) -> int:
+        counter = DenseFlopCounter(display=False)
+        with counter:
+            self.step(indices)
+        return counter.get_total_flops()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--models", default="mmsr,sasrec")
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per model and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--valid", action="store_true", help="also time one full-ranking validation pass")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a ModelConfig field for every model, e.g. --option layers=1")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    keep = getattr(runtime, "keep_freed_memory", None)  # what `mmsr train` does, where the code has it
+    allocator = "glibc default"
+    if keep is not None and keep():
+        allocator = "freed memory kept (runtime.keep_freed_memory)"
+    options = {"dim": args.dim, **{k: parse_value(v) for k, v in (o.split("=", 1) for o in args.option)}}
+    ds = DatasetDir.open(args.workdir, args.dataset)
+    subjects = [Subject(ds, name, options) for name in args.models.split(",")]
+    n_train = len(subjects[0].train)
+    rng = np.random.default_rng(0)
+    batches = [np.sort(rng.choice(n_train, size=min(args.batch, n_train), replace=False))
+               for _ in range(args.steps + 1)]
+
+    checkout = Path(mmsr_cli.__file__).resolve().parent.parent
+    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    print(f"{args.dataset}: batch {args.batch}, options {options}, torch threads {args.threads}, "
+          f"{allocator}; code {checkout} @ {commit}; {cpu}, {time.strftime('%Y-%m-%d %H:%M')}")
+
+    for s in subjects:
+        s.step(batches[0])  # warm-up
+    flops = {s.name: s.step_flops(batches[0]) for s in subjects}
+    seconds: dict[str, list[float]] = {s.name: [] for s in subjects}
+    for _ in range(args.rounds):
+        for s in subjects:
+            start = time.perf_counter()
+            for indices in batches[1:]:
+                s.step(indices)
+            seconds[s.name].append((time.perf_counter() - start) / args.steps)
+    peak_proj = matmul_rate(4096, args.dim, args.dim)
+    peak_square = matmul_rate(2048, 2048, 2048, repeats=3)
+
+    base = statistics.median(seconds[subjects[-1].name])
+    n_steps = -(-n_train // args.batch)
+    print(f"machine matmul rate: {peak_proj / 1e9:.1f} GFLOP/s at [4096, {args.dim}] x [{args.dim}, {args.dim}], "
+          f"{peak_square / 1e9:.1f} GFLOP/s at 2048^3")
+    print(f"| model | s/step (median of {args.rounds}) | x {subjects[-1].name} | epoch estimate ({n_steps} steps) "
+          f"| dense GFLOP/step | GFLOP/s | share of the projection-shape matmul rate |")
+    print("|---|---|---|---|---|---|---|")
+    for s in subjects:
+        med = statistics.median(seconds[s.name])
+        rate = flops[s.name] / med
+        print(f"| {s.name} | {med:.3f} | {med / base:.2f} | {med * n_steps:.0f} s | {flops[s.name] / 1e9:.2f} "
+              f"| {rate / 1e9:.1f} | {rate / peak_proj:.0%} |")
+    if args.valid:
+        for s in subjects:
+            start = time.perf_counter()
+            metrics = evaluate_split(s.model, s.valid, args.batch, torch.device("cpu"))
+            print(f"validation pass {s.name}: {time.perf_counter() - start:.2f} s over {metrics['n']} samples "
+                  f"(full ranking, batch {args.batch})")
+
+
+if __name__ == "__main__":
+    main()
