@@ -212,6 +212,7 @@ def gate_statistics_for(model, config: dict) -> GateStatistics | None:
     """A GateStatistics for an MMSR model with adaptive fusion, else None."""
     if not hasattr(model, "gate_values") or config["model"].get("fusion") != "adaptive":
         return None
+    model.every_node = True  # the statistics cover every node's gate, not only the pooled nodes'
     return GateStatistics(["item", *config["model"]["modalities"]])
 
 

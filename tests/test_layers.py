@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from mmsr_cli.models import layers
 from mmsr_cli.models.layers import (
+    LayerPlan,
     FUSION_MODES,
     REL_BI,
     REL_HETERO,
@@ -290,8 +291,46 @@ def test_sparse_attention_kernels_have_exact_gradients():
     assert torch.autograd.gradcheck(lambda x: layer(x, edges, types), (h,))
     # Eq. 12's scores, built one relation at a time, also in the relation vectors a_r
     a = layer.homogeneous.relation_vectors.detach().clone().requires_grad_(True)
-    v = torch.randn_like(h, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, r: layers._HomogeneousScores.apply(x, r, edges), (v, a))
+    x, y = torch.randn_like(h, requires_grad=True), torch.randn_like(h, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, y, r: layers._HomogeneousScores.apply(x, y, r, edges), (x, y, a))
     params = [layer.homogeneous.relation_vectors, layer.query.weight]
     grads = torch.autograd.grad(layer(h, edges, types).square().sum(), params)
     assert all(float(g.abs().sum()) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("fusion", FUSION_MODES)
+@pytest.mark.parametrize("invasive", [False, True])
+def test_layer_plan_computes_some_rows_exactly(fusion, invasive):
+    """A layer asked for some rows only (LayerPlan: last pooling reads one node per graph) gives
+    those rows of the full output, with the same gradients, and reads only ``plan.inputs``."""
+    torch.manual_seed(0)
+    layer = HANLayer(D, 3, fusion=fusion, invasive=invasive).double()
+    node_type = RICH_NODE_TYPE + [0]  # node 6: an item with only its self loop
+    edge_index, edge_rel, nt = make_graph(RICH_EDGES, node_type)
+    order = torch.argsort(nt, stable=True)  # the model sorts nodes by type first
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    edges = RelationEdges(inverse[edge_index], edge_rel, len(node_type))
+    types = TypeIndex.build(nt[order], 3)
+    h = torch.randn(len(node_type), D, dtype=torch.double, requires_grad=True)
+    full = layer(h, edges, types)
+    for out in (torch.tensor([2, 0]), torch.tensor([6]), torch.arange(len(node_type))):
+        plan = LayerPlan.build(edges, types, fusion, out)
+        got = layer(h, edges, types, plan)
+        torch.testing.assert_close(got, full[out], rtol=1e-12, atol=1e-12)
+        weights = torch.randn_like(got)
+        grads = torch.autograd.grad((got * weights).sum(), [h, *layer.parameters()], allow_unused=True)
+        expected = torch.autograd.grad((full[out] * weights).sum(), [h, *layer.parameters()], retain_graph=True, allow_unused=True)
+        for g, e in zip(grads, expected):
+            if e is None or g is None:
+                assert (g is None or float(g.abs().max()) == 0) and (e is None or float(e.abs().max()) == 0)
+            else:
+                torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+        # rows of h outside plan.inputs do not matter
+        unread = torch.ones(len(node_type), dtype=torch.bool)
+        unread[plan.inputs] = False
+        changed = h.detach().clone()
+        changed[unread] += 100.0
+        torch.testing.assert_close(layer(changed, edges, types, plan), got.detach(), rtol=1e-12, atol=1e-12)
+    single = LayerPlan.build(edges, types, fusion, torch.tensor([6]))
+    assert len(single.inputs) < len(node_type)  # a lone node reads less than the whole graph

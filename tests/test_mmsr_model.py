@@ -198,6 +198,10 @@ def test_zero_modality_item_only_graphs():
 def test_gate_values_in_batch_node_order():
     m = model()
     batch = collate([SAMPLE_B, SAMPLE_A])  # types unsorted across graphs: sorted inside
+    m(batch)  # scores need the pooled nodes only: the last layer computes their gates alone
+    pooled = m.gate_values()
+    assert pooled[0].shape[0] <= 9 and pooled[1].shape == (2, 2) and m.gate_node_type is None
+    m.every_node = True  # evaluation's gate statistics ask for every node
     m(batch)
     gates = m.gate_values()
     assert len(gates) == 2 and all(g.shape == (9, 2) for g in gates)
@@ -206,6 +210,7 @@ def test_gate_values_in_batch_node_order():
     # row v is node v's gate: a batch holding only SAMPLE_A's graph gives the same rows for it
     m(collate([SAMPLE_A]))
     torch.testing.assert_close(m.gate_values()[0], gates[0][3:])
+    torch.testing.assert_close(pooled[1], gates[1][batch["last_node"]])  # the pooled rows' gates
     assert model(ModelConfig(dim=D, layers=1, dropout=0.0, fusion="hohe")).gate_values() == []
 
 

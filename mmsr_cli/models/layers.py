@@ -106,6 +106,16 @@ class CsrGraph:
         """The transpose [n_cols, n_rows] of :meth:`matrix`."""
         return torch.sparse_csr_tensor(self.crow_t, self.col_t, values[self.order_t], (self.n_cols, self.n_rows), check_invariants=False)
 
+    def restrict(self, rows: Tensor) -> tuple["CsrGraph", Tensor]:
+        """The edges into ``rows`` (distinct targets, any order) as a graph whose row r is
+        ``rows[r]``, columns unchanged; and their positions in this graph's edge order."""
+        starts = self.crow[rows]
+        counts = self.crow[rows + 1] - starts
+        new_row = torch.repeat_interleave(torch.arange(rows.shape[0], device=rows.device), counts)
+        first = torch.cumsum(counts, 0) - counts  # where each row's edges start in the new order
+        ids = starts[new_row] + torch.arange(new_row.shape[0], device=rows.device) - first[new_row]
+        return CsrGraph(new_row, self.col[ids], rows.shape[0], self.n_cols), ids
+
 
 def _offsets(sorted_ids: Tensor, n: int) -> Tensor:
     crow = torch.zeros(n + 1, dtype=torch.long, device=sorted_ids.device)
@@ -155,37 +165,38 @@ class _Aggregate(torch.autograd.Function):
 
 
 class _HomogeneousScores(torch.autograd.Function):
-    """Eq. 12 at the edges: e_k = a_r . (v_i (.) v_j) for edge k = (j -> i) of relation r.
+    """Eq. 12 at the edges: e_k = a_r . (x_i (.) y_j) for edge k = (j -> i) of relation r, with x
+    the targets' rows and y the sources' (both W_V h; separate tensors when a layer computes some
+    targets only, the same one otherwise, autograd then adding the two gradients).
 
     One relation at a time, so no [N, 4, d] tensor of relation-scaled nodes is built (on CPU its
     allocation, broadcast product and backward took most of the layer's time). The backward uses
-    that a_r scales columns: sum_j g_ij a_r (.) v_j = a_r (.) (G_r @ v).
+    that a_r scales columns: sum_j g_ij a_r (.) y_j = a_r (.) (G_r @ y).
     """
 
     @staticmethod
-    def forward(ctx, v: Tensor, relation_vectors: Tensor, edges: "RelationEdges") -> Tensor:
-        ctx.save_for_backward(v, relation_vectors)
+    def forward(ctx, x: Tensor, y: Tensor, relation_vectors: Tensor, edges: "RelationEdges") -> Tensor:
+        ctx.save_for_backward(x, y, relation_vectors)
         ctx.edges = edges
-        scores = v.new_empty(edges.ho_rel.shape[0])
+        scores = x.new_empty(edges.ho_rel.shape[0])
         for r, (at, graph) in enumerate(edges.ho_by_relation):
             if at.numel():
-                scores[at] = _sampled_dot(v * relation_vectors[r], v, graph)
+                scores[at] = _sampled_dot(x * relation_vectors[r], y, graph)
         return scores
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        v, relation_vectors = ctx.saved_tensors
-        grad_v = torch.zeros_like(v)
-        grad_a = torch.zeros_like(relation_vectors)
+        x, y, relation_vectors = ctx.saved_tensors
+        grad_x, grad_y, grad_a = torch.zeros_like(x), torch.zeros_like(y), torch.zeros_like(relation_vectors)
         for r, (at, graph) in enumerate(ctx.edges.ho_by_relation):
             if not at.numel():
                 continue
             g = grad[at]
-            to_target = graph.matrix(g) @ v  # row i: sum_j g_ij v_j
-            grad_a[r] = (to_target * v).sum(0)
-            to_target += graph.matrix_t(g) @ v  # row j: sum_i g_ij v_i (the source side)
-            grad_v += to_target * relation_vectors[r]
-        return grad_v, grad_a, None
+            to_target = graph.matrix(g) @ y  # row i: sum_j g_ij y_j
+            grad_a[r] = (to_target * x).sum(0)
+            grad_x += to_target * relation_vectors[r]
+            grad_y += (graph.matrix_t(g) @ x) * relation_vectors[r]  # row j: sum_i g_ij x_i
+        return grad_x, grad_y, grad_a, None
 
 
 class RelationEdges:
@@ -193,7 +204,8 @@ class RelationEdges:
 
     Edges are sorted by target, so that the attention runs as sparse CSR kernels (sampled
     dense-dense products for the scores, sparse matmuls for Eq. 14) that never materialise one
-    d-vector per edge.
+    d-vector per edge. :meth:`rows` keeps the edges into some targets only (a layer that computes
+    a subset of its output, :class:`LayerPlan`).
     """
 
     def __init__(self, edge_index: Tensor, edge_rel: Tensor, n_nodes: int):
@@ -203,20 +215,100 @@ class RelationEdges:
         # sorted by (target, relation, source): by target for Eq. 14, by (target, relation) for Eq. 12
         order = torch.argsort((dst * N_HOMOGENEOUS_RELATIONS + rel) * n_nodes + src)
         src, dst, rel = src[order], dst[order], rel[order]
-        self.ho_index = torch.stack([src, dst])  # [2, E_ho] (source j, target i)
+        self._set_homogeneous(CsrGraph(dst, src, n_nodes, n_nodes), rel)
+        src, dst = edge_index[0, he], edge_index[1, he]
+        order = torch.argsort(dst * n_nodes + src)
+        self._set_heterogeneous(CsrGraph(dst[order], src[order], n_nodes, n_nodes))
+        self.n_nodes = n_nodes
+
+    def _set_homogeneous(self, graph: CsrGraph, rel: Tensor) -> None:
+        self.ho = graph
+        self.ho_index = torch.stack([graph.col, graph.row])  # [2, E_ho] (source j, target i)
         self.ho_rel = rel  # [E_ho] in 0..3
-        self.ho = CsrGraph(dst, src, n_nodes, n_nodes)
         # Eq. 12 one relation at a time: (positions in ho edge order, that relation's graph); within
         # a relation the edges stay sorted by (target, source), as a CSR graph needs
         self.ho_by_relation: list[tuple[Tensor, CsrGraph]] = []
         for r in range(N_HOMOGENEOUS_RELATIONS):
             at = (rel == r).nonzero().flatten()
-            self.ho_by_relation.append((at, CsrGraph(dst[at], src[at], n_nodes, n_nodes)))
-        src, dst = edge_index[0, he], edge_index[1, he]
-        order = torch.argsort(dst * n_nodes + src)
-        self.he_index = torch.stack([src[order], dst[order]])  # [2, E_he]
-        self.he = CsrGraph(self.he_index[1], self.he_index[0], n_nodes, n_nodes)
-        self.n_nodes = n_nodes
+            self.ho_by_relation.append((at, CsrGraph(graph.row[at], graph.col[at], graph.n_rows, graph.n_cols)))
+
+    def _set_heterogeneous(self, graph: CsrGraph) -> None:
+        self.he = graph
+        self.he_index = torch.stack([graph.col, graph.row])  # [2, E_he]
+
+    def rows(self, rows: Tensor, ho: bool = True, he: bool = True) -> "RelationEdges":
+        """The homogeneous and/or heterogeneous edges into ``rows`` only: target r is node
+        ``rows[r]``, sources keep their node ids."""
+        sub = RelationEdges.__new__(RelationEdges)
+        sub.n_nodes = self.n_nodes
+        if ho:
+            graph, ids = self.ho.restrict(rows)
+            sub._set_homogeneous(graph, self.ho_rel[ids])
+        if he:
+            sub._set_heterogeneous(self.he.restrict(rows)[0])
+        return sub
+
+
+def _union(*parts: Tensor) -> Tensor:
+    return torch.unique(torch.cat(parts))
+
+
+@dataclass
+class LayerPlan:
+    """What one HAN-GNN layer must compute so that rows ``out`` of its output are exact.
+
+    Last pooling reads one node per graph, and each layer reads a node's neighbours twice (two
+    phases), so most of the last layer's work (phase 2 and the gate at every node, phase 1 beyond
+    the pooled nodes' neighbours) feeds nothing. A plan names, for nodes sorted by type: the rows
+    of phase 1 of each order (``ho_rows``: h^ho, ``he_rows``: h^he; each with the edges into them),
+    the edges into ``out`` for phase 2, the rows of the input projections (``v_rows``: W_V h,
+    ``q_rows``: W_Q h; W_K h at ``he_rows``), and ``inputs``, the rows of h the layer reads: the
+    ``out`` of the plan of the layer before. Built from the graph alone, once per batch.
+    """
+
+    out: Tensor
+    node_type: Tensor
+    n_types: int
+    ho_rows: Tensor | None
+    ho_edges: RelationEdges | None
+    he_rows: Tensor | None
+    he_edges: RelationEdges | None
+    out_edges: RelationEdges
+    out_in_ho: Tensor | None  # position of each out row in ho_rows
+    out_in_he: Tensor | None
+    v_rows: Tensor
+    q_rows: Tensor | None
+    inputs: Tensor
+
+    @classmethod
+    def build(cls, edges: RelationEdges, types: "TypeIndex", fusion: str, out: Tensor) -> "LayerPlan":
+        node_type = torch.repeat_interleave(torch.arange(len(types.counts), device=out.device),
+                                            torch.tensor(types.counts, device=out.device))
+        two_phase = fusion in ("adaptive", "hohe", "heho")
+        uses_ho = fusion in ("adaptive", "hohe", "synchronous", "ho")
+        uses_he = fusion in ("adaptive", "heho", "synchronous", "he")
+        out_edges = edges.rows(out, ho=fusion in ("adaptive", "heho"), he=fusion in ("adaptive", "hohe"))
+        ho_rows = ho_edges = he_rows = he_edges = out_in_ho = out_in_he = q_rows = None
+        v_parts = [out]
+        if uses_ho:  # h^ho where phase 2 (hohe) or the output reads it
+            ho_rows = _union(out, out_edges.he.col) if two_phase else out
+            ho_edges = edges.rows(ho_rows, he=False)
+            v_parts += [ho_rows, ho_edges.ho.col]
+            out_in_ho = torch.searchsorted(ho_rows, out) if two_phase else None
+        if uses_he:  # h^he where phase 2 (heho) or the output reads it
+            he_rows = _union(out, out_edges.ho.col) if two_phase else out
+            he_edges = edges.rows(he_rows, ho=False)
+            q_rows = torch.unique(he_edges.he.col)
+            v_parts += [he_rows, q_rows]
+            out_in_he = torch.searchsorted(he_rows, out) if two_phase else None
+        v_rows = _union(*v_parts)
+        inputs = v_rows if he_rows is None else _union(v_rows, q_rows, he_rows)
+        return cls(out, node_type, len(types.counts), ho_rows, ho_edges, he_rows, he_edges, out_edges,
+                   out_in_ho, out_in_he, v_rows, q_rows, inputs)
+
+    def types_of(self, rows: Tensor) -> "TypeIndex":
+        """TypeIndex of the nodes ``rows`` (sorted rows are grouped by type already)."""
+        return TypeIndex.build(self.node_type[rows], self.n_types)
 
 
 class TypedLinear(nn.Module):
@@ -248,9 +340,10 @@ class HomogeneousAttention(nn.Module):
         bound = 1.0 / math.sqrt(dim)
         nn.init.uniform_(self.relation_vectors, -bound, bound)
 
-    def forward(self, v: Tensor, edges: RelationEdges) -> Tensor:
-        """Scores [E_ho] (edge order of ``edges.ho_index``) from the value projections ``v`` [N, d]."""
-        return _HomogeneousScores.apply(v, self.relation_vectors, edges)
+    def forward(self, v: Tensor, edges: RelationEdges, v_source: Tensor | None = None) -> Tensor:
+        """Scores [E_ho] (edge order of ``edges.ho_index``) from the value projections ``v`` [N, d]
+        (targets' rows of ``edges``; ``v_source``, the sources', when it differs)."""
+        return _HomogeneousScores.apply(v, v if v_source is None else v_source, self.relation_vectors, edges)
 
 
 class HeterogeneousAttention(nn.Module):
@@ -320,14 +413,13 @@ class HANLayer(nn.Module):
         #: beta [N, 2] of the last forward (adaptive fusion only), detached, in input node order
         self.last_gate: Tensor | None = None
 
-    # -- the two aggregations (Eq. 14), scores from ``state``, values given --------------------
-    def _homogeneous(self, v_state: Tensor, values: Tensor, edges: RelationEdges) -> Tensor:
-        alpha = neighbourhood_softmax(self.homogeneous(v_state, edges), edges.ho)  # Eq. 12
+    # -- the two aggregations (Eq. 14): scores from the targets' and sources' states, values given --
+    def _homogeneous(self, v_target: Tensor, values: Tensor, edges: RelationEdges, v_source: Tensor | None = None) -> Tensor:
+        alpha = neighbourhood_softmax(self.homogeneous(v_target, edges, v_source), edges.ho)  # Eq. 12
         return aggregate(self.attention_dropout(alpha), values, edges.ho)  # Eq. 14, * = ho
 
-    def _heterogeneous(self, state: Tensor, values: Tensor, edges: RelationEdges, types: TypeIndex) -> Tensor:
-        scores = self.heterogeneous(self.query(state, types), self.key(state, types), edges)  # Eq. 13
-        alpha = neighbourhood_softmax(scores, edges.he)
+    def _heterogeneous(self, k_target: Tensor, q_source: Tensor, values: Tensor, edges: RelationEdges) -> Tensor:
+        alpha = neighbourhood_softmax(self.heterogeneous(q_source, k_target, edges), edges.he)  # Eq. 13
         return aggregate(self.attention_dropout(alpha), values, edges.he)  # Eq. 14, * = he
 
     def attention(self, h: Tensor, edges: RelationEdges, types: TypeIndex, kind: str) -> Tensor:
@@ -336,21 +428,59 @@ class HANLayer(nn.Module):
             return neighbourhood_softmax(self.homogeneous(self.value(h, types), edges), edges.ho)
         return neighbourhood_softmax(self.heterogeneous(self.query(h, types), self.key(h, types), edges), edges.he)
 
-    def forward(self, h: Tensor, edges: RelationEdges, types: TypeIndex) -> Tensor:
+    def forward(self, h: Tensor, edges: RelationEdges, types: TypeIndex, plan: LayerPlan | None = None) -> Tensor:
+        """h^(l+1) [N, d]; with ``plan`` (built from ``edges`` and ``types``), its rows ``plan.out``
+        only [len(out), d]: the same values, from the work those rows need."""
+        if plan is not None:
+            return self._forward_rows(h, plan)
         v = self.value(h, types)  # W_V h^(l): phase-1 values, and phase-2 values when non-invasive
         fusion = self.fusion
         out_hohe = out_heho = h_ho = h_he = None
         if fusion in ("adaptive", "hohe", "synchronous", "ho"):
             h_ho = self._homogeneous(v, v, edges)  # phase 1 of hohe: h -> h^ho
         if fusion in ("adaptive", "heho", "synchronous", "he"):
-            h_he = self._heterogeneous(h, v, edges, types)  # phase 1 of heho: h -> h^he
+            h_he = self._heterogeneous(self.key(h, types), self.query(h, types), v, edges)  # phase 1 of heho
         if fusion in ("adaptive", "hohe"):  # phase 2: h^ho -> h^hohe
             values = self.value(h_ho, types) if self.invasive else v
-            out_hohe = self._heterogeneous(h_ho, values, edges, types)
+            out_hohe = self._heterogeneous(self.key(h_ho, types), self.query(h_ho, types), values, edges)
         if fusion in ("adaptive", "heho"):  # phase 2: h^he -> h^heho
             v_he = self.value(h_he, types)
             out_heho = self._homogeneous(v_he, v_he if self.invasive else v, edges)
+        return self._fuse(out_hohe, out_heho, h_ho, h_he)
 
+    def _forward_rows(self, h: Tensor, plan: LayerPlan) -> Tensor:
+        """:meth:`forward` for the rows ``plan.out``: each projection and aggregation at the rows
+        the plan names; projections are placed into [N, d] (zeros elsewhere, never read) so that
+        the edges keep their node ids as sources."""
+        n = h.shape[0]
+
+        def place(x: Tensor, rows: Tensor) -> Tensor:
+            return x.new_zeros(n, x.shape[1]).index_copy(0, rows, x)
+
+        def project(linear: TypedLinear, x: Tensor, rows: Tensor) -> Tensor:
+            return linear(x, plan.types_of(rows))
+
+        fusion = self.fusion
+        v = place(project(self.value, h[plan.v_rows], plan.v_rows), plan.v_rows)
+        out_hohe = out_heho = h_ho = h_he = None
+        if plan.ho_rows is not None:  # phase 1 of hohe at ho_rows: [len(ho_rows), d]
+            h_ho = self._homogeneous(v[plan.ho_rows], v, plan.ho_edges, v_source=v)
+        if plan.he_rows is not None:  # phase 1 of heho at he_rows
+            q = place(project(self.query, h[plan.q_rows], plan.q_rows), plan.q_rows)
+            h_he = self._heterogeneous(project(self.key, h[plan.he_rows], plan.he_rows), q, v, plan.he_edges)
+        if fusion in ("adaptive", "hohe"):  # phase 2 at the out rows, from h^ho at ho_rows
+            q_ho = place(project(self.query, h_ho, plan.ho_rows), plan.ho_rows)
+            k_ho = project(self.key, h_ho[plan.out_in_ho], plan.out)
+            values = place(project(self.value, h_ho, plan.ho_rows), plan.ho_rows) if self.invasive else v
+            out_hohe = self._heterogeneous(k_ho, q_ho, values, plan.out_edges)
+        if fusion in ("adaptive", "heho"):  # phase 2 at the out rows, from h^he at he_rows
+            v_he = place(project(self.value, h_he, plan.he_rows), plan.he_rows)
+            values = v_he if self.invasive else v
+            out_heho = self._homogeneous(v_he[plan.out], values, plan.out_edges, v_source=v_he)
+        return self._fuse(out_hohe, out_heho, h_ho, h_he)
+
+    def _fuse(self, out_hohe: Tensor | None, out_heho: Tensor | None, h_ho: Tensor | None, h_he: Tensor | None) -> Tensor:
+        fusion = self.fusion
         if fusion == "adaptive":
             out, beta = self.gate(out_hohe, out_heho)
             self.last_gate = beta.detach()

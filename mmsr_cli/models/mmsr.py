@@ -49,7 +49,7 @@ from ..errors import MmsrError
 from .aggregators import BatchGraph, build_layers, check_aggregator
 from .base import DatasetInfo, ModalityInfo, ModelConfig, Recommender, code_embedding_table
 from .han_authors import AuthorsHANLayer
-from .layers import HANLayer, RelationEdges, TypeIndex
+from .layers import HANLayer, LayerPlan, RelationEdges, TypeIndex
 
 VARIANTS = ("paper", "authors")
 
@@ -220,6 +220,9 @@ class MMSR(Recommender):
             self.encoder.reset_parameters_uniform(self.modalities)
             self.layers[0].reset_parameters_uniform()
         self.dropout = nn.Dropout(config.dropout)
+        #: compute every node in every layer, also when only the pooled nodes are scored: for
+        #: statistics over all nodes' update gates (evaluation.GateStatistics)
+        self.every_node = False
         self._last_inverse: Tensor | None = None
         self._last_node_type: Tensor | None = None
         self._last_gates: list[Tensor] = []
@@ -233,13 +236,19 @@ class MMSR(Recommender):
         return h if inverse is None else h[inverse]
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        if not self.every_node and self.config.aggregator == "han" and self.config.variant == "paper":
+            h, _ = self._propagate(batch, pooled=True)
+            return h  # the pooled rows, in sample order
         h, inverse = self._propagate(batch)
         last = batch["last_node"]
         if inverse is not None:  # position of each batch node in the type-sorted order
             last = inverse[last]
         return h[last]  # last pooling (section 4.4): P = h^(L) of the last history item
 
-    def _propagate(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    def _propagate(self, batch: dict[str, Tensor], pooled: bool = False) -> tuple[Tensor, Tensor | None]:
+        """h^(L) of every node (type-sorted order, with the inverse permutation), or with
+        ``pooled`` h^(L) of the last item nodes only (sample order): each layer then computes the
+        rows the layers after it read (layers.LayerPlan), the same values for less work."""
         node_type, node_ref = batch["node_type"], batch["node_ref"]
         pos_index, pos_node = batch["pos_index"], batch["pos_node"]
         edge_index, edge_rel = batch["edge_index"], batch["edge_rel"]
@@ -256,18 +265,31 @@ class MMSR(Recommender):
         else:
             edges = BatchGraph(edge_index, edge_rel, types.counts)
 
+        plans: list[LayerPlan | None] = [None] * len(self.layers)
+        if pooled:  # from the pooled rows back to the rows each earlier layer must compute
+            rows = batch["last_node"] if inverse is None else inverse[batch["last_node"]]
+            for i in reversed(range(len(self.layers))):
+                plans[i] = LayerPlan.build(edges, types, self.config.fusion, rows)
+                rows = plans[i].inputs
+
         h = self.encoder(node_type, node_ref, pos_index, pos_node, types)  # h^(0)
         authors = self.config.variant == "authors"
         if not authors:
             h = self.dropout(h)
         gates = []
-        for i, layer in enumerate(self.layers):
-            h = layer(h, edges, types)
+        for i, (layer, plan) in enumerate(zip(self.layers, plans)):
+            h = layer(h, edges, types) if plan is None else layer(h, edges, types, plan)
             gates.append(getattr(layer, "last_gate", None))
             if self.feed_forward is not None:
                 h = self.feed_forward[i](h)
+            if plan is not None and i + 1 < len(self.layers):  # rows plan.out of [N, d]; others unread
+                h = h.new_zeros(node_type.shape[0], h.shape[1]).index_copy(0, plan.out, h)
             if authors or i + 1 < len(self.layers):  # the authors drop after the last layer too
                 h = self.dropout(h)
+        if pooled:  # gates of the rows each layer computed (gate_values)
+            self._last_inverse, self._last_node_type = None, None
+            self._last_gates = [g for g in gates if g is not None]
+            return h, None
         self._last_inverse, self._last_node_type = inverse, batch["node_type"]
         self._last_gates = [g for g in gates if g is not None]
         return h, inverse
@@ -275,10 +297,14 @@ class MMSR(Recommender):
     def gate_values(self) -> list[Tensor]:
         """beta [N, 2] (hohe, heho) of each layer in the last forward, in the batch's node order.
 
-        Empty unless HAN-GNN with adaptive fusion. Pair with :attr:`gate_node_type` for per-type statistics.
+        Empty unless HAN-GNN with adaptive fusion. Pair with :attr:`gate_node_type` for per-type
+        statistics. After a forward that computed the pooled nodes only (``every_node`` False),
+        each layer's beta of the rows it computed, and no ``gate_node_type``.
         """
-        if self.config.aggregator != "han" or self.config.fusion != "adaptive" or self._last_node_type is None:
+        if self.config.aggregator != "han" or self.config.fusion != "adaptive":
             return []
+        if self._last_node_type is None:
+            return list(self._last_gates)
         inv = self._last_inverse
         return [gate if inv is None else gate[inv] for gate in self._last_gates]
 
