@@ -45,6 +45,7 @@ def self_weights(alpha: torch.Tensor, graph, nodes: torch.Tensor) -> torch.Tenso
 def shares(ds: DatasetDir, run: str, split: str, batch_size: int = 512) -> dict[int, dict[str, float]]:
     loaded = load_run(ds, run, "best", torch.device("cpu"))
     model = loaded.model.eval()
+    model.every_node = True  # every aggregation over the whole graph, as the hooks below index it
     cfg = loaded.config["model"]
     if cfg.get("aggregator", "han") != "han" or cfg.get("fusion", "adaptive") != "adaptive" or cfg.get("invasive"):
         raise SystemExit(f"{run}: needs --aggregator han --fusion adaptive without --invasive")

@@ -42,6 +42,7 @@ def _single_thread(one_thread):
 def direct_shares(ds, run: str) -> dict[int, dict[str, float]]:
     loaded = load_run(ds, run, "best", torch.device("cpu"))
     model = loaded.model.eval()
+    model.every_node = True  # the hooks read each layer's full input
     data = loaded.bundle.open_split(ds, "test")
     batch = to_device(data.collate(np.arange(len(data))), torch.device("cpu"))
     inputs = []
@@ -55,7 +56,7 @@ def direct_shares(ds, run: str) -> dict[int, dict[str, float]]:
         for layer_no, (layer, (h, edges, types)) in enumerate(zip(model.layers, inputs), start=1):
             v = layer.value(h, types)
             h_ho = layer._homogeneous(v, v, edges)
-            h_he = layer._heterogeneous(h, v, edges, types)
+            h_he = layer._heterogeneous(layer.key(h, types), layer.query(h, types), v, edges)
             graphs = {"ho": edges.ho, "he": edges.he, "hohe": edges.he, "heho": edges.ho}
             alphas = {
                 "ho": layer.attention(h, edges, types, "ho"),

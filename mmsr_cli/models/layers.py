@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -83,10 +84,20 @@ class CsrGraph:
     def __init__(self, row: Tensor, col: Tensor, n_rows: int, n_cols: int):
         self.row, self.col, self.n_rows, self.n_cols = row, col, n_rows, n_cols
         self.crow = _offsets(row, n_rows)
-        self.order_t = torch.argsort(col, stable=True)
-        self.crow_t = _offsets(col, n_cols)
-        self.col_t = row[self.order_t]
         self._pattern: Tensor | None = None
+
+    # the transposed structure, built when a backward pass first needs it
+    @cached_property
+    def order_t(self) -> Tensor:
+        return torch.argsort(self.col, stable=True)
+
+    @cached_property
+    def crow_t(self) -> Tensor:
+        return _offsets(self.col, self.n_cols)
+
+    @cached_property
+    def col_t(self) -> Tensor:
+        return self.row[self.order_t]
 
     def pattern(self, like: Tensor) -> Tensor:
         """The sparsity pattern (ones at the edges), built once per batch."""
@@ -223,18 +234,30 @@ class RelationEdges:
 
     def _set_homogeneous(self, graph: CsrGraph, rel: Tensor) -> None:
         self.ho = graph
-        self.ho_index = torch.stack([graph.col, graph.row])  # [2, E_ho] (source j, target i)
         self.ho_rel = rel  # [E_ho] in 0..3
-        # Eq. 12 one relation at a time: (positions in ho edge order, that relation's graph); within
-        # a relation the edges stay sorted by (target, source), as a CSR graph needs
-        self.ho_by_relation: list[tuple[Tensor, CsrGraph]] = []
-        for r in range(N_HOMOGENEOUS_RELATIONS):
-            at = (rel == r).nonzero().flatten()
-            self.ho_by_relation.append((at, CsrGraph(graph.row[at], graph.col[at], graph.n_rows, graph.n_cols)))
 
     def _set_heterogeneous(self, graph: CsrGraph) -> None:
         self.he = graph
-        self.he_index = torch.stack([graph.col, graph.row])  # [2, E_he]
+
+    @cached_property
+    def ho_by_relation(self) -> list[tuple[Tensor, CsrGraph]]:
+        """Eq. 12 one relation at a time: (positions in ho edge order, that relation's graph);
+        within a relation the edges stay sorted by (target, source), as a CSR graph needs."""
+        out = []
+        for r in range(N_HOMOGENEOUS_RELATIONS):
+            at = (self.ho_rel == r).nonzero().flatten()
+            out.append((at, CsrGraph(self.ho.row[at], self.ho.col[at], self.ho.n_rows, self.ho.n_cols)))
+        return out
+
+    @property
+    def ho_index(self) -> Tensor:
+        """[2, E_ho] (source j, target i) in ho edge order."""
+        return torch.stack([self.ho.col, self.ho.row])
+
+    @property
+    def he_index(self) -> Tensor:
+        """[2, E_he] (source j, target i) in he edge order."""
+        return torch.stack([self.he.col, self.he.row])
 
     def rows(self, rows: Tensor, ho: bool = True, he: bool = True) -> "RelationEdges":
         """The homogeneous and/or heterogeneous edges into ``rows`` only: target r is node
