@@ -330,8 +330,13 @@ class LayerPlan:
                    out_in_ho, out_in_he, v_rows, q_rows, inputs)
 
     def types_of(self, rows: Tensor) -> "TypeIndex":
-        """TypeIndex of the nodes ``rows`` (sorted rows are grouped by type already)."""
-        return TypeIndex.build(self.node_type[rows], self.n_types)
+        """TypeIndex of the nodes ``rows`` (sorted rows are grouped by type already); built once
+        per row set of the plan (the forward asks for each several times, every step)."""
+        cache = self.__dict__.setdefault("_types", {})
+        key = id(rows)
+        if key not in cache:
+            cache[key] = (rows, TypeIndex.build(self.node_type[rows], self.n_types))  # rows kept: ids stay unique
+        return cache[key][1]
 
 
 class TypedLinear(nn.Module):
