@@ -123,6 +123,7 @@ def evaluate_split(model, split, batch_size: int, device: torch.device, progress
     ``on_scores(scores, targets)`` sees each batch's score matrix (popularity.BeyondAccuracy).
     """
     from . import distributed
+    from .data import prefetched
     from .runtime import keep_freed_memory
 
     keep_freed_memory()
@@ -131,9 +132,8 @@ def evaluate_split(model, split, batch_size: int, device: torch.device, progress
     acc = MetricAccumulator()
     rows = distributed.shard(np.arange(len(split), dtype=np.int64))  # all rows in one process
     try:
-        for positions in batches(len(rows), batch_size):
-            idx = rows[positions]
-            batch = to_device(split.collate(idx), device)
+        for idx, batch in prefetched(split, (rows[positions] for positions in batches(len(rows), batch_size))):
+            batch = to_device(batch, device)
             users, items = model.user_and_item_vectors(batch)
             # the score matrix a few rows at a time: memory stays flat as the item count grows
             step = max(1, SCORE_CHUNK_ELEMENTS // max(1, items.shape[0]))

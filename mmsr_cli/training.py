@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from . import contracts as C
 from . import distributed
+from .data import prefetched
 from .errors import MmsrError, check_typed_fields
 from .evaluation import METRIC_NAMES, check_metric, evaluate_split, to_device
 from .models import build_model, check_model_name, model_class
@@ -644,13 +645,14 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool, on
             step.train()
             gates = GateStats()
             loss_sum, steps = torch.zeros((), dtype=torch.float64, device=device), 0
+            shares, batch_indices = [], []
             for b in range(n_batches):
                 global_batch = order[b * tc.batch_size : (b + 1) * tc.batch_size]
                 idx = distributed.shard(global_batch)  # the whole batch in one process
-                share = len(idx) / len(global_batch)  # this rank's weight in the batch's mean loss
-                if len(idx) == 0:  # fewer samples than ranks: a zero-weight step keeps DDP in sync
-                    idx = global_batch[:1]
-                batch = to_device(train_split.collate(idx), device)
+                shares.append(len(idx) / len(global_batch))  # this rank's weight in the batch's mean loss
+                batch_indices.append(idx if len(idx) else global_batch[:1])  # fewer samples than ranks: a zero-weight step keeps DDP in sync
+            for share, (_, batch) in zip(shares, prefetched(train_split, batch_indices)):
+                batch = to_device(batch, device)
                 if optimizer is None:
                     with torch.no_grad():
                         loss = step(batch) * share
