@@ -334,3 +334,22 @@ def test_layer_plan_computes_some_rows_exactly(fusion, invasive):
         torch.testing.assert_close(layer(changed, edges, types, plan), got.detach(), rtol=1e-12, atol=1e-12)
     single = LayerPlan.build(edges, types, fusion, torch.tensor([6]))
     assert len(single.inputs) < len(node_type)  # a lone node reads less than the whole graph
+
+
+def test_dropout_keeps_each_entry_with_probability_1_minus_p_scaled():
+    from mmsr_cli.models.layers import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.3)
+    x = torch.ones(200, 500, requires_grad=True)
+    out = drop(x)
+    kept = out != 0
+    assert abs(float(kept.float().mean()) - 0.7) < 0.005  # 100k draws: the binomial sd is 0.0015
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.7))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.7)  # the gradient goes through the kept entries only
+    torch.manual_seed(0)
+    assert torch.equal(Dropout(0.3)(torch.ones(200, 500)), out.detach())  # seeded: the same mask
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))

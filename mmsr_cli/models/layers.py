@@ -396,6 +396,19 @@ def aggregate(alpha: Tensor, values: Tensor, graph: CsrGraph) -> Tensor:
     return _Aggregate.apply(alpha, values, graph)
 
 
+class Dropout(nn.Dropout):
+    """Inverted dropout whose CPU mask comes from ``uniform_`` rather than ``bernoulli_``: the same
+    distribution (each entry kept with probability 1 - p, scaled by 1 / (1 - p)) at half the cost
+    on CPU, where ``bernoulli_`` took ~7 ms per [11k, 64] tensor. Other devices use ``nn.Dropout``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return super().forward(x)
+        if self.p == 1.0:
+            return x * 0.0
+        return x * torch.empty_like(x).uniform_().ge_(self.p).mul_(1.0 / (1.0 - self.p))
+
+
 class UpdateGate(nn.Module):
     """Eq. 16-17: beta = softmax(MLP([h^hohe; h^heho])), h = beta_0 h^hohe + beta_1 h^heho."""
 

@@ -49,7 +49,7 @@ from ..errors import MmsrError
 from .aggregators import BatchGraph, build_layers, check_aggregator
 from .base import DatasetInfo, ModalityInfo, ModelConfig, Recommender, code_embedding_table
 from .han_authors import AuthorsHANLayer
-from .layers import HANLayer, LayerPlan, RelationEdges, TypeIndex
+from .layers import Dropout, HANLayer, LayerPlan, RelationEdges, TypeIndex
 
 VARIANTS = ("paper", "authors")
 
@@ -219,7 +219,7 @@ class MMSR(Recommender):
         if config.variant == "authors":
             self.encoder.reset_parameters_uniform(self.modalities)
             self.layers[0].reset_parameters_uniform()
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)  # layers.Dropout: nn.Dropout's distribution, cheaper on CPU
         #: compute every node in every layer, also when only the pooled nodes are scored: for
         #: statistics over all nodes' update gates (evaluation.GateStatistics)
         self.every_node = False
