@@ -168,3 +168,19 @@ def test_registry_names_and_unknown_model():
         check_model_name("bert4rec")
     assert str(e.value) == f"--model: unknown model 'bert4rec' (expected one of {', '.join(REGISTRY)})"
     assert str(e.value).startswith("--model: unknown model 'bert4rec' (expected one of mmsr, pop, gru4rec, sasrec, sasrecf, ")
+
+
+@pytest.mark.parametrize("name", ["sasrec", "sasrecf"])
+def test_scoring_computes_the_last_block_at_the_last_position_only_with_the_same_vectors(name):
+    """In eval mode the last transformer block runs for the last position alone (the only one the
+    user vector reads): the vectors equal those of the full blocks."""
+    modalities = (image_modality(),) if name == "sasrecf" else ()
+    m = make(name, modalities, dropout=0.0)
+    m.eval()
+    rows = batch([[1, 2, 3], [4], [5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        fast = m(rows)
+        m.train()  # training mode computes every position of every block; dropout 0 here
+        full = m(rows)
+    assert m.blocks[0].dropout.p == 0.0
+    torch.testing.assert_close(fast, full, rtol=1e-6, atol=1e-6)

@@ -148,13 +148,17 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """[B, L, D]; with ``last_only`` the last position's output alone [B, 1, D] (its query
+        against every key)."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        if last_only:
+            q, allowed = q[:, :, -1:], allowed[:, -1:]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed[:, None], dropout_p=self.dropout if self.training else 0.0
         )
-        return self.out(y.transpose(1, 2).reshape(B, L, D))
+        return self.out(y.transpose(1, 2).reshape(B, q.shape[2], D))
 
 
 class TransformerBlock(nn.Module):
@@ -168,8 +172,13 @@ class TransformerBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), allowed))
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """[B, L, D]; with ``last_only`` the last position alone [B, 1, D] (the rest of a last
+        block's output is never read)."""
+        attended = self.attn(self.attn_norm(x), allowed, last_only)
+        if last_only:
+            x, keep = x[:, -1:], keep[:, -1:]
+        x = x + self.dropout(attended)
         x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         return x * keep  # padding positions stay zero
 
@@ -212,8 +221,11 @@ class SASRec(_ItemTable):
         def encode(rows: torch.Tensor, steps: int) -> torch.Tensor:
             h, items = x[rows, L - steps :], is_item[rows, L - steps :]
             allowed, keep_h = causal_allowed(items), keep[rows, L - steps :]
-            for block in self.blocks:
-                h = block(h, allowed, keep_h)
+            for i, block in enumerate(self.blocks):
+                # the user vector reads the last position only: when scoring (no dropout to keep
+                # in step with training runs), the last block computes that position alone
+                last_only = not self.training and i + 1 == len(self.blocks)
+                h = block(h, allowed, keep_h, last_only)
             return self.final_norm(h[:, -1])
 
         return by_length_groups(span, encode)
