@@ -149,3 +149,24 @@ def test_authors_variant_refuses_the_paper_ablations(option):
 def test_unknown_variant_is_refused():
     with pytest.raises(MmsrError, match="--variant"):
         MMSR(ModelConfig(dim=8, variant="author"), info())
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_pooled_forward_equals_every_node_and_has_the_same_gradients(layers):
+    """Scoring computes the authors' layer for the rows last pooling reads (LayerPlan): the user
+    vectors and every gradient equal those of the layer run over every node."""
+    torch.manual_seed(0)
+    m = MMSR(ModelConfig(dim=D, layers=layers, dropout=0.0, variant="authors", attention_dropout=0.0), info()).double()
+    batch = collate([SAMPLE_B, SAMPLE_A, SAMPLE_A], targets=[1, 2, 3])
+    params = list(m.parameters())
+    pooled = m(batch)
+    grads = torch.autograd.grad(F.cross_entropy(pooled @ m.item_embeddings().T, batch["target"]), params, allow_unused=True)
+    m.every_node = True
+    full = m(batch)
+    expected = torch.autograd.grad(F.cross_entropy(full @ m.item_embeddings().T, batch["target"]), params, allow_unused=True)
+    torch.testing.assert_close(pooled, full, rtol=1e-12, atol=1e-12)
+    for g, e in zip(grads, expected):
+        if e is None:
+            assert g is None or float(g.abs().max()) == 0.0
+        else:
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import softmax as pyg_softmax
 
-from .layers import CsrGraph, HomogeneousAttention, RelationEdges, TypedLinear, TypeIndex, _EdgeDot, aggregate
+from .layers import CsrGraph, HomogeneousAttention, LayerPlan, RelationEdges, TypedLinear, TypeIndex, _EdgeDot, aggregate
 
 AUTHORS_SLOPE = 0.1  # their ``alpha`` for the LeakyReLU of the scores
 
@@ -71,7 +71,11 @@ class AuthorsHANLayer(nn.Module):
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
 
-    def forward(self, h: Tensor, edges: RelationEdges, types: TypeIndex) -> Tensor:
+    def forward(self, h: Tensor, edges: RelationEdges, types: TypeIndex, plan: LayerPlan | None = None) -> Tensor:
+        """h^(l+1) [N, d]; with ``plan`` (``LayerPlan.build(..., AUTHORS_PLAN, out)``) its rows
+        ``plan.out`` only, from the work those rows need."""
+        if plan is not None:
+            return self._forward_rows(h, plan)
         q = self.query(h, types)  # q = k = v
         he_alpha = _softmax(_EdgeDot.apply(q, q, edges.he), edges.he)  # q_i . q_j, unscaled
         h_he = aggregate(self.attention_dropout(he_alpha), q, edges.he)  # phase 1 of he->ho
@@ -81,3 +85,19 @@ class AuthorsHANLayer(nn.Module):
         out, beta = self.gate(out_hohe, out_heho)
         self.last_gate = beta.detach()
         return out
+
+    def _forward_rows(self, h: Tensor, plan: LayerPlan) -> Tensor:
+        n, rows = h.shape[0], plan.inputs
+        q = h.new_zeros(n, self.dim).index_copy(0, rows, self.query(h[rows], plan.types_of(rows)))
+        he = plan.he_edges.he  # phase 1 of he->ho at the out rows and their sequence neighbours
+        h_he = aggregate(self.attention_dropout(_softmax(_EdgeDot.apply(q[plan.he_rows], q, he), he)), q, he)
+        h_he_all = h.new_zeros(n, self.dim).index_copy(0, plan.he_rows, h_he)
+        ho, he_out = plan.out_edges.ho, plan.out_edges.he
+        ho_alpha = _softmax(self.homogeneous(h_he[plan.out_in_he], plan.out_edges, h_he_all), ho)
+        out_heho = aggregate(self.attention_dropout(ho_alpha), q, ho)
+        he_alpha = _softmax(_EdgeDot.apply(q[plan.out], q, he_out), he_out)
+        out_hohe = aggregate(self.attention_dropout(he_alpha), q, he_out)  # item 5
+        out, beta = self.gate(out_hohe, out_heho)
+        self.last_gate = beta.detach()
+        return out
+

@@ -46,6 +46,7 @@ N_HOMOGENEOUS_RELATIONS = 4  # SELF, IN, OUT, BI: one a_r each (Eq. 12)
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 FUSION_MODES = ("adaptive", "hohe", "heho", "synchronous", "ho", "he")
+AUTHORS_PLAN = "authors"  # LayerPlan.build's name for the rows the authors' layer reads
 ATTENTION_SLOPE = 0.2  # LeakyReLU slope inside sft (Eq. 11)
 
 
@@ -307,10 +308,12 @@ class LayerPlan:
     def build(cls, edges: RelationEdges, types: "TypeIndex", fusion: str, out: Tensor) -> "LayerPlan":
         node_type = torch.repeat_interleave(torch.arange(len(types.counts), device=out.device),
                                             torch.tensor(types.counts, device=out.device))
-        two_phase = fusion in ("adaptive", "hohe", "heho")
+        # AUTHORS_PLAN: han_authors.AuthorsHANLayer (h^he at out and its sequence neighbours, then
+        # both aggregations into out, all from one projection q; no h^ho)
+        two_phase = fusion in ("adaptive", "hohe", "heho", AUTHORS_PLAN)
         uses_ho = fusion in ("adaptive", "hohe", "synchronous", "ho")
-        uses_he = fusion in ("adaptive", "heho", "synchronous", "he")
-        out_edges = edges.rows(out, ho=fusion in ("adaptive", "heho"), he=fusion in ("adaptive", "hohe"))
+        uses_he = fusion in ("adaptive", "heho", "synchronous", "he", AUTHORS_PLAN)
+        out_edges = edges.rows(out, ho=fusion in ("adaptive", "heho", AUTHORS_PLAN), he=fusion in ("adaptive", "hohe", AUTHORS_PLAN))
         ho_rows = ho_edges = he_rows = he_edges = out_in_ho = out_in_he = q_rows = None
         v_parts = [out]
         if uses_ho:  # h^ho where phase 2 (hohe) or the output reads it
@@ -326,6 +329,8 @@ class LayerPlan:
             out_in_he = torch.searchsorted(he_rows, out) if two_phase else None
         v_rows = _union(*v_parts)
         inputs = v_rows if he_rows is None else _union(v_rows, q_rows, he_rows)
+        if fusion == AUTHORS_PLAN:  # q at he_rows and their heterogeneous sources (out is in he_rows)
+            inputs = _union(he_rows, q_rows)
         return cls(out, node_type, len(types.counts), ho_rows, ho_edges, he_rows, he_edges, out_edges,
                    out_in_ho, out_in_he, v_rows, q_rows, inputs)
 

@@ -49,7 +49,7 @@ from ..errors import MmsrError
 from .aggregators import BatchGraph, build_layers, check_aggregator
 from .base import DatasetInfo, ModalityInfo, ModelConfig, Recommender, code_embedding_table
 from .han_authors import AuthorsHANLayer
-from .layers import Dropout, HANLayer, LayerPlan, RelationEdges, TypeIndex
+from .layers import AUTHORS_PLAN, Dropout, HANLayer, LayerPlan, RelationEdges, TypeIndex
 
 VARIANTS = ("paper", "authors")
 
@@ -236,7 +236,7 @@ class MMSR(Recommender):
         return h if inverse is None else h[inverse]
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        if not self.every_node and self.config.aggregator == "han" and self.config.variant == "paper":
+        if not self.every_node and self.config.aggregator == "han":
             h, _ = self._propagate(batch, pooled=True)
             return h  # the pooled rows, in sample order
         h, inverse = self._propagate(batch)
@@ -269,7 +269,8 @@ class MMSR(Recommender):
         if pooled:  # from the pooled rows back to the rows each earlier layer must compute
             rows = batch["last_node"] if inverse is None else inverse[batch["last_node"]]
             for i in reversed(range(len(self.layers))):
-                plans[i] = LayerPlan.build(edges, types, self.config.fusion, rows)
+                kind = AUTHORS_PLAN if self.config.variant == "authors" else self.config.fusion
+                plans[i] = LayerPlan.build(edges, types, kind, rows)
                 rows = plans[i].inputs
 
         h = self.encoder(node_type, node_ref, pos_index, pos_node, types)  # h^(0)
