@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import softmax as pyg_softmax
 
-from .layers import CsrGraph, HomogeneousAttention, LayerPlan, RelationEdges, TypedLinear, TypeIndex, _EdgeDot, aggregate
+from .layers import CsrGraph, HomogeneousAttention, LayerPlan, RelationEdges, TypedLinear, TypeIndex, _EdgeDot, aggregate, rows_of
 
 AUTHORS_SLOPE = 0.1  # their ``alpha`` for the LeakyReLU of the scores
 
@@ -88,10 +88,10 @@ class AuthorsHANLayer(nn.Module):
 
     def _forward_rows(self, h: Tensor, plan: LayerPlan) -> Tensor:
         n, rows = h.shape[0], plan.inputs
-        q = h.new_zeros(n, self.dim).index_copy(0, rows, self.query(h[rows], plan.types_of(rows)))
+        q = rows_of(self.query(h[rows], plan.types_of(rows)), rows, n)
         he = plan.he_edges.he  # phase 1 of he->ho at the out rows and their sequence neighbours
         h_he = aggregate(self.attention_dropout(_softmax(_EdgeDot.apply(q[plan.he_rows], q, he), he)), q, he)
-        h_he_all = h.new_zeros(n, self.dim).index_copy(0, plan.he_rows, h_he)
+        h_he_all = rows_of(h_he, plan.he_rows, n)
         ho, he_out = plan.out_edges.ho, plan.out_edges.he
         ho_alpha = _softmax(self.homogeneous(h_he[plan.out_in_he], plan.out_edges, h_he_all), ho)
         out_heho = aggregate(self.attention_dropout(ho_alpha), q, ho)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -303,6 +303,7 @@ class LayerPlan:
     v_rows: Tensor
     q_rows: Tensor | None
     inputs: Tensor
+    _types: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, edges: RelationEdges, types: "TypeIndex", fusion: str, out: Tensor) -> "LayerPlan":
@@ -337,11 +338,16 @@ class LayerPlan:
     def types_of(self, rows: Tensor) -> "TypeIndex":
         """TypeIndex of the nodes ``rows`` (sorted rows are grouped by type already); built once
         per row set of the plan (the forward asks for each several times, every step)."""
-        cache = self.__dict__.setdefault("_types", {})
-        key = id(rows)
-        if key not in cache:
-            cache[key] = (rows, TypeIndex.build(self.node_type[rows], self.n_types))  # rows kept: ids stay unique
-        return cache[key][1]
+        key = id(rows)  # the row sets are the plan's own tensors, alive as long as the plan
+        if key not in self._types:
+            self._types[key] = TypeIndex.build(self.node_type[rows], self.n_types)
+        return self._types[key]
+
+
+def rows_of(x: Tensor, rows: Tensor, n: int) -> Tensor:
+    """An [n, d] tensor holding ``x`` at ``rows``, zeros elsewhere: a plan's partial result in node
+    order, so that edges keep node ids (the zero rows are never read)."""
+    return x.new_zeros(n, x.shape[1]).index_copy(0, rows, x)
 
 
 class TypedLinear(nn.Module):
@@ -501,7 +507,7 @@ class HANLayer(nn.Module):
         n = h.shape[0]
 
         def place(x: Tensor, rows: Tensor) -> Tensor:
-            return x.new_zeros(n, x.shape[1]).index_copy(0, rows, x)
+            return rows_of(x, rows, n)
 
         def project(linear: TypedLinear, x: Tensor, rows: Tensor) -> Tensor:
             return linear(x, plan.types_of(rows))

@@ -49,7 +49,7 @@ from ..errors import MmsrError
 from .aggregators import BatchGraph, build_layers, check_aggregator
 from .base import DatasetInfo, ModalityInfo, ModelConfig, Recommender, code_embedding_table
 from .han_authors import AuthorsHANLayer
-from .layers import AUTHORS_PLAN, Dropout, HANLayer, LayerPlan, RelationEdges, TypeIndex
+from .layers import AUTHORS_PLAN, Dropout, HANLayer, LayerPlan, RelationEdges, TypeIndex, rows_of
 
 VARIANTS = ("paper", "authors")
 
@@ -284,7 +284,7 @@ class MMSR(Recommender):
             if self.feed_forward is not None:
                 h = self.feed_forward[i](h)
             if plan is not None and i + 1 < len(self.layers):  # rows plan.out of [N, d]; others unread
-                h = h.new_zeros(node_type.shape[0], h.shape[1]).index_copy(0, plan.out, h)
+                h = rows_of(h, plan.out, node_type.shape[0])
             if authors or i + 1 < len(self.layers):  # the authors drop after the last layer too
                 h = self.dropout(h)
         if pooled:  # gates of the rows each layer computed (gate_values)
