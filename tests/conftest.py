@@ -54,16 +54,63 @@ def run_cli(args: list[str]) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
-@pytest.fixture
-def one_thread():
-    """Run torch on one thread: tiny models train fastest that way, and on a shared 2-core machine
-    two threads fighting other processes are many times slower than one."""
+def pytest_configure(config) -> None:
+    """Every test runs torch on one thread (and its children get OMP_NUM_THREADS=1): tiny models
+    train fastest that way, and on a shared 2-core machine two threads fighting other processes
+    are many times slower than one."""
     import torch
 
-    old = torch.get_num_threads()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """``cuda`` tests run where a CUDA device is usable (scripts/gpu_check.sh); elsewhere they are
+    skipped with the reason, which names the hardware, never a failure of mmsr."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False); run scripts/gpu_check.sh on one")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def one_thread():
+    """Kept for the tests that name it: the whole session runs on one torch thread."""
+    import torch
+
+    assert torch.get_num_threads() == 1
     yield
-    torch.set_num_threads(old)
+
+
+def one_error_line(r) -> str:
+    """The one-line error of a failed command (exit status 2, ``mmsr: error: ...``); returns it."""
+    assert r.exit_code == 2, (r.exit_code, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mmsr: error:"), r.stderr
+    return lines[0]
+
+
+@contextlib.contextmanager
+def serve_http(handler: type):
+    """A threaded HTTP server on a free loopback port answering with ``handler`` (a
+    BaseHTTPRequestHandler class); yields its base URL and shuts it down afterwards."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
 
 
 @pytest.fixture

@@ -40,11 +40,6 @@ CONV_CLASS = {
 RELATION_AWARE = {"rgcn", "rgat", "hgnn", "hgt", "hgat"}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    """Every test here runs on one torch thread (conftest.one_thread)."""
-
-
 def sorted_batch_graph(batch, n_types):
     """(edge_index, edge_rel, counts) with nodes sorted by type, as MMSR feeds its layers."""
     sorting = TypeIndex.build(batch["node_type"], n_types)

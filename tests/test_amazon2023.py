@@ -24,7 +24,7 @@ from mmsr_cli import contracts as C
 from mmsr_cli.amazon2023 import REPO_ID, benchmark_files, meta_file, review_file
 from mmsr_cli.workdir import DatasetDir
 
-from conftest import tiny_hf_model
+from conftest import tiny_hf_model, one_error_line
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CATEGORIES = ("All_Beauty", "Video_Games")
@@ -168,13 +168,6 @@ def hub(monkeypatch):
     yield state
     httpd.shutdown()
     httpd.server_close()
-
-
-def one_error_line(r) -> str:
-    assert r.exit_code == 2, (r.exit_code, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mmsr: error:"), r.stderr
-    return lines[0]
 
 
 def _read_csv(data: bytes) -> list[list[str]]:

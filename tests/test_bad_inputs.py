@@ -48,11 +48,6 @@ from test_preprocess import make_dataset, tsv
 from test_training import N_TOY_ITEMS, make_toy
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    """Every test here runs on one torch thread (conftest.one_thread)."""
-
-
 def assert_error(result, *needles: str) -> str:
     """Exit status 2, exactly one line on stderr, no traceback; the line holds every needle."""
     assert result.exit_code == 2, (result.exit_code, result.stderr)

@@ -17,11 +17,6 @@ N_ITEMS, MAX_LEN = 12, 5
 PAD = N_ITEMS
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    """Every test here runs on one torch thread (conftest.one_thread)."""
-
-
 def info(modalities=()) -> DatasetInfo:
     return DatasetInfo(
         n_items=N_ITEMS,

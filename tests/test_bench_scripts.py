@@ -34,11 +34,6 @@ def load_script(name: str = "bench_attention_share"):
     return module
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    """One torch thread (conftest.one_thread)."""
-
-
 def direct_shares(ds, run: str) -> dict[int, dict[str, float]]:
     loaded = load_run(ds, run, "best", torch.device("cpu"))
     model = loaded.model.eval()

@@ -32,11 +32,6 @@ N_USERS, N_ITEMS = 4, 12
 INTERACTIONS = {0: [0, 1, 2], 1: [2, 3], 2: [4, 5, 0], 3: [6, 7, 1, 9]}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    """Every test here runs on one torch thread (conftest.one_thread)."""
-
-
 def info() -> DatasetInfo:
     g = torch.Generator().manual_seed(3)
     image = torch.randn(N_ITEMS, 10, generator=g)

@@ -33,11 +33,6 @@ MMSR = ["--model", "mmsr", "--dim", "8", "--layers", "1", "--batch-size", "63", 
         "--max-steps", "3", "--epochs", "1", "--device", "cpu", "--seed", "3"]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    """Every test here runs on one torch thread (conftest.one_thread)."""
-
-
 @pytest.fixture(scope="module")
 def coded(tmp_path_factory) -> DatasetDir:
     ds = make_coded_toy(tmp_path_factory.mktemp("work"))

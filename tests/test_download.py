@@ -23,7 +23,7 @@ from mmsr_cli.download import (
 from mmsr_cli.errors import MmsrError
 from mmsr_cli.workdir import DatasetDir
 
-from conftest import shared_dataset
+from conftest import shared_dataset, one_error_line
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SEQ_FIXTURE = FIXTURES / "download_sequences"
@@ -133,13 +133,6 @@ def server():
     yield base, state
     httpd.shutdown()
     httpd.server_close()
-
-
-def one_error_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert result.exit_code != 0
-    assert len(lines) == 1 and lines[0].startswith("mmsr: error:"), result.stderr
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------------------------

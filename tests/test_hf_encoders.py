@@ -25,11 +25,6 @@ IMAGE_MODELS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    pass
-
-
 @pytest.mark.parametrize("kind", sorted(IMAGE_MODELS))
 def test_image_model_gives_its_pooled_embedding(cli, tmp_path, kind):
     folder = tiny_hf_model(kind, tmp_path / kind)

@@ -209,11 +209,6 @@ def pipeline(tmp_path_factory) -> dict:
             "calls": {**graph_calls, **train_calls}}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    """In-process runs use one torch thread, like the subprocesses (OMP_NUM_THREADS=1)."""
-
-
 # ----------------------------------------------------------------------------------------------
 # download
 
@@ -454,7 +449,6 @@ def test_train_killed_at_a_random_step_resumes_to_the_same_weights_and_metrics(p
     ref = pipeline["done"] / "synthetic" / C.RUNS_DIR / "mmsr-loo-s0"
     assert_same(checkpoint_state(folder), checkpoint_state(ref))
     assert leftovers(work / "synthetic") == []
-
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,11 +17,6 @@ GROUPED_MODELS = ["gru4rec", "sasrec", "sasrecf", "srgnn", "gru4recf", "nova", "
 WITH_CODES = {"sasrecf", "gru4recf", "nova", "difsr", "trans2d"}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    """Every test here runs on one torch thread (conftest.one_thread)."""
-
-
 def test_rows_are_grouped_by_power_of_two_length_and_come_back_in_batch_order():
     calls = []
 

@@ -14,11 +14,6 @@ from mmsr_cli.popularity import BUCKETS, BeyondAccuracy, flat_metrics, item_popu
 from test_training import FAST, evaluate, make_toy, run_folder, train
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    pass
-
-
 def test_buckets_split_the_frequent_items_into_thirds_of_their_interactions():
     pop = np.array([30, 20, 10, 5, 5, 4, 3, 2, 1, 0])
     # 77 interactions of the frequent items; shares before each: 0, .39, .65, .78, ...

@@ -20,7 +20,7 @@ from mmsr_cli.errors import MmsrError
 from mmsr_cli.preprocess import PreprocessOptions, k_core, n_test_items, split_samples
 from mmsr_cli.workdir import DatasetDir
 
-from conftest import shared_dataset
+from conftest import shared_dataset, one_error_line
 
 OUTPUTS = [C.ITEMS, C.USERS, C.INTERACTIONS] + [C.samples_file(s) for s in C.SPLITS]
 
@@ -61,13 +61,6 @@ def samples(ds: DatasetDir, split: str) -> list[tuple]:
         (users[r["user_idx"]], "".join(items[i] for i in r["history"]), items[r["target"]], r["target_position"])
         for r in t.to_pylist()
     ]
-
-
-def one_error_line(r) -> str:
-    assert r.exit_code != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mmsr: error:"), r.stderr
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,13 +16,8 @@ from mmsr_cli.models.base import DatasetInfo
 from mmsr_cli.recommend import RECS_SCHEMA, graph_batches_for_histories, write_stdout
 from mmsr_cli.workdir import DatasetDir
 
-from conftest import run_cli
+from conftest import run_cli, one_error_line
 from test_training import N_TOY_ITEMS, make_toy
-
-
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    """Every test here runs on one torch thread (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +40,6 @@ def sequences(ds: DatasetDir) -> dict[str, list[str]]:
     """Each user's full item-id sequence, oldest first."""
     raw = ds.path(C.RAW_SEQUENCES).read_text().splitlines()[1:]
     return {u: items.split() for u, items in (line.split("\t") for line in raw)}
-
-
-def one_error_line(r) -> str:
-    assert r.exit_code != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mmsr: error:"), r.stderr
-    return lines[0]
 
 
 def test_recommends_the_next_item_of_the_latest_history(cli, trained):

@@ -19,6 +19,8 @@ from mmsr_cli.evaluation import METRIC_NAMES
 from mmsr_cli.models.base import ModelConfig
 from mmsr_cli.training import TrainConfig
 
+from conftest import one_error_line
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -300,13 +302,6 @@ def test_a_run_still_in_its_first_epoch_is_listed_without_figures(cli, workdir):
     r = report(cli, workdir)
     assert r.exit_code == 0, r.stderr
     assert row((workdir / "report.md").read_text(), "gru4rec-loo-s0")[3:] == ["0", "", "", "", "", "none"]
-
-
-def one_error_line(r) -> str:
-    assert r.exit_code != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mmsr: error:"), r.stderr
-    return lines[0]
 
 
 def test_bad_options_and_files_are_one_line_errors(cli, workdir, tmp_path):

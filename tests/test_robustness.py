@@ -22,11 +22,6 @@ from conftest import run_cli
 from test_training import N_TOY_ITEMS, make_coded_toy, one_error_line
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    """Every test here runs on one torch thread (conftest.one_thread)."""
-
-
 def modality(name: str, codes: list[list[int]], n_codes: int = 3) -> ModalityInfo:
     return ModalityInfo(name, n_codes, 4, torch.randn(n_codes, 4), np.array(codes, dtype=np.int64))
 
@@ -294,3 +289,89 @@ def test_train_with_dropped_modalities_records_and_reapplies_the_drop(coded):
     assert "--drop-modality: model sasrec reads no modality codes" in one_error_line(
         run_cli([*base[:-1], "sasrec", "--drop-modality", "text", "--drop-ratio", "0.2"]))
     assert "--drop-ratio: needs --drop-modality" in one_error_line(run_cli([*base, "--drop-ratio", "0.2"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The settings change what is scored: `evaluate`'s ranks equal those of a hand-perturbed input
+# and differ from the clean ranks (an evaluate that records a setting but scores clean data fails)
+
+
+class HandGraphs:
+    """The test split as per-batch MSGraphs of ``histories`` under ``modalities`` (build-graphs'
+    construction, graphs.collate_histories), built here rather than by robustness.open_split."""
+
+    def __init__(self, samples, modalities, info):
+        self.samples, self.modalities, self.info = samples, modalities, info
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def collate(self, idx):
+        s = self.samples
+        return collate_histories([s.flat[s.ptr[r] : s.ptr[r + 1]] for r in idx], self.modalities, self.info.n_items,
+                                 max_len=self.info.max_len, target=s.target[idx], user_idx=s.user_idx[idx])
+
+
+def hand_ranks(ds: DatasetDir, run: str, modalities=None, flat=None) -> np.ndarray:
+    """Test ranks of ``run`` scored on the clean samples with the histories replaced by ``flat``
+    and/or the item codes replaced by ``modalities``."""
+    from dataclasses import replace
+
+    from mmsr_cli.data import SequenceSplit
+    from mmsr_cli.evaluation import evaluate_split
+    from mmsr_cli.models import build_model
+    from mmsr_cli.training import load_run
+
+    loaded = load_run(ds, run, "best", torch.device("cpu"))
+    info = loaded.bundle.info
+    samples = SequenceSplit.open(ds, "test", info.max_len, info.n_items)
+    if flat is not None:
+        samples = replace(samples, flat=flat)
+    model, data = loaded.model, samples
+    if modalities is not None and model.input_kind == "sequence":  # code channels read the codes at build
+        model = build_model(loaded.model_config, replace(info, modalities=modalities))
+        model.load_state_dict(loaded.model.state_dict())
+    if model.input_kind == "graph":
+        data = HandGraphs(samples, info.modalities if modalities is None else modalities, info)
+    ranks: list[torch.Tensor] = []
+    evaluate_split(model, data, 1000, torch.device("cpu"), ranks=ranks)
+    return torch.cat(ranks).numpy()
+
+
+def stored_ranks(ds: DatasetDir, run: str, setting: str = "") -> np.ndarray:
+    from mmsr_cli.significance import read_ranks
+
+    return read_ranks(ds.path(f"{C.RUNS_DIR}/{run}/{C.ranks_file('test', setting)}"))
+
+
+@pytest.mark.parametrize("run", ["mmsr-loo-s0", "sasrecf-loo-s0"])
+def test_perturbed_and_dropped_evaluations_score_the_perturbed_inputs(coded, run):
+    from mmsr_cli.data import SequenceSplit
+    from mmsr_cli.training import load_run
+
+    assert evaluate(coded, "--run", run).exit_code == 0
+    clean = stored_ranks(coded, run)
+    assert np.array_equal(clean, hand_ranks(coded, run))  # the hand path reproduces the clean evaluation
+    info = load_run(coded, run, "best", torch.device("cpu")).bundle.info
+    samples = SequenceSplit.open(coded, "test", info.max_len, info.n_items)
+
+    cases = [
+        # Figure 1: every history shuffled (seed 0), the item codes untouched
+        (["--perturb", "disordered"], "disordered", dict(flat=R.disorder_histories(samples.flat, samples.ptr, seed=0))),
+        # Figure 1: 30 % of each modality's items swap their codes (seed 2)
+        (["--perturb", "mismatched", "--perturb-ratio", "0.3", "--seed", "2"], "mismatched-0.3-s2",
+         dict(modalities=R.mismatch_modalities(info.modalities, 0.3, seed=2)[0])),
+        # Figure 4: 90 % of the items lose both modalities (seed 0)
+        (["--drop-modality", "all", "--drop-ratio", "0.9"], "drop-all-0.9",
+         dict(modalities=R.drop_modalities(info.modalities, ["image", "title"], 0.9, seed=0)[0])),
+    ]
+    for args, setting, change in cases:
+        r = evaluate(coded, "--run", run, *args)
+        assert r.exit_code == 0, r.stderr
+        got = stored_ranks(coded, run, setting)
+        assert np.array_equal(got, hand_ranks(coded, run, **change)), setting
+        assert not np.array_equal(got, clean), f"{setting}: the same ranks as the clean evaluation"
+        # the metrics file holds the means of these ranks
+        rec = metrics(coded, run, C.metrics_file("test", setting))
+        assert rec["metrics"]["hr@10"] == pytest.approx(np.mean(got <= 10), abs=1e-12)
+        assert rec["metrics"]["mrr@20"] == pytest.approx(np.mean(np.where(got <= 20, 1 / got, 0)), abs=1e-12)

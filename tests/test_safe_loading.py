@@ -20,6 +20,8 @@ from PIL import Image
 from mmsr_cli import contracts as C
 from mmsr_cli.features import FeatureOptions, run
 
+from conftest import one_error_line
+
 from test_features import make_items
 from test_training import make_toy
 
@@ -99,12 +101,6 @@ def test_the_payload_is_live_without_weights_only(tmp_path):
     plant(tmp_path / "evil.pt", marker)
     torch.load(tmp_path / "evil.pt", weights_only=False)
     assert marker.exists()  # so the refusals below are refusals of working exploits
-
-
-def one_error_line(r) -> str:
-    lines = r.stderr.strip().splitlines()
-    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("mmsr: error:"), r.stderr
-    return lines[0]
 
 
 @pytest.mark.parametrize("checkpoint", ["best.pt", "last.pt"])

@@ -31,11 +31,6 @@ FEATURE_MODELS = ["gru4recf", "nova", "difsr", "trans2d"]
 MODELS = ["srgnn", *FEATURE_MODELS]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    """Every test here runs on one torch thread (conftest.one_thread)."""
-
-
 def build(name: str, **kw) -> Recommender:
     return make(name, [image_modality()] if name in FEATURE_MODELS else (), **kw)
 

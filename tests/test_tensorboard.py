@@ -15,11 +15,6 @@ from test_training import make_coded_toy, run_folder, train
 SMALL = ["--epochs", "2", "--max-steps", "3", "--dim", "8", "--layers", "1", "--batch-size", "32", "--patience", "0"]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    pass
-
-
 def scalars(folder) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(folder))
     acc.Reload()

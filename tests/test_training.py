@@ -18,7 +18,7 @@ from mmsr_cli import training
 from mmsr_cli.models.base import ModelConfig
 from mmsr_cli.workdir import DatasetDir
 
-from conftest import run_cli
+from conftest import run_cli, one_error_line
 
 N_TOY_ITEMS = 20
 # Small and fast: 5 training batches per epoch.
@@ -44,11 +44,6 @@ def make_toy(workdir: Path, name: str = "toy", n_users: int = 60, seed: int = 0,
     return ds
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    """Every test here runs on one torch thread (conftest.one_thread)."""
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> DatasetDir:
     return make_toy(tmp_path_factory.mktemp("work"))
@@ -60,13 +55,6 @@ def train(cli, ds: DatasetDir, *args):
 
 def evaluate(cli, ds: DatasetDir, *args):
     return cli(["evaluate", "--workdir", ds.workdir, "--dataset", ds.name, *args])
-
-
-def one_error_line(r) -> str:
-    assert r.exit_code != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mmsr: error:"), r.stderr
-    return lines[0]
 
 
 def run_folder(ds: DatasetDir, run: str) -> Path:

@@ -24,11 +24,6 @@ from conftest import run_cli
 from test_training import make_toy, one_error_line, run_folder
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    """One torch thread (conftest.one_thread)."""
-
-
 def tune(ds, *args):
     return run_cli(["tune", "--workdir", ds.workdir, "--dataset", ds.name, *args])
 
