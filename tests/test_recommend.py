@@ -77,6 +77,35 @@ def test_exclude_seen_and_parquet_output(cli, trained, tmp_path):
     assert lines[0] == "user_id\trank\titem_id\tscore\ttitle" and len(lines) == 1 + N_TOY_ITEMS
 
 
+def test_exclude_seen_over_several_batches(cli, trained):
+    """60 users in batches of 16 (the run's training batch size; the last batch holds 12): every
+    user's list is exactly the items they have not seen, whatever batch they fall in."""
+    from mmsr_cli.recommend import RecommendOptions, recommend as recommend_lib
+    from mmsr_cli.training import load_run
+
+    base = ["--workdir", trained.workdir, "--dataset", trained.name]
+    r = cli(["train", *base, "--model", "pop", "--run-name", "pop16", "--batch-size", "16", "--device", "cpu"])
+    assert r.exit_code == 0, r.stderr
+    r = cli(["recommend", *base, "--run", "pop16", "--all-users", "--top-k", str(N_TOY_ITEMS), "--exclude-seen",
+             "--format", "jsonl", "--device", "cpu"])
+    assert r.exit_code == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    seqs = sequences(trained)
+    assert list(dict.fromkeys(row["user_id"] for row in rows)) == list(seqs)  # users in their index order
+    catalogue = {f"i{i}" for i in range(N_TOY_ITEMS)}
+    for user, items in seqs.items():
+        mine = [row for row in rows if row["user_id"] == user]
+        assert {row["item_id"] for row in mine} == catalogue - set(items), user
+        assert [row["rank"] for row in mine] == list(range(1, len(mine) + 1)), user
+        assert [row["score"] for row in mine] == sorted((row["score"] for row in mine), reverse=True), user
+    # The trained SASRec in batches of 7 (9 batches, the last of 4) gives the one-batch table.
+    loaded = load_run(trained, "s", "best", torch.device("cpu"))
+    tables = [recommend_lib(trained, loaded, RecommendOptions(all_users=True, top_k=N_TOY_ITEMS, exclude_seen=True,
+                                                              batch_size=b), torch.device("cpu")) for b in (7, 512)]
+    assert tables[0].equals(tables[1])
+    assert tables[0].num_rows == sum(N_TOY_ITEMS - len(set(items)) for items in seqs.values())
+
+
 def test_bad_inputs_keep_earlier_output(cli, trained, tmp_path):
     out = tmp_path / "recs.parquet"
     assert recommend(cli, trained, "--users", "u1", "--output", out).exit_code == 0
