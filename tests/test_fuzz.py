@@ -2,7 +2,8 @@
 
 * `preprocess` on arbitrary raw files (bytes, broken lines, JSON and Python-literal records of
   any shape, CSV) either succeeds with consistent outputs or raises MmsrError: never another
-  exception (which the CLI would report as an internal error).
+  exception (which the CLI would report as an internal error). On well-formed files that some
+  user's history satisfies it must succeed, with the users, items and samples computed here.
 * :func:`mmsr_cli.graphs.build_msgraphs` on random small histories and code tables keeps the
   MSGraph invariants of paper section 4.1, stated directly here (tests/test_graphs.py compares
   against a reference construction): node counts, edges inside their graph, one self loop per
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 from mmsr_cli import contracts as C
 from mmsr_cli.errors import MmsrError
 from mmsr_cli.graphs import REL_HETERO, REL_SELF, build_msgraphs
-from mmsr_cli.preprocess import PreprocessOptions, build
+from mmsr_cli.preprocess import PreprocessOptions, build, n_test_items
 from mmsr_cli.workdir import DatasetDir
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -193,6 +194,60 @@ def test_preprocess_never_fails_but_with_a_one_line_mmsr_error(files, opts):
         users = table.column("user_idx").to_numpy()
         assert users.size == 0 or (users.min() >= 0 and users.max() < n_users)
     assert result.samples["test"].num_rows >= n_users  # every kept user has a test case
+
+
+@st.composite
+def satisfiable(draw) -> tuple[dict[str, list[str]], dict[str, bytes], PreprocessOptions]:
+    """Well-formed histories (as sequences.tsv or as interactions.csv with increasing times) and
+    options under which at least one user keeps two training items."""
+    opts = draw(st.builds(PreprocessOptions, core=st.integers(0, 1), max_len=st.integers(1, 4),
+                          split=st.sampled_from(["loo", "ratio"]), test_ratio=st.sampled_from([0.2, 0.5])))
+    users = draw(st.lists(st.sampled_from([f"u{k}" for k in range(8)]), min_size=1, max_size=8, unique=True))
+    seqs = {u: draw(st.lists(ITEM_IDS, min_size=1, max_size=9)) for u in users}
+    lengths = np.array([len(v) for v in seqs.values()])
+    if not (lengths - n_test_items(lengths, opts.split, opts.test_ratio) >= 2).any():
+        seqs[users[0]] = draw(st.lists(ITEM_IDS, min_size=9, max_size=9))  # 9 - 4 (ratio 0.5) >= 2
+    if draw(st.booleans()):
+        lines = ["user_id\titem_ids", *(f"{u}\t{' '.join(items)}" for u, items in seqs.items())]
+        files = {C.RAW_SEQUENCES: "\n".join(lines).encode() + b"\n"}
+    else:
+        rows = [(u, item) for u, items in seqs.items() for item in items]
+        order = draw(st.permutations(range(len(rows))))  # file order does not matter, times do
+        files = {"raw/interactions.csv": ("user,item,timestamp\n" + "".join(
+            f"{rows[i][0]},{rows[i][1]},{100 + i}\n" for i in order)).encode()}
+    return seqs, files, opts
+
+
+@FUZZ
+@given(case=satisfiable())
+def test_preprocess_succeeds_on_satisfiable_inputs_with_the_expected_samples(case):
+    """A preprocess that rejects every input passes the test above; this one does not."""
+    seqs, files, opts = case
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = DatasetDir.open(tmp, "fuzz")
+        for rel, data in files.items():
+            ds.path(rel).parent.mkdir(parents=True, exist_ok=True)
+            ds.path(rel).write_bytes(data)
+        result = build(ds, opts)
+    kept = {u: items for u, items in seqs.items()
+            if len(items) - n_test_items(np.array([len(items)]), opts.split, opts.test_ratio)[0] >= 2}
+    item_id = dict(zip(result.items.column("item_idx").to_pylist(), result.items.column("item_id").to_pylist()))
+    user_id = dict(zip(result.users.column("user_idx").to_pylist(), result.users.column("user_id").to_pylist()))
+    assert sorted(user_id.values()) == sorted(kept)
+    assert sorted(item_id.values()) == sorted({i for items in kept.values() for i in items})
+    assert result.interactions.num_rows == sum(len(items) for items in kept.values())
+    test = result.samples["test"].to_pylist()
+    n_test = {u: int(n_test_items(np.array([len(items)]), opts.split, opts.test_ratio)[0]) for u, items in kept.items()}
+    assert len(test) == sum(n_test.values())
+    for row in test:  # each test target with the max_len items before it
+        items = kept[user_id[row["user_idx"]]]
+        pos = row["target_position"]
+        assert len(items) - n_test[user_id[row["user_idx"]]] <= pos < len(items)
+        assert item_id[row["target"]] == items[pos]
+        assert [item_id[i] for i in row["history"]] == items[max(0, pos - opts.max_len) : pos]
+    if opts.split == "loo":
+        assert sorted((user_id[r["user_idx"]], item_id[r["target"]]) for r in test) == sorted(
+            (u, items[-1]) for u, items in kept.items())
 
 
 # ----------------------------------------------------------------------------------------------
