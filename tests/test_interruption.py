@@ -7,11 +7,11 @@ byte for byte for data files (manifests are compared by their output hashes and 
 since they also hold creation times), and the same weights, optimizer state and metrics for
 `train`. A Ctrl-C must end with one line on stderr and exit status 130.
 
-Random points are reproducible: either the subprocess watches its own progress through a hook
-(:data:`HOOK`: the n-th call of a function such as ``numpy.save`` or ``os.replace`` sends the
-signal, n drawn from a seeded RNG over the calls an uninterrupted run makes), or the test polls
-the stage's visible progress (bytes in a ``.part`` file, chunks in ``features/<name>.partial/``)
-and kills at a seeded threshold.
+Random points are reproducible and independent of timing: the subprocess watches its own
+progress through a hook (:data:`HOOK`: the n-th call of a function such as ``numpy.save``,
+``os.replace``, the checksum record of a download or the save of a feature chunk sends the
+signal, n drawn from a seeded RNG over the calls an uninterrupted run makes). No test polls a
+child's progress from outside, so a loaded machine cannot move the kill point.
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -35,7 +33,7 @@ import torch
 from mmsr_cli import contracts as C
 from mmsr_cli.training import without_measurements
 
-from conftest import run_cli
+from conftest import run_cli, serve_http
 
 INTERRUPTED = "mmsr: interrupted; completed outputs are kept, re-run to resume"
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -43,6 +41,10 @@ IMAGE_FEATURES = ["--modality", "image", "--model", "mobilenet_v3_small", "--wei
                   "--chunk-size", "30", "--batch-size", "10", "--workers", "1"]
 TRAIN = ["--model", "mmsr", "--epochs", "3", "--dim", "16", "--batch-size", "128", "--max-steps", "4",
          "--patience", "0", "--device", "cpu"]
+# Early stopping on: at lr 1e-9 the weights barely move, so the validation metric does not improve
+# after epoch 1 and the run stops after epoch 3 with patience 2 (checked on the reference run).
+TRAIN_PATIENT = ["--model", "mmsr", "--epochs", "5", "--dim", "16", "--batch-size", "128", "--max-steps", "2",
+                 "--patience", "2", "--lr", "1e-9", "--device", "cpu", "--run-name", "patient"]
 
 # Run `mmsr ARGS` with one function hooked: its n-th call sends the signal to this process. After
 # SIGINT the main thread waits for Python's handler to raise where the call was about to happen.
@@ -78,24 +80,6 @@ def hooked_run(target: str, n: int, sig: str, args: list[str]) -> subprocess.Com
     cmd = [sys.executable, "-c", HOOK, module, attr, str(n), sig, *args]
     return subprocess.run(cmd, env=CHILD_ENV, capture_output=True, text=True, timeout=600)
 
-
-def killed_when(args: list[str], sig: signal.Signals, ready, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m mmsr_cli ARGS``; send ``sig`` as soon as ``ready()`` holds."""
-    proc = subprocess.Popen([sys.executable, "-m", "mmsr_cli", *args], env=CHILD_ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while proc.poll() is None and not ready():
-            assert time.monotonic() < deadline, "the stage never reached the kill point"
-            time.sleep(0.005)
-        assert proc.poll() is None, "the stage finished before the kill point"
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def assert_interrupted(res: subprocess.CompletedProcess, sig: str) -> None:
@@ -201,25 +185,25 @@ def pipeline(tmp_path_factory) -> dict:
         cli_ok(mmsr_args(work, "build-graphs"))
         shutil.copytree(root, snaps / "train" / "synthetic")
         train_calls = run_counting(mmsr_args(work, "train", *TRAIN), TRAIN_TARGETS)
+        patient_calls = run_counting(mmsr_args(work, "train", *TRAIN_PATIENT), ["torch:save"])
         # Once more over existing graphs, as in the killed runs below (one more rename).
         graph_calls = run_counting(mmsr_args(work, "build-graphs"), GRAPH_TARGETS)
     finally:
         torch.set_num_threads(threads)
     return {"features": snaps / "features", "graphs": snaps / "graphs", "train": snaps / "train", "done": work,
-            "calls": {**graph_calls, **train_calls}}
+            "calls": {**graph_calls, **train_calls}, "patient_saves": patient_calls["torch:save"]}
 
 
 # ----------------------------------------------------------------------------------------------
 # download
 
 
-class SlowServer:
-    """Serves files with Range support; with ``throttle`` it sends 64 KiB every 20 ms."""
+class RangeServer:
+    """Serves ``files`` with Range support and records each GET's (path, Range header)."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.ranges: list[tuple[str, str | None]] = []
-        self.throttle = True
         state = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -241,60 +225,42 @@ class SlowServer:
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
-                step = 64 << 10
                 try:
-                    for i in range(start, len(body), step):
-                        self.wfile.write(body[i : i + step])
-                        if state.throttle:
-                            time.sleep(0.02)
+                    self.wfile.write(body[start:])
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client was killed
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.handler = Handler
 
 
 @pytest.fixture
-def slow_server():
-    server = SlowServer()
-    yield server
-    server.close()
+def range_server():
+    server = RangeServer()
+    with serve_http(server.handler) as base:
+        server.base = base
+        yield server
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
-def test_download_killed_mid_transfer_resumes_from_the_part_file(slow_server, tmp_path, sig):
+def test_download_killed_mid_transfer_resumes_from_the_part_file(range_server, tmp_path, sig):
     rng = random.Random(f"download-{sig}")
     reviews = rng.randbytes(4 << 20)  # 4 MiB: arrives in 1 MiB appends to reviews.json.gz.part
     meta = rng.randbytes(100_000)
-    slow_server.files.update({"/amz/reviews_Beauty_5.json.gz": reviews, "/amz/meta_Beauty.json.gz": meta})
+    range_server.files.update({"/amz/reviews_Beauty_5.json.gz": reviews, "/amz/meta_Beauty.json.gz": meta})
     args = ["download", "--workdir", str(tmp_path / "w"), "--dataset", "beauty", "--base-url",
-            f"{slow_server.base}/amz", "--no-images", "--retries", "0"]
+            f"{range_server.base}/amz", "--no-images", "--retries", "0"]
     part = tmp_path / "w" / "beauty" / "raw" / "reviews.json.gz.part"
-    threshold = rng.randint(1, 3) << 20
-
     record = part.with_name(part.name + ".sha256")
-
-    def recorded_bytes() -> int:
-        try:
-            return int(record.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return 0
-
-    res = killed_when(args, getattr(signal, sig), lambda: recorded_bytes() >= threshold)
+    # Killed as the n-th append is about to be recorded in <part>.sha256: n MiB are in the part,
+    # n - 1 of them recorded.
+    n = rng.randint(2, 4)
+    res = hooked_run("mmsr_cli.download:write_bytes_atomic", n, sig, args)
     assert_interrupted(res, sig)
     assert not (tmp_path / "w" / "beauty" / "raw" / "reviews.json.gz").exists()
-    # Appends are checksummed: <part>.sha256 holds the size and sha256 of the bytes recorded so
-    # far (the part may hold one more append, killed before its record).
     recorded, digest = record.read_text().split()
     recorded = int(recorded)
-    assert threshold <= recorded <= part.stat().st_size
-    assert part.read_bytes()[:recorded] == reviews[:recorded] and hashlib.sha256(reviews[:recorded]).hexdigest() == digest
+    assert recorded == (n - 1) << 20 and part.stat().st_size == n << 20
+    assert part.read_bytes() == reviews[: n << 20] and hashlib.sha256(reviews[:recorded]).hexdigest() == digest
     if sig == "SIGKILL":  # a damaged recorded byte: the transfer restarts from the beginning
         data = bytearray(part.read_bytes())
         data[recorded // 2] ^= 0xFF
@@ -305,10 +271,9 @@ def test_download_killed_mid_transfer_resumes_from_the_part_file(slow_server, tm
             f.write(b"garbage" * 100)
         expected_range = f"bytes={recorded}-"
 
-    slow_server.throttle = False
-    before = len(slow_server.ranges)
+    before = len(range_server.ranges)
     cli_ok(args)
-    assert slow_server.ranges[before] == ("/amz/reviews_Beauty_5.json.gz", expected_range)
+    assert range_server.ranges[before] == ("/amz/reviews_Beauty_5.json.gz", expected_range)
     raw = tmp_path / "w" / "beauty" / "raw"
     assert (raw / "reviews.json.gz").read_bytes() == reviews and (raw / "meta.json.gz").read_bytes() == meta
     assert sorted(p.name for p in raw.iterdir()) == ["meta.json.gz", "reviews.json.gz"]  # no part, no record
@@ -346,12 +311,12 @@ def test_features_killed_after_random_chunks_resume_to_identical_files(pipeline,
     work = clone(pipeline["features"], tmp_path)
     root = work / "synthetic"
     partial = root / C.FEATURES_DIR / "image.partial"
-    chunks = random.Random(f"features-{sig}").randint(1, 8)  # of 10 chunks of 30 items
-    res = killed_when(mmsr_args(work, "extract-features", *IMAGE_FEATURES),
-                      getattr(signal, sig), lambda: len(list(partial.glob("chunk_*.pt"))) >= chunks)
+    # Killed as the n-th of 10 chunks of 30 items is about to be saved: n - 1 chunks are kept.
+    n = random.Random(f"features-{sig}").randint(2, 9)
+    res = hooked_run("mmsr_cli.features:_save_chunk", n, sig, mmsr_args(work, "extract-features", *IMAGE_FEATURES))
     assert_interrupted(res, sig)
     done = len(list(partial.glob("chunk_*.pt")))
-    assert chunks <= done < 10 and not (root / C.features_tensor_file("image")).exists()
+    assert done == n - 1 and not (root / C.features_tensor_file("image")).exists()
 
     r = cli_ok(mmsr_args(work, "extract-features", *IMAGE_FEATURES))
     assert f"{done} chunk(s) resumed" in r.stderr
@@ -395,7 +360,8 @@ def test_build_graphs_killed_at_a_random_write_rebuilds_identical_graphs(pipelin
 
 
 def checkpoint_state(folder: Path) -> dict:
-    """What a resumed run must reproduce: weights, optimizer, early stopping, metrics."""
+    """What a resumed run must reproduce: weights, optimizer, early stopping (best, the count of
+    epochs without improvement, stopped), metrics."""
     last = torch.load(folder / "last.pt", weights_only=True)
     history = [without_measurements(row) for row in last["history"]]
     return {
@@ -405,6 +371,7 @@ def checkpoint_state(folder: Path) -> dict:
         "rng": last["rng"],
         "epoch": last["epoch"],
         "best": last["best"],
+        "bad_epochs": last["bad_epochs"],
         "stopped": last["stopped"],
         "history": history,
         "history.json": [without_measurements(row) for row in json.loads((folder / "history.json").read_text())],
@@ -447,6 +414,31 @@ def test_train_killed_at_a_random_step_resumes_to_the_same_weights_and_metrics(p
     assert "best epoch" in r.stderr
     folder = work / "synthetic" / C.RUNS_DIR / "mmsr-loo-s0"
     ref = pipeline["done"] / "synthetic" / C.RUNS_DIR / "mmsr-loo-s0"
+    assert_same(checkpoint_state(folder), checkpoint_state(ref))
+    assert leftovers(work / "synthetic") == []
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+def test_train_killed_with_early_stopping_pending_resumes_its_count(pipeline, tmp_path, sig):
+    """Killed as the final last.pt (epoch 3, the second epoch without improvement) is about to be
+    saved: the resumed run starts from epoch 2's last.pt, whose count of epochs without
+    improvement (1) must carry over, so that epoch 3 stops the run as it did straight through."""
+    ref = pipeline["done"] / "synthetic" / C.RUNS_DIR / "patient"
+    last = torch.load(ref / "last.pt", weights_only=True)
+    epochs = [row["epoch"] for row in last["history"]]
+    assert (epochs, last["best"]["epoch"], last["bad_epochs"], last["stopped"]) == ([1, 2, 3], 1, 2, True)
+    work = clone(pipeline["train"], tmp_path)
+    n = pipeline["patient_saves"]  # best.pt and last.pt of epoch 1, last.pt of epochs 2 and 3
+    assert n == 4
+    res = hooked_run("torch:save", n, sig, mmsr_args(work, "train", *TRAIN_PATIENT))
+    assert_interrupted(res, sig)
+    folder = work / "synthetic" / C.RUNS_DIR / "patient"
+    pending = torch.load(folder / "last.pt", weights_only=True)
+    assert (pending["epoch"], pending["bad_epochs"], pending["stopped"]) == (2, 1, False)
+
+    r = cli_ok(mmsr_args(work, "train", *TRAIN_PATIENT))
+    assert "resume patient from epoch 2" in (work / "synthetic" / C.LOGS_DIR / "train.log").read_text()
+    assert "(early stop)" in r.stderr or "early stop" in r.stderr
     assert_same(checkpoint_state(folder), checkpoint_state(ref))
     assert leftovers(work / "synthetic") == []
 
