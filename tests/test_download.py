@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import gzip
 import hashlib
 import json
 import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -23,13 +23,14 @@ from mmsr_cli.download import (
 from mmsr_cli.errors import MmsrError
 from mmsr_cli.workdir import DatasetDir
 
-from conftest import shared_dataset, one_error_line
+from conftest import serve_http, shared_dataset, one_error_line
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SEQ_FIXTURE = FIXTURES / "download_sequences"
 
 # A body large enough to arrive in several chunks with the small chunk size used below.
 PAYLOAD = bytes(range(256)) * 64  # 16 KiB
+OVERLAP_WAIT = 30.0  # seconds a held request waits for the others; reached only when they never come
 
 
 def fast_opts(**kw) -> DownloadOptions:
@@ -47,9 +48,13 @@ class ServerState:
         self.ignore_range: set[str] = set()  # always answer 200 with the whole body
         self.fail_times: dict[str, int] = {}  # path -> number of 503 answers before success
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
-        self.delay = 0.0  # seconds each answer takes, to observe concurrent requests
-        self.active = self.max_active = 0
+        # With overlap = n, the first requests are held until n of them are in flight at once (or
+        # OVERLAP_WAIT seconds pass): concurrency is observed without depending on timing.
+        self.overlap = 0
+        self.in_flight: collections.Counter = collections.Counter()  # path -> requests held
+        self.max_active = 0
         self.lock = threading.Lock()
+        self.overlapped = threading.Condition(self.lock)
 
     def add(self, path: str, body: bytes, content_type: str = "application/octet-stream") -> None:
         self.files[path] = (body, content_type)
@@ -77,17 +82,17 @@ def _handler(state: ServerState):
             if failing:
                 self.send_error(503, "busy")
                 return
-            # Concurrency is counted over the delay only, before any byte of the answer: a client
-            # that has its answer may start its next request before this thread runs again, so
-            # counting through the answer over-counted by one on a loaded machine (5 > 4 workers).
-            with state.lock:
-                state.active += 1
-                state.max_active = max(state.max_active, state.active)
-            try:
-                time.sleep(state.delay)
-            finally:
-                with state.lock:
-                    state.active -= 1
+            # Concurrency is the number of distinct files requested at once (a client's retry of a
+            # held request is the same file), counted before any byte of the answer: a client that
+            # has its answer may start its next request before this thread runs again.
+            with state.overlapped:
+                state.in_flight[self.path] += 1
+                state.max_active = max(state.max_active, len(+state.in_flight))
+                if state.max_active >= state.overlap:
+                    state.overlapped.notify_all()
+                elif not state.overlapped.wait_for(lambda: state.max_active >= state.overlap, timeout=OVERLAP_WAIT):
+                    state.overlap = 0  # never reached: later requests are not held (the test fails)
+                state.in_flight[self.path] -= 1
             self._answer(rng, truncate)
 
         def _answer(self, rng: str | None, truncate: bool) -> None:
@@ -125,14 +130,8 @@ def _handler(state: ServerState):
 @pytest.fixture
 def server():
     state = ServerState()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield base, state
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_http(_handler(state)) as base:
+        yield base, state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,10 +287,10 @@ def test_image_cap_and_concurrency(server, tmp_path):
     urls["HUGE"] = f"{base}/huge.png"
     urls["LOCAL"] = "file:///etc/passwd"  # metadata may not read local files
     urls["BROKEN"] = "http://[::1"
-    state.delay = 0.05
+    state.overlap = 4
     res = fetch_images(urls, tmp_path / "images", fast_opts(workers=4, max_image_bytes=1000))
     assert res.ok == 12 and res.new == 12
-    assert 2 <= state.max_active <= 4  # concurrent, and limited to --workers
+    assert state.max_active == 4  # concurrent, and limited to --workers
     assert set(res.failed) == {"HUGE", "LOCAL", "BROKEN"}
     assert "cap" in res.failed["HUGE"] and "http" in res.failed["LOCAL"]
     assert not list((tmp_path / "images").glob("HUGE*")) and not list((tmp_path / "images").glob(".*"))
