@@ -1,12 +1,14 @@
 """Data-parallel `mmsr train` under torchrun (distributed.py): two CPU processes (Gloo) give the
 same weights and validation metrics as one process with the same global batch, write one set of
-run files, resume, and the sharded full-ranking evaluation equals the single-process one."""
+run files, resume (with dropout and a ragged last batch too, to the weights of a straight
+two-rank run), and the sharded full-ranking evaluation equals the single-process one. Ports are
+never picked by the test: torchrun --standalone lets its agent bind one, and the one-process
+group meets through a file."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +22,7 @@ from mmsr_cli import distributed
 from mmsr_cli.evaluation import evaluate_split
 from mmsr_cli.models import build_model
 from mmsr_cli.models.base import ModelConfig
-from mmsr_cli.training import load_dataset
+from mmsr_cli.training import load_dataset, without_measurements
 from mmsr_cli.workdir import DatasetDir
 
 from conftest import run_cli
@@ -39,18 +41,11 @@ def coded(tmp_path_factory) -> DatasetDir:
     return ds
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(ds: DatasetDir, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node N -m mmsr_cli train ...`` as a user would start it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "mmsr_cli",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "mmsr_cli",
            "train", "--workdir", str(ds.workdir), "--dataset", ds.name, *args]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -111,7 +106,43 @@ def test_two_ranks_train_mmsr_like_one_process(coded):
     assert_close_runs(coded, "mmsr-one", "mmsr-two")
 
 
-def test_sharded_evaluation_sums_to_the_single_process_metrics(coded, monkeypatch):
+def test_two_ranks_resume_with_dropout_and_a_ragged_last_batch(coded):
+    """Dropout masks are drawn per rank and epoch, and the last global batch splits unevenly
+    across the ranks: a two-rank run stopped after epoch 1 and resumed ends with the weights,
+    optimizer state and history of a straight two-rank run."""
+    args = [a if a != "0" or SASREC[i - 1] != "--dropout" else "0.3" for i, a in enumerate(SASREC)]
+    assert args[args.index("--dropout") + 1] == "0.3"
+    n_train = len(load_dataset(coded, ModelConfig(model="sasrec")).open_split(coded, "train"))
+    assert n_train % 63 % 2 == 1  # the last batch is ragged and odd: the ranks' slices differ in size
+    torchrun(coded, *args, "--epochs", "2", "--run-name", "drop-straight")
+    torchrun(coded, *args, "--epochs", "1", "--run-name", "drop-resumed")
+    torchrun(coded, *args, "--epochs", "2", "--run-name", "drop-resumed")
+    a, b = (torch.load(coded.path(f"{C.RUNS_DIR}/{run}/last.pt"), weights_only=True) for run in ("drop-straight", "drop-resumed"))
+    assert a["epoch"] == b["epoch"] == 2
+    for key in ("model", "optimizer", "best", "bad_epochs", "stopped"):
+        assert_equal(a[key], b[key], key)
+    assert [without_measurements(r) for r in a["history"]] == [without_measurements(r) for r in b["history"]]
+    assert_equal(state(coded.path(f"{C.RUNS_DIR}/drop-straight/best.pt")), state(coded.path(f"{C.RUNS_DIR}/drop-resumed/best.pt")), "best.pt")
+    config = json.loads(coded.path(f"{C.RUNS_DIR}/drop-resumed/config.json").read_text())
+    assert config["model"]["dropout"] == 0.3
+
+
+def assert_equal(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_equal(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_sharded_evaluation_sums_to_the_single_process_metrics(coded, monkeypatch, tmp_path):
     bundle = load_dataset(coded, ModelConfig(model="sasrec", dim=16, heads=2))
     torch.manual_seed(0)
     model = build_model(bundle.model_config, bundle.info)
@@ -130,7 +161,7 @@ def test_sharded_evaluation_sums_to_the_single_process_metrics(coded, monkeypatc
             assert combined == pytest.approx(whole[name], abs=1e-12)
     monkeypatch.undo()
     # A real (one-rank Gloo) group goes through the all-reduce and gives the same metrics.
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         assert distributed.active() and distributed.world_size() == 1
         assert evaluate_split(model, split, 7, torch.device("cpu")) == pytest.approx(whole, abs=1e-12)
