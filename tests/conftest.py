@@ -54,10 +54,20 @@ def run_cli(args: list[str]) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
+# MMSR_TEST_CUDA selects the device of the `cuda`-marked tests: unset, the session sees no GPU at
+# all (CUDA_VISIBLE_DEVICES is emptied before torch is imported), so every other test, which
+# asserts CPU results, runs on the CPU whatever the machine, and the cuda tests skip; "1" keeps
+# the GPUs visible and runs the cuda tests on cuda (scripts/gpu_check.sh); "cpu" runs the cuda
+# tests on the CPU, to check their plumbing where no GPU is (gpu_check.sh --cpu-dry-run).
+CUDA_TESTS = os.environ.get("MMSR_TEST_CUDA", "")
+
+
 def pytest_configure(config) -> None:
     """Every test runs torch on one thread (and its children get OMP_NUM_THREADS=1): tiny models
     train fastest that way, and on a shared 2-core machine two threads fighting other processes
     are many times slower than one."""
+    if CUDA_TESTS != "1":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -65,16 +75,25 @@ def pytest_configure(config) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """``cuda`` tests run where a CUDA device is usable (scripts/gpu_check.sh); elsewhere they are
-    skipped with the reason, which names the hardware, never a failure of mmsr."""
+    """``cuda`` tests run where MMSR_TEST_CUDA asks for them and a device is usable; elsewhere they
+    are skipped with the reason, which names the setting or the hardware, never our code."""
     import torch
 
-    if torch.cuda.is_available():
+    if CUDA_TESTS == "cpu" or (CUDA_TESTS == "1" and torch.cuda.is_available()):
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False); run scripts/gpu_check.sh on one")
+    if CUDA_TESTS == "1":
+        reason = "MMSR_TEST_CUDA=1 but torch.cuda.is_available() is False"
+    else:
+        reason = "cuda test: run with MMSR_TEST_CUDA=1 on a CUDA machine (scripts/gpu_check.sh)"
     for item in items:
         if "cuda" in item.keywords:
-            item.add_marker(skip)
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def cuda_device() -> str:
+    """The device of a `cuda` test: cuda, or cpu under MMSR_TEST_CUDA=cpu (a dry run)."""
+    return "cpu" if CUDA_TESTS == "cpu" else "cuda"
 
 
 @pytest.fixture
@@ -119,10 +138,15 @@ def cli():
 
 
 def shared_dataset(name: str) -> Path:
-    """Path of a dataset in ../shared/data, or skip the test where it is absent."""
+    """Path of a dataset in ../shared/data. Where it is absent the test fails (CI has the data,
+    and a silently skipped Table-1 check proves nothing), unless MMSR_SKIP_SHARED_DATA=1 asks
+    for a skip on a machine known to lack it."""
     path = SHARED_DATA / name
     if not (path / "sequences.tsv").exists():
-        pytest.skip(f"{path} not available")
+        if os.environ.get("MMSR_SKIP_SHARED_DATA") == "1":
+            pytest.skip(f"{path} not available (MMSR_SKIP_SHARED_DATA=1)")
+        pytest.fail(f"{path} not available: set MMSR_SHARED_DATA to the shared data folder, or "
+                    f"MMSR_SKIP_SHARED_DATA=1 to skip the tests that need it", pytrace=False)
     return path
 
 
@@ -232,3 +256,26 @@ def tiny_hf_model(kind: str, folder: Path) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def assert_metrics_match_ranks(folder: Path, split: str = "test", setting: str = "") -> dict:
+    """Every metric of ``metrics_<split>[_<setting>].json`` equals its value computed here from the
+    per-sample ranks stored beside it (HR, MRR, NDCG at each cut-off); returns the record."""
+    import json
+
+    import numpy as np
+
+    from mmsr_cli import contracts as C
+    from mmsr_cli.evaluation import KS
+
+    record = json.loads((folder / C.metrics_file(split, setting)).read_text())
+    ranks = np.load(folder / record["ranks"], allow_pickle=False).astype(np.float64)
+    assert len(ranks) == record["n"] > 0
+    expected = {}
+    for k in KS:
+        hit = ranks <= k
+        expected[f"hr@{k}"] = hit.mean()
+        expected[f"mrr@{k}"] = np.where(hit, 1 / ranks, 0).mean()
+        expected[f"ndcg@{k}"] = np.where(hit, 1 / np.log2(ranks + 1), 0).mean()
+    assert record["metrics"] == pytest.approx(expected, abs=1e-12)
+    return record
