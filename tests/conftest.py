@@ -27,6 +27,47 @@ def _shared_data_dir() -> Path:
 SHARED_DATA = _shared_data_dir()
 
 
+# ----------------------------------------------------------------------------------------------
+# Datasets built once per session: the toy datasets that many test files rebuild (preprocess,
+# hand-made codes, build-graphs through the CLI) are built on first use and copied afterwards.
+
+_DATASET_CACHE: Path | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _dataset_cache(tmp_path_factory):
+    global _DATASET_CACHE
+    _DATASET_CACHE = tmp_path_factory.mktemp("dataset-cache")
+    yield
+    _DATASET_CACHE = None
+
+
+def cached_dataset(key: str, workdir, name: str, build):
+    """``build(workdir, name)`` (returns a DatasetDir) run once per session and ``key``; every call
+    gets its own copy in ``workdir/name`` (manifests hold no absolute paths; copies keep mtimes)."""
+    import shutil
+
+    from mmsr_cli.workdir import DatasetDir
+
+    workdir = Path(workdir)
+    if _DATASET_CACHE is None:  # outside a pytest session
+        return build(workdir, name)
+    source = _DATASET_CACHE / key
+    if not (source / name).exists():
+        build(source, name)
+    shutil.copytree(source / name, workdir / name)
+    return DatasetDir.open(workdir, name)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> Path:
+    """The toy dataset through every stage with two runs (test_bad_inputs.build_pipeline), built
+    once per session; the tests that use it copy it first."""
+    from test_bad_inputs import build_pipeline
+
+    return build_pipeline(tmp_path_factory.mktemp("pipeline"))
+
+
 @dataclass
 class CliResult:
     exit_code: int

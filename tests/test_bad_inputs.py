@@ -93,12 +93,11 @@ def _ok(args: list) -> None:
     assert r.exit_code == 0, (args, r.stderr)
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Path:
+def build_pipeline(wd: Path) -> Path:
     """Workdir with dataset ``toy`` through every stage: images, image features, codes, graphs,
-    an MMSR run ``m`` and a SASRec run ``s`` (evaluated), and ``recs.parquet`` from ``m``."""
-    torch.set_num_threads(1)
-    wd = tmp_path_factory.mktemp("pipeline")
+    an MMSR run ``m`` and a SASRec run ``s`` (evaluated), and ``recs.parquet`` from ``m``. The
+    session fixture ``pipeline`` (conftest) builds it once for test_bad_inputs, test_locks and
+    test_full_disk; tests work on copies (``work``) and never write there."""
     ds = make_toy(wd)
     rng = np.random.default_rng(0)
     images = ds.path(C.RAW_IMAGES_DIR)

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from test_bad_inputs import CODES, IMAGE_NET, assert_error, pipeline, temporaries, tree_hashes  # noqa: F401
+from test_bad_inputs import CODES, IMAGE_NET, assert_error, temporaries, tree_hashes  # noqa: F401
+
+pytestmark = pytest.mark.slow  # every writing command on a filled tmpfs
 
 MIB = 1 << 20
 

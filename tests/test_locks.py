@@ -17,7 +17,9 @@ import pytest
 
 from conftest import run_cli
 from mmsr_cli import contracts as C
-from test_bad_inputs import CODES, assert_error, mmsr, pipeline, tree_hashes, work  # noqa: F401
+from test_bad_inputs import CODES, assert_error, mmsr, tree_hashes, work  # noqa: F401
+
+pytestmark = pytest.mark.slow  # real concurrent processes holding and contending for locks
 
 ROOT = Path(__file__).resolve().parents[1]
 

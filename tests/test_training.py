@@ -18,7 +18,7 @@ from mmsr_cli import training
 from mmsr_cli.models.base import ModelConfig
 from mmsr_cli.workdir import DatasetDir
 
-from conftest import run_cli, one_error_line
+from conftest import cached_dataset, one_error_line, run_cli
 
 N_TOY_ITEMS = 20
 # Small and fast: 5 training batches per epoch.
@@ -26,7 +26,13 @@ FAST = ["--dim", "16", "--batch-size", "64", "--heads", "2"]
 
 
 def make_toy(workdir: Path, name: str = "toy", n_users: int = 60, seed: int = 0, max_len: int = 8) -> DatasetDir:
-    """A preprocessed dataset of chains: user u reads items s, s+1, ... (mod 20), 5-11 of them."""
+    """A preprocessed dataset of chains: user u reads items s, s+1, ... (mod 20), 5-11 of them
+    (built once per session, then copied: conftest.cached_dataset)."""
+    return cached_dataset(f"toy-{n_users}-{seed}-{max_len}", workdir, name,
+                          lambda w, n: _build_toy(w, n, n_users, seed, max_len))
+
+
+def _build_toy(workdir: Path, name: str, n_users: int, seed: int, max_len: int) -> DatasetDir:
     ds = DatasetDir.open(workdir, name)
     rng = np.random.default_rng(seed)
     lines = ["user_id\titem_ids"]
@@ -297,9 +303,12 @@ def add_hand_made_codes(ds: DatasetDir, name: str = "image") -> None:
 
 
 def make_coded_toy(workdir: Path, name: str = "coded") -> DatasetDir:
-    """The toy dataset with hand-made codes for an image and a text modality, and its graphs."""
-    from conftest import run_cli
+    """The toy dataset with hand-made codes for an image and a text modality, and its graphs
+    (built once per session, then copied)."""
+    return cached_dataset("coded", workdir, name, _build_coded_toy)
 
+
+def _build_coded_toy(workdir: Path, name: str) -> DatasetDir:
     ds = make_toy(workdir, name)
     for modality, kind in (("image", "image"), ("title", "text")):
         add_hand_made_codes(ds, modality)
