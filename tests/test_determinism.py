@@ -22,6 +22,8 @@ from conftest import run_cli
 from test_features import tiny_t5  # noqa: F401  (fixture: a tiny random T5 text encoder)
 from test_interruption import IMAGE_FEATURES, assert_same, checkpoint_state, data_files, manifest_core
 
+pytestmark = pytest.mark.slow  # the synthetic pipeline twice, compared byte for byte
+
 TRAIN = ["--model", "mmsr", "--epochs", "2", "--dim", "16", "--batch-size", "128", "--max-steps", "3",
          "--patience", "0", "--device", "cpu", "--seed", "7"]
 RUN = "mmsr-loo-s7"

@@ -28,6 +28,8 @@ from mmsr_cli.workdir import DatasetDir
 from conftest import run_cli
 from test_training import make_coded_toy, state
 
+pytestmark = pytest.mark.slow  # torchrun starts two fresh processes per run
+
 # 63 is odd: the ranks' slices of a global batch differ in size (31 and 32), as the last batch's do.
 SASREC = ["--model", "sasrec", "--dim", "16", "--heads", "2", "--batch-size", "63", "--dropout", "0",
           "--patience", "0", "--device", "cpu", "--seed", "3"]

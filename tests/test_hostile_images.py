@@ -21,6 +21,8 @@ from PIL import Image
 from conftest import make_items, run_cli_limited
 from mmsr_cli import contracts as C
 
+pytestmark = pytest.mark.slow  # extract-features in a child under a memory limit
+
 GIB = 1 << 30
 ADDRESS_SPACE_CAP = 6 * GIB  # a resize of the 1 x 100,000 strip without the crop asks for ~20 GB
 PEAK_RSS_MIB = 2048  # half the bar of 4 GiB; the run below peaks near 1.2 GiB
@@ -72,7 +74,6 @@ def _hostile_images(folder) -> dict[str, str | None]:
     }
 
 
-@pytest.mark.slow
 def test_hostile_images_stay_within_memory_and_are_encoded_or_refused(tmp_path):
     expected = _hostile_images(tmp_path / "toy" / "raw" / "images")
     names = list(expected)

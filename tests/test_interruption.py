@@ -35,6 +35,8 @@ from mmsr_cli.training import without_measurements
 
 from conftest import run_cli, serve_http
 
+pytestmark = pytest.mark.slow  # kills and resumes fresh `python -m mmsr_cli` processes
+
 INTERRUPTED = "mmsr: interrupted; completed outputs are kept, re-run to resume"
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 IMAGE_FEATURES = ["--modality", "image", "--model", "mobilenet_v3_small", "--weights", "none",

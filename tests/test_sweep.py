@@ -24,7 +24,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sweep_codes.sh"
 HEADER = ["dataset", "c", "k", "seed", "run", "n",
           "hr@5", "hr@10", "hr@20", "mrr@5", "mrr@10", "mrr@20", "ndcg@5", "ndcg@10", "ndcg@20"]
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="bash not available")
+pytestmark = [pytest.mark.slow,  # runs scripts/sweep_codes.sh over the pipeline in fresh processes
+              pytest.mark.skipif(shutil.which("bash") is None, reason="bash not available")]
 
 
 def prepared_synthetic(cli, workdir: Path) -> DatasetDir:
@@ -49,7 +50,6 @@ def sweep(workdir: Path, **env) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), "synthetic"], env=env, capture_output=True, text=True, timeout=3600)
 
 
-@pytest.mark.slow
 def test_sweep_builds_every_c_k_in_its_own_dataset_and_tabulates_the_test_metrics(cli, tmp_path, one_thread):
     base = prepared_synthetic(cli, tmp_path)
     before = path_sha256(base.root)

@@ -23,6 +23,8 @@ from mmsr_cli.models.space import PAPER_SPACE, Choice, Range, model_space
 from conftest import run_cli
 from test_training import make_toy, one_error_line, run_folder
 
+pytestmark = pytest.mark.slow  # Optuna studies over several trainings, one of them killed and resumed
+
 
 def tune(ds, *args):
     return run_cli(["tune", "--workdir", ds.workdir, "--dataset", ds.name, *args])
@@ -130,7 +132,6 @@ def test_tune_refuses_pop_and_bad_options(tmp_path):
     assert "--trials: must be an integer in 1..10000, got 0" in one_error_line(tune(ds, "--model", "sasrec", "--trials", "0"))
 
 
-@pytest.mark.slow
 def test_a_killed_tune_resumes_with_no_trial_lost_or_counted_twice(tmp_path, monkeypatch):
     """kill -9 while trial 1 trains: a new `tune` fails the silent trial, retries it from its
     last.pt under the same run, and ends with exactly --trials finished trials."""
