@@ -136,3 +136,36 @@ def test_length_groups_bench_on_a_missing_dataset_is_a_one_line_error(tmp_path, 
         script.main()
     message = str(e.value.code)
     assert message.startswith("bench_length_groups: error: ") and "gone" in message and "\n" not in message
+
+
+@pytest.mark.slow  # the cuda tests, torchrun and two trainings in fresh processes
+def test_gpu_check_cpu_dry_run_runs_every_step_and_prints_the_table(tmp_path):
+    """scripts/gpu_check.sh --cpu-dry-run: the cuda tests on the CPU (MMSR_TEST_CUDA=cpu), a
+    one-process torchrun (gloo), and the benchmark table from the two runs' histories."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = SCRIPT.with_name("gpu_check.sh")
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    env.pop("OUT", None)
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(script), "--cpu-dry-run", "--out", str(out)], env=env, capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "all steps passed" in r.stderr and "torchrun: ok" in r.stderr
+    pytest_log = (out / "pytest.log").read_text()
+    assert " passed" in pytest_log and "skipped" not in pytest_log and "failed" not in pytest_log
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["dataset"] == "synthetic" and bench["device"] == "cpu" and "CPU dry run" in bench["note"]
+    assert [row["model"] for row in bench["rows"]] == ["mmsr", "sasrec"]
+    for row in bench["rows"]:
+        assert row["steps"] == 2 and row["peak_gpu_mib"] is None and 0 <= row["valid_ndcg@10"] <= 1
+    table = (out / "bench.md").read_text().splitlines()
+    assert table[0].startswith("dataset synthetic, device cpu (CPU dry run")
+    assert [line.split("|")[1].strip() for line in table[4:]] == ["mmsr", "sasrec"]
+    assert table[2] in r.stdout  # printed too
+    bad = subprocess.run(["bash", str(script), "--gpu"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "gpu_check: error: unknown option --gpu (expected --cpu-dry-run, --skip-tests, --skip-bench, --out DIR)"]
