@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -132,6 +131,23 @@ def test_tune_refuses_pop_and_bad_options(tmp_path):
     assert "--trials: must be an integer in 1..10000, got 0" in one_error_line(tune(ds, "--model", "sasrec", "--trials", "0"))
 
 
+# `mmsr ARGS[1:]` that sends itself SIGKILL when run ARGS[0] is about to write its history of 3
+# epochs (last.pt of epoch 3 is saved, history.json still holds 2).
+KILL_AT_EPOCH_3 = r"""
+import os, signal, sys
+from mmsr_cli import training
+run, args = sys.argv[1], sys.argv[2:]
+original = training.write_history
+def hooked(folder, history, *rest, **kw):
+    if folder.name == run and len(history) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(folder, history, *rest, **kw)
+training.write_history = hooked
+from mmsr_cli.app import main
+main(args)
+"""
+
+
 def test_a_killed_tune_resumes_with_no_trial_lost_or_counted_twice(tmp_path, monkeypatch):
     """kill -9 while trial 1 trains: a new `tune` fails the silent trial, retries it from its
     last.pt under the same run, and ends with exactly --trials finished trials."""
@@ -140,19 +156,14 @@ def test_a_killed_tune_resumes_with_no_trial_lost_or_counted_twice(tmp_path, mon
             "--epochs", "20", "--patience", "0", "--study", "k", "--space", str(small_space(tmp_path))]
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mmsr_cli", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    # The child kills itself as trial 1 is about to record its third epoch (KILL_AT_EPOCH_3): no
+    # polling from here, so the kill point does not depend on the machine's load.
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_EPOCH_3, "tune-k-t001", *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     history = run_folder(ds, "tune-k-t001") / "history.json"
-    deadline = time.time() + 300
-    try:
-        while not (history.exists() and len(json.loads(history.read_text() or "[]")) >= 2):
-            assert proc.poll() is None and time.time() < deadline, "tune ended before trial 1 trained two epochs"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
     before = json.loads(history.read_text())
-    assert 2 <= len(before) < 20
+    assert [h["epoch"] for h in before] == [1, 2]
     assert [t.state.name for t in studies(ds, "k").get_trials()] == ["COMPLETE", "RUNNING"]
 
     monkeypatch.setattr(tuning, "HEARTBEAT_SECONDS", 1)
