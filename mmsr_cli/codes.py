@@ -24,6 +24,7 @@ from .workdir import DatasetDir, read_parquet, validate_modality_name
 
 CODES_MODES = ("clusters", "items")  # manifest option codes_mode: shared codes, or one per item
 VARIANTS = ("codes", "items")
+FINITE_CHUNK = 65_536  # rows checked for NaN/inf at once: a bounded mask, whatever the catalogue
 MIN_REL_IMPROVEMENT = 1e-3  # autoencoder early stopping: smaller held-out gains count as none
 
 
@@ -198,11 +199,12 @@ def _train_autoencoder(x, opts: CodesOptions, log=None):
     n, dim = x.shape
     perm = torch.randperm(n, generator=gen)
     n_held = max(1, n // 10) if n >= 2 else 0
-    held, train = x[perm[:n_held]], x[perm[n_held:]]
+    # the training rows stay in ``x``, each batch gathered from it: no copy of 90 % of the features
+    held, train_rows = x[perm[:n_held]], perm[n_held:]
     encoder, decoder = nn.Linear(dim, opts.ae_dim), nn.Linear(opts.ae_dim, dim)
     params = list(encoder.parameters()) + list(decoder.parameters())
     optimiser = torch.optim.Adam(params, lr=opts.lr)
-    check = held if n_held else train  # a single item: nothing to hold out
+    check = held if n_held else x  # a single item: nothing to hold out
 
     def held_mse() -> float:
         with torch.no_grad():
@@ -211,9 +213,9 @@ def _train_autoencoder(x, opts: CodesOptions, log=None):
     best, best_state, stale, epochs = held_mse(), None, 0, 0
     for epoch in range(opts.epochs):
         epochs = epoch + 1
-        order = torch.randperm(len(train), generator=gen)
-        for b in range(0, len(train), opts.batch_size):
-            batch = train[order[b : b + opts.batch_size]]
+        order = torch.randperm(len(train_rows), generator=gen)
+        for b in range(0, len(train_rows), opts.batch_size):
+            batch = x[train_rows[order[b : b + opts.batch_size]]]
             loss = nn.functional.mse_loss(decoder(encoder(batch)), batch)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -249,7 +251,8 @@ def _load_features(ds: DatasetDir, name: str):
 
     path = ds.path(C.features_tensor_file(name))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: the features are read from the page cache, not copied into the process
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         feats = obj["features"].to(torch.float32)
     except Exception as e:
         raise MmsrError(f"{path}: not a readable features file ({type(e).__name__}); re-run "
@@ -261,8 +264,11 @@ def _load_features(ds: DatasetDir, name: str):
                         f"`mmsr extract-features --name {name} --dataset {ds.name}`")
     rows = index.column("row").to_numpy().astype(np.int64)
     missing = index.column("missing").to_numpy(zero_copy_only=False).astype(bool)
-    feats = feats[torch.from_numpy(rows)]
-    bad = np.flatnonzero(~torch.isfinite(feats).all(dim=1).numpy() & ~missing)
+    if not np.array_equal(rows, np.arange(n)):  # extract-features writes row = item_idx: no copy then
+        feats = feats[torch.from_numpy(rows)]
+    finite = np.concatenate([torch.isfinite(feats[lo : lo + FINITE_CHUNK]).all(dim=1).numpy()
+                             for lo in range(0, n, FINITE_CHUNK)] or [np.zeros(0, dtype=bool)])
+    bad = np.flatnonzero(~finite & ~missing)
     if len(bad):  # e.g. an fp16 overflow in the encoder; K-means cannot place NaN
         raise MmsrError(f"{path}: features of {len(bad)} item(s) are not finite (NaN or inf), first item_idx "
                         f"{int(bad[0])}; re-run `mmsr extract-features --name {name} --dataset {ds.name}` "
@@ -302,9 +308,12 @@ def build_modality(ds: DatasetDir, name: str, opts: CodesOptions) -> ModalityCod
     _check_present(ds, name, opts, n_present)
     log.info("start: %d items (%d with features), dim %d, options %s", n_items, n_present, dim, opts)
 
-    encoder, ae_mse, ae_epochs = train_autoencoder(feats[torch.from_numpy(present)], opts, log)
+    # the items with features; all of them (the usual case) without a copy of the table
+    x = feats if n_present == n_items else feats[torch.from_numpy(present)]
+    encoder, ae_mse, ae_epochs = train_autoencoder(x, opts, log)
     with torch.no_grad():
-        reduced_present = encoder(feats[torch.from_numpy(present)]).numpy().astype(np.float32)
+        reduced_present = encoder(x).numpy().astype(np.float32)
+    del x
     reduced = np.zeros((n_items, opts.ae_dim), dtype=np.float32)
     reduced[present] = reduced_present
 
