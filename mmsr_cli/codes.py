@@ -125,17 +125,23 @@ class CodesOptions:
     lr: float = 1e-3
     batch_size: int = 256
     n_init: int = 10  # K-means restarts (fixed so that a seed decides the result)
+    # K-means is fitted on at most this many items (drawn by seed; 0 = all), then every item is
+    # linked to its nearest centres: fitting on all 1.2 M items of a 100x Beauty log would take
+    # hours (10 restarts of up to 300 passes), a fixed sample keeps the fit's cost constant
+    kmeans_items: int = 100_000
 
     def validate(self) -> "CodesOptions":
         for opt, value, rng in (("--ae-dim", self.ae_dim, C.RANGE_AE_DIM), ("--clusters", self.clusters, C.RANGE_CLUSTERS),
                                 ("--top-k", self.top_k, C.RANGE_CODES_TOP_K), ("--epochs", self.epochs, C.RANGE_AE_EPOCHS),
                                 ("--patience", self.patience, C.RANGE_AE_PATIENCE), ("--lr", self.lr, C.RANGE_LR),
-                                ("--seed", self.seed, C.RANGE_SEED)):
+                                ("--seed", self.seed, C.RANGE_SEED), ("--kmeans-items", self.kmeans_items, C.RANGE_KMEANS_ITEMS)):
             rng.check(opt, value)
         if self.batch_size < 1:  # not an option: a library caller's value
             raise MmsrError(f"CodesOptions.batch_size: must be at least 1, got {self.batch_size}")
         if not self.no_codes and self.top_k > self.clusters:
             raise MmsrError(f"--top-k {self.top_k}: must not exceed --clusters {self.clusters}")
+        if not self.no_codes and 0 < self.kmeans_items < self.clusters:
+            raise MmsrError(f"--kmeans-items {self.kmeans_items}: must be 0 or at least --clusters {self.clusters}")
         for name in self.modalities or []:
             try:
                 validate_modality_name(name)
@@ -246,6 +252,13 @@ def top_k_cosine(vectors: np.ndarray, centres: np.ndarray, k: int) -> tuple[np.n
     return idx.astype(np.int32), np.take_along_axis(sims, idx, axis=1)
 
 
+def kmeans_sample(n_present: int, kmeans_items: int, seed: int) -> np.ndarray | None:
+    """Rows (sorted) of the items K-means is fitted on, or None for all of them."""
+    if kmeans_items == 0 or n_present <= kmeans_items:
+        return None
+    return np.sort(np.random.default_rng([seed, n_present]).choice(n_present, kmeans_items, replace=False))
+
+
 def _load_features(ds: DatasetDir, name: str):
     import torch
 
@@ -333,9 +346,11 @@ def build_modality(ds: DatasetDir, name: str, opts: CodesOptions) -> ModalityCod
 
         mode, k = "clusters", opts.top_k
         km = KMeans(n_clusters=opts.clusters, n_init=opts.n_init, random_state=opts.seed)
+        fit_rows = kmeans_sample(n_present, opts.kmeans_items, opts.seed)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            km.fit(reduced_present.astype(np.float64))  # float64: identical results across runs
+            # float64: identical results across runs
+            km.fit((reduced_present if fit_rows is None else reduced_present[fit_rows]).astype(np.float64))
         for w in caught:  # fewer distinct vectors than clusters: some codes stay empty (counted)
             log.warning("k-means: %s", w.message)
         centres = km.cluster_centers_.astype(np.float32)
@@ -373,6 +388,7 @@ def build_modality(ds: DatasetDir, name: str, opts: CodesOptions) -> ModalityCod
             "lr": opts.lr,
             "batch_size": opts.batch_size,
             "kmeans_n_init": opts.n_init if mode == "clusters" else None,
+            "kmeans_items": opts.kmeans_items if mode == "clusters" else None,
         },
         counts={
             "n_items": n_items,
