@@ -403,6 +403,39 @@ STORED_BYTES = {"node": 1 + 4 + 8, "position": 2, "edge": 2 * 4 + 1, "sample": 8
 COMPACT_BYTES = {"node": 1 + 4 + 1, "position": 1, "edge": 2 * 1 + 1, "sample": 4 + 4 + 1 + 4 + 4}
 
 
+def _alternate_mmsr_steps(ds, stored: dict, split, batches: list) -> dict:
+    """CPU seconds per MMSR training step (collate, forward, CE over all items, backward, Adam)
+    with stored and with per-batch graphs: two identical models, steps alternating so that load
+    from other processes hits both alike; their losses must agree."""
+    import torch
+
+    from mmsr_cli import graphs as G
+    from mmsr_cli.models import build_model
+    from mmsr_cli.models.base import ModelConfig
+    from mmsr_cli.training import TrainStep, load_dataset
+
+    config = ModelConfig(model="mmsr")
+    info = load_dataset(ds, config, verify=False).info
+    runs = {}
+    for name, collate in (("stored", lambda idx: G._collate_arrays(stored, idx)), ("per_batch", split.collate)):
+        torch.manual_seed(0)
+        model = build_model(config, info)
+        runs[name] = {"collate": collate, "step": TrainStep(model), "opt": torch.optim.Adam(model.parameters(), lr=1e-3),
+                      "cpu": [], "loss": []}
+    for idx in batches:
+        for r in runs.values():
+            torch.manual_seed(1)  # the same dropout masks in both
+            t0 = time.process_time()
+            loss = r["step"](r["collate"](idx))
+            r["opt"].zero_grad(set_to_none=True)
+            loss.backward()
+            r["opt"].step()
+            r["cpu"].append(time.process_time() - t0)
+            r["loss"].append(loss.item())
+    return {"train_steps": len(batches), "losses_equal": runs["stored"]["loss"] == runs["per_batch"]["loss"],
+            **{f"step_cpu_s_{n}": float(np.median(r["cpu"])) for n, r in runs.items()}}
+
+
 def cmd_graphs(args) -> None:
     """Stored (the former build-graphs) against per-batch graphs on one split: bytes, construction,
     collate CPU time per batch."""
@@ -429,7 +462,8 @@ def cmd_graphs(args) -> None:
         for idx in batches:
             collate(idx)
         times[name] = (time.process_time() - t0) / len(batches)
-    out = {"split": args.split, "samples": S, "nodes": N, "positions": P, "edges": E,
+    step_cpu = _alternate_mmsr_steps(ds, vars(stored), split, batches[: args.steps]) if args.steps else {}
+    out = {"split": args.split, "samples": S, "nodes": N, "positions": P, "edges": E, **step_cpu,
            "stored_bytes": size(STORED_BYTES), "compact_bytes": size(COMPACT_BYTES),
            "stored_bytes_per_sample": size(STORED_BYTES) / S, "compact_bytes_per_sample": size(COMPACT_BYTES) / S,
            "build_cpu_s": build_cpu, "collate_cpu_s_stored": times["stored"],
@@ -462,6 +496,7 @@ def main() -> None:
     gr.add_argument("--split", default="train")
     gr.add_argument("--batch", type=int, default=512)
     gr.add_argument("--batches", type=int, default=50)
+    gr.add_argument("--steps", type=int, default=10, help="MMSR training steps timed each way (0: none)")
     rep = sub.add_parser("report")
     rep.add_argument("--workdir", required=True, action="append", help="one or more run workdirs")
     rep.add_argument("--out", required=True)
