@@ -353,6 +353,17 @@ def _note(r: dict) -> str:
     return ""
 
 
+def _cpu_cost(r: dict) -> float:
+    """The stage's CPU seconds; for training one full epoch and for evaluation one full test pass,
+    extrapolated from the capped run (per step, per sample)."""
+    d = r.get("detail") or {}
+    if r["stage"].startswith("train-"):
+        return d["full_epoch_cpu_s_extrapolated"]
+    if r["stage"].startswith("evaluate-"):
+        return d["full_pass_cpu_s_extrapolated"]
+    return max(r["cpu_s"], 0.01)
+
+
 def cmd_report(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -381,12 +392,15 @@ def cmd_report(args) -> None:
         if not pts:
             continue
         x = [p[0] for p in pts]
-        axes[0].plot(x, [max(p[1]["cpu_s"], 0.01) for p in pts], "o-", label=stage)
+        extrapolated = stage.startswith(("train-", "evaluate-"))
+        axes[0].plot(x, [_cpu_cost(p[1]) for p in pts], "o--" if extrapolated else "o-",
+                     label=stage + (" (full pass, extrapolated)" if extrapolated else ""))
         axes[1].plot(x, [p[1]["peak_rss_mib"] for p in pts], "o-", label=stage)
-    if gen:
-        xs = np.array(sorted(v["interactions"] for v in gen.values()), dtype=float)
-        axes[0].plot(xs, xs / xs[0], "k--", lw=0.8, label="linear (1 s at 1x)")
-    axes[0].set(xscale="log", yscale="log", xlabel="interactions", ylabel="CPU seconds (child process)")
+    xs = np.array(sorted(v["interactions"] for v in gen.values()), dtype=float)
+    axes[0].plot(xs, xs / xs[0], "k--", lw=0.8, label="linear (1 s at 1x)")
+    axes[0].plot(xs, (xs / xs[0]) ** 2, "k:", lw=0.8, label="quadratic (1 s at 1x)")
+    axes[0].set(xscale="log", yscale="log", xlabel="interactions",
+                ylabel="CPU s (train: 1 full epoch, evaluate: full pass)")
     axes[1].set(xscale="log", yscale="log", xlabel="interactions", ylabel="peak RSS (MiB)")
     axes[1].axhline(24 * 1024, color="r", lw=0.8, ls=":", label="24 GiB")
     axes[0].legend(fontsize=7)
