@@ -24,6 +24,7 @@ from .workdir import DatasetDir, read_parquet, validate_modality_name
 
 CODES_MODES = ("clusters", "items")  # manifest option codes_mode: shared codes, or one per item
 VARIANTS = ("codes", "items")
+FINITE_CHUNK = 65_536  # rows checked for NaN/inf at once: a bounded mask, whatever the catalogue
 MIN_REL_IMPROVEMENT = 1e-3  # autoencoder early stopping: smaller held-out gains count as none
 
 
@@ -124,17 +125,23 @@ class CodesOptions:
     lr: float = 1e-3
     batch_size: int = 256
     n_init: int = 10  # K-means restarts (fixed so that a seed decides the result)
+    # K-means is fitted on at most this many items (drawn by seed; 0 = all), then every item is
+    # linked to its nearest centres: fitting on all 1.2 M items of a 100x Beauty log would take
+    # hours (10 restarts of up to 300 passes), a fixed sample keeps the fit's cost constant
+    kmeans_items: int = 100_000
 
     def validate(self) -> "CodesOptions":
         for opt, value, rng in (("--ae-dim", self.ae_dim, C.RANGE_AE_DIM), ("--clusters", self.clusters, C.RANGE_CLUSTERS),
                                 ("--top-k", self.top_k, C.RANGE_CODES_TOP_K), ("--epochs", self.epochs, C.RANGE_AE_EPOCHS),
                                 ("--patience", self.patience, C.RANGE_AE_PATIENCE), ("--lr", self.lr, C.RANGE_LR),
-                                ("--seed", self.seed, C.RANGE_SEED)):
+                                ("--seed", self.seed, C.RANGE_SEED), ("--kmeans-items", self.kmeans_items, C.RANGE_KMEANS_ITEMS)):
             rng.check(opt, value)
         if self.batch_size < 1:  # not an option: a library caller's value
             raise MmsrError(f"CodesOptions.batch_size: must be at least 1, got {self.batch_size}")
         if not self.no_codes and self.top_k > self.clusters:
             raise MmsrError(f"--top-k {self.top_k}: must not exceed --clusters {self.clusters}")
+        if not self.no_codes and 0 < self.kmeans_items < self.clusters:
+            raise MmsrError(f"--kmeans-items {self.kmeans_items}: must be 0 or at least --clusters {self.clusters}")
         for name in self.modalities or []:
             try:
                 validate_modality_name(name)
@@ -198,11 +205,12 @@ def _train_autoencoder(x, opts: CodesOptions, log=None):
     n, dim = x.shape
     perm = torch.randperm(n, generator=gen)
     n_held = max(1, n // 10) if n >= 2 else 0
-    held, train = x[perm[:n_held]], x[perm[n_held:]]
+    # the training rows stay in ``x``, each batch gathered from it: no copy of 90 % of the features
+    held, train_rows = x[perm[:n_held]], perm[n_held:]
     encoder, decoder = nn.Linear(dim, opts.ae_dim), nn.Linear(opts.ae_dim, dim)
     params = list(encoder.parameters()) + list(decoder.parameters())
     optimiser = torch.optim.Adam(params, lr=opts.lr)
-    check = held if n_held else train  # a single item: nothing to hold out
+    check = held if n_held else x  # a single item: nothing to hold out
 
     def held_mse() -> float:
         with torch.no_grad():
@@ -211,9 +219,9 @@ def _train_autoencoder(x, opts: CodesOptions, log=None):
     best, best_state, stale, epochs = held_mse(), None, 0, 0
     for epoch in range(opts.epochs):
         epochs = epoch + 1
-        order = torch.randperm(len(train), generator=gen)
-        for b in range(0, len(train), opts.batch_size):
-            batch = train[order[b : b + opts.batch_size]]
+        order = torch.randperm(len(train_rows), generator=gen)
+        for b in range(0, len(train_rows), opts.batch_size):
+            batch = x[train_rows[order[b : b + opts.batch_size]]]
             loss = nn.functional.mse_loss(decoder(encoder(batch)), batch)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -244,12 +252,20 @@ def top_k_cosine(vectors: np.ndarray, centres: np.ndarray, k: int) -> tuple[np.n
     return idx.astype(np.int32), np.take_along_axis(sims, idx, axis=1)
 
 
+def kmeans_sample(n_present: int, kmeans_items: int, seed: int) -> np.ndarray | None:
+    """Rows (sorted) of the items K-means is fitted on, or None for all of them."""
+    if kmeans_items == 0 or n_present <= kmeans_items:
+        return None
+    return np.sort(np.random.default_rng([seed, n_present]).choice(n_present, kmeans_items, replace=False))
+
+
 def _load_features(ds: DatasetDir, name: str):
     import torch
 
     path = ds.path(C.features_tensor_file(name))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: the features are read from the page cache, not copied into the process
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         feats = obj["features"].to(torch.float32)
     except Exception as e:
         raise MmsrError(f"{path}: not a readable features file ({type(e).__name__}); re-run "
@@ -261,8 +277,11 @@ def _load_features(ds: DatasetDir, name: str):
                         f"`mmsr extract-features --name {name} --dataset {ds.name}`")
     rows = index.column("row").to_numpy().astype(np.int64)
     missing = index.column("missing").to_numpy(zero_copy_only=False).astype(bool)
-    feats = feats[torch.from_numpy(rows)]
-    bad = np.flatnonzero(~torch.isfinite(feats).all(dim=1).numpy() & ~missing)
+    if not np.array_equal(rows, np.arange(n)):  # extract-features writes row = item_idx: no copy then
+        feats = feats[torch.from_numpy(rows)]
+    finite = np.concatenate([torch.isfinite(feats[lo : lo + FINITE_CHUNK]).all(dim=1).numpy()
+                             for lo in range(0, n, FINITE_CHUNK)] or [np.zeros(0, dtype=bool)])
+    bad = np.flatnonzero(~finite & ~missing)
     if len(bad):  # e.g. an fp16 overflow in the encoder; K-means cannot place NaN
         raise MmsrError(f"{path}: features of {len(bad)} item(s) are not finite (NaN or inf), first item_idx "
                         f"{int(bad[0])}; re-run `mmsr extract-features --name {name} --dataset {ds.name}` "
@@ -302,9 +321,12 @@ def build_modality(ds: DatasetDir, name: str, opts: CodesOptions) -> ModalityCod
     _check_present(ds, name, opts, n_present)
     log.info("start: %d items (%d with features), dim %d, options %s", n_items, n_present, dim, opts)
 
-    encoder, ae_mse, ae_epochs = train_autoencoder(feats[torch.from_numpy(present)], opts, log)
+    # the items with features; all of them (the usual case) without a copy of the table
+    x = feats if n_present == n_items else feats[torch.from_numpy(present)]
+    encoder, ae_mse, ae_epochs = train_autoencoder(x, opts, log)
     with torch.no_grad():
-        reduced_present = encoder(feats[torch.from_numpy(present)]).numpy().astype(np.float32)
+        reduced_present = encoder(x).numpy().astype(np.float32)
+    del x
     reduced = np.zeros((n_items, opts.ae_dim), dtype=np.float32)
     reduced[present] = reduced_present
 
@@ -324,9 +346,11 @@ def build_modality(ds: DatasetDir, name: str, opts: CodesOptions) -> ModalityCod
 
         mode, k = "clusters", opts.top_k
         km = KMeans(n_clusters=opts.clusters, n_init=opts.n_init, random_state=opts.seed)
+        fit_rows = kmeans_sample(n_present, opts.kmeans_items, opts.seed)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            km.fit(reduced_present.astype(np.float64))  # float64: identical results across runs
+            # float64: identical results across runs
+            km.fit((reduced_present if fit_rows is None else reduced_present[fit_rows]).astype(np.float64))
         for w in caught:  # fewer distinct vectors than clusters: some codes stay empty (counted)
             log.warning("k-means: %s", w.message)
         centres = km.cluster_centers_.astype(np.float32)
@@ -364,6 +388,7 @@ def build_modality(ds: DatasetDir, name: str, opts: CodesOptions) -> ModalityCod
             "lr": opts.lr,
             "batch_size": opts.batch_size,
             "kmeans_n_init": opts.n_init if mode == "clusters" else None,
+            "kmeans_items": opts.kmeans_items if mode == "clusters" else None,
         },
         counts={
             "n_items": n_items,

@@ -69,6 +69,7 @@ RANGE_CLUSTERS = Range(1, 10000)
 RANGE_CODES_TOP_K = Range(1, 100)
 RANGE_AE_EPOCHS = Range(1, 100000)
 RANGE_AE_PATIENCE = Range(1, 10000)
+RANGE_KMEANS_ITEMS = Range(0, 2**31 - 1)  # build-codes --kmeans-items; 0 = fit on every item
 # train (and the run configs read back)
 RANGE_EPOCHS = Range(1, 10000)
 RANGE_TRAIN_BATCH = Range(1, 4096)

@@ -18,9 +18,14 @@ One graph per sample (a history ``h_1..h_m``, oldest first):
     different modalities of the same item;
   - one REL_SELF loop per node.
 
-Storage: ``graphs/<variant>/<split>/*.npy``, flat arrays with CSR offsets per sample (see
-:data:`ARRAY_DTYPES`), memory-mapped by :class:`GraphSplit`, whose ``collate`` turns a list of
-sample indices into one disjoint batch graph without a Python loop over samples.
+Nothing per sample is stored: the graphs are built as batches are drawn. ``mmsr build-graphs``
+checks the samples and codes, builds every graph once to count nodes and edges, and records the
+variant, the modalities and the counts in ``graphs/<variant>/meta.json`` and its manifest (which
+make the graphs stale when the samples or codes change); :class:`GraphSplit` then turns a list of
+sample indices into one disjoint batch graph by the vectorised construction of
+:func:`build_msgraphs`, from the split's samples and the codes. Stored per-sample arrays took about
+5 KB per training graph (600 MiB for Amazon Beauty, about 60 GB at 100 times its size); building a
+batch of 512 graphs takes about 30 ms (docs/benchmarks.md, "Scale").
 """
 
 from __future__ import annotations
@@ -64,21 +69,6 @@ RELATION_NAMES = ("self", "in", "out", "bi", "hetero")
 
 NODE_TYPE_ITEM = 0  # modality i (0-based, in the stored order) has node type i + 1
 
-# Arrays of one split folder and their on-disk dtypes.
-ARRAY_DTYPES: dict[str, np.dtype] = {
-    "node_ptr": np.dtype(np.int64),  # [S+1] sample s owns nodes node_ptr[s]:node_ptr[s+1]
-    "node_type": np.dtype(np.int8),  # [N] 0 = item, 1.. = modality index + 1
-    "node_ref": np.dtype(np.int32),  # [N] item_idx or code id
-    "pos_ptr": np.dtype(np.int64),  # [N+1] node n owns pos[pos_ptr[n]:pos_ptr[n+1]]
-    "pos": np.dtype(np.int16),  # [P] positions from the end of the history (0 = last)
-    "edge_ptr": np.dtype(np.int64),  # [S+1] sample s owns edges edge_ptr[s]:edge_ptr[s+1]
-    "edge_index": np.dtype(np.int32),  # [2, E] local node ids, row 0 source j, row 1 target i
-    "edge_rel": np.dtype(np.int8),  # [E]
-    "last_node": np.dtype(np.int32),  # [S] local id of the last history item's node
-    "target": np.dtype(np.int32),  # [S]
-    "user_idx": np.dtype(np.int32),  # [S]
-}
-
 META_FILE = "meta.json"
 # Entries (history items) built at once; bounds peak memory of the vectorised construction.
 CHUNK_ENTRIES = 100_000
@@ -111,7 +101,14 @@ def _check_variant(variant: str) -> None:
 
 @dataclass
 class GraphArrays:
-    """The MSGraphs of a set of samples, as flat arrays (dtypes of :data:`ARRAY_DTYPES`)."""
+    """The MSGraphs of a set of samples, as flat arrays with CSR offsets per sample.
+
+    ``node_ptr`` [S+1]: sample s owns nodes ``node_ptr[s]:node_ptr[s+1]``; ``node_type`` [N] (0 =
+    item, i + 1 = modality i), ``node_ref`` [N] (item or code id); ``pos_ptr`` [N+1], ``pos`` [P]:
+    node n's positions from the end of the history (0 = last); ``edge_ptr`` [S+1], ``edge_index``
+    [2, E] (local node ids, row 0 source j, row 1 target i), ``edge_rel`` [E]; ``last_node`` [S]:
+    local id of the last history item's node; ``target``, ``user_idx`` [S].
+    """
 
     node_ptr: np.ndarray
     node_type: np.ndarray
@@ -183,9 +180,10 @@ def _exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
 
 
 def _build_chunk(
-    hist: np.ndarray, hist_ptr: np.ndarray, item_codes: Sequence[np.ndarray], n_items: int
+    hist: np.ndarray, hist_ptr: np.ndarray, item_codes: Sequence[np.ndarray], n_codes: Sequence[int], n_items: int
 ) -> GraphArrays:
-    """MSGraphs of the samples whose flat histories are ``hist[hist_ptr[s]:hist_ptr[s+1]]``."""
+    """MSGraphs of the samples whose flat histories are ``hist[hist_ptr[s]:hist_ptr[s+1]]``;
+    ``item_codes`` as :func:`_prepare_codes` gives them, ``n_codes`` their code counts."""
     S = len(hist_ptr) - 1
     lengths = np.diff(hist_ptr)
     T = len(hist)
@@ -199,16 +197,16 @@ def _build_chunk(
     type_ref = [item_keys % n_items]
     # entry_codes[M]: [T, k_M] type-local node id of each code of each entry, -1 = none
     entry_codes: list[np.ndarray] = []
-    for codes in item_codes:
-        n_codes = int(codes.max(initial=-1)) + 1
+    for codes, n_c in zip(item_codes, n_codes):
+        n_c = max(n_c, 1)
         ec = codes[hist]  # [T, k]
         present = ec >= 0
-        keys, inv, _ = _unique_inverse((entry_sample[:, None] * max(n_codes, 1) + ec)[present])
+        keys, inv, _ = _unique_inverse((entry_sample[:, None] * n_c + ec)[present])
         local = np.full(ec.shape, -1, dtype=np.int64)
         local[present] = inv
         entry_codes.append(local)
-        type_sample.append(keys // max(n_codes, 1))
-        type_ref.append(keys % max(n_codes, 1))
+        type_sample.append(keys // n_c)
+        type_ref.append(keys % n_c)
 
     # Global numbering: sample s owns [node_ptr[s], node_ptr[s+1]), ordered by (type, ref).
     type_counts = [np.bincount(ts, minlength=S) for ts in type_sample]
@@ -382,6 +380,43 @@ def _distinct_codes(codes: np.ndarray) -> np.ndarray:
     return codes
 
 
+def _prepare_codes(item_codes: Sequence[np.ndarray], n_items: int) -> tuple[list[np.ndarray], list[int]]:
+    """Each modality's ``[n_items, k]`` codes with repeats removed, and its number of codes."""
+    codes = [_distinct_codes(np.asarray(c, dtype=np.int64).reshape(n_items, -1)) for c in item_codes]
+    return codes, [int(c.max(initial=-1)) + 1 for c in codes]
+
+
+def _chunk_bounds(hist_ptr: np.ndarray, chunk_entries: int) -> list[int]:
+    """Sample boundaries of chunks of about ``chunk_entries`` history entries (at least one sample)."""
+    S = len(hist_ptr) - 1
+    bounds = [0]
+    while bounds[-1] < S:
+        start = bounds[-1]
+        stop = int(np.searchsorted(hist_ptr, hist_ptr[start] + chunk_entries, side="right")) - 1
+        bounds.append(min(S, max(stop, start + 1)))
+    return bounds
+
+
+def iter_msgraphs(
+    hist: np.ndarray,
+    hist_ptr: np.ndarray,
+    item_codes: Sequence[np.ndarray],
+    n_items: int,
+    *,
+    chunk_entries: int = CHUNK_ENTRIES,
+):
+    """The MSGraphs of all samples (see :func:`build_msgraphs`), one :class:`GraphArrays` per chunk
+    of about ``chunk_entries`` history entries: memory bounded by the chunk, whatever the split."""
+    hist_ptr = np.asarray(hist_ptr, dtype=np.int64)
+    codes, n_codes = _prepare_codes(item_codes, n_items)
+    if np.any(np.diff(hist_ptr) < 1):
+        raise ValueError("every sample needs a non-empty history")
+    bounds = _chunk_bounds(hist_ptr, chunk_entries)
+    for s0, s1 in zip(bounds[:-1], bounds[1:]):
+        e0, e1 = hist_ptr[s0], hist_ptr[s1]
+        yield _build_chunk(np.asarray(hist[e0:e1], dtype=np.int64), hist_ptr[s0 : s1 + 1] - e0, codes, n_codes, n_items)
+
+
 def build_msgraphs(
     hist: np.ndarray,
     hist_ptr: np.ndarray,
@@ -389,35 +424,19 @@ def build_msgraphs(
     n_items: int,
     *,
     chunk_entries: int = CHUNK_ENTRIES,
-    progress=None,
 ) -> GraphArrays:
     """MSGraphs of all samples: ``hist`` are the flat histories (oldest first), ``hist_ptr`` [S+1]
     their offsets, ``item_codes`` one ``[n_items, k]`` array per modality (-1 = no code).
 
     Samples are processed in chunks of about ``chunk_entries`` history entries, each fully
-    vectorised; ``progress(n_samples_done)`` is called after each chunk.
+    vectorised, then joined. A sample's graph depends on its history and the codes only, not on
+    the other samples of its chunk or batch.
     """
-    hist = np.asarray(hist, dtype=np.int64)
     hist_ptr = np.asarray(hist_ptr, dtype=np.int64)
-    codes = [_distinct_codes(np.asarray(c, dtype=np.int64).reshape(n_items, -1)) for c in item_codes]
-    S = len(hist_ptr) - 1
-    if S == 0:
-        return _build_chunk(hist[:0], np.zeros(1, np.int64), codes, n_items)
-    if np.any(np.diff(hist_ptr) < 1):
-        raise ValueError("every sample needs a non-empty history")
-    # Chunk boundaries at sample granularity.
-    bounds = [0]
-    while bounds[-1] < S:
-        start = bounds[-1]
-        stop = int(np.searchsorted(hist_ptr, hist_ptr[start] + chunk_entries, side="right")) - 1
-        bounds.append(min(S, max(stop, start + 1)))
-    chunks = []
-    for s0, s1 in zip(bounds[:-1], bounds[1:]):
-        e0, e1 = hist_ptr[s0], hist_ptr[s1]
-        chunks.append(_build_chunk(hist[e0:e1], hist_ptr[s0 : s1 + 1] - e0, codes, n_items))
-        if progress is not None:
-            progress(s1 - s0)
-    return _concat(chunks)
+    if len(hist_ptr) == 1:
+        codes, n_codes = _prepare_codes(item_codes, n_items)
+        return _build_chunk(np.zeros(0, np.int64), np.zeros(1, np.int64), codes, n_codes, n_items)
+    return _concat(list(iter_msgraphs(hist, hist_ptr, item_codes, n_items, chunk_entries=chunk_entries)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,7 +487,8 @@ def _read_samples(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     if history.null_count:
         raise MmsrError(f"{path}: field 'history' has null entries")
     lengths = pc.list_value_length(history).to_numpy(zero_copy_only=False).astype(np.int64)
-    flat = pc.list_flatten(history).to_numpy(zero_copy_only=False).astype(np.int64)
+    # int32 as stored: half the memory of int64 for the largest array (chunks widen their slice)
+    flat = pc.list_flatten(history).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
     ptr = _exclusive_cumsum(lengths)
 
     def col(name: str) -> np.ndarray:
@@ -507,10 +527,24 @@ def _check_samples(path: Path, flat, ptr, target, sample_idx, n_items: int) -> N
         raise MmsrError(f"{path}: histories longer than {np.iinfo(np.int16).max} are not supported")
 
 
-def _save_arrays(folder: Path, arrays: GraphArrays) -> None:
-    folder.mkdir(parents=True)
-    for name, dtype in ARRAY_DTYPES.items():
-        np.save(folder / f"{name}.npy", np.ascontiguousarray(getattr(arrays, name), dtype=dtype))
+def _split_counts(flat: np.ndarray, ptr: np.ndarray, item_codes: Sequence[np.ndarray], n_items: int, advance=None) -> dict:
+    """Nodes, edges and positions of a split's graphs, built chunk by chunk and let go."""
+    nodes = edges = positions = 0
+    for chunk in iter_msgraphs(flat, ptr, item_codes, n_items):
+        nodes += int(chunk.node_ptr[-1])
+        edges += int(chunk.edge_ptr[-1])
+        positions += int(chunk.pos_ptr[-1])
+        if advance is not None:
+            advance(chunk.n_samples)
+    S = len(ptr) - 1
+    return {
+        "samples": S,
+        "nodes": nodes,
+        "edges": edges,
+        "positions": positions,
+        "mean_nodes": round(nodes / max(S, 1), 3),
+        "mean_edges": round(edges / max(S, 1), 3),
+    }
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -531,7 +565,9 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def build_graphs(ds: DatasetDir, opts: BuildGraphsOptions, progress=None) -> BuildGraphsResult:
-    """Build and store the MSGraphs of the chosen splits; record the ``graphs:<variant>`` manifest."""
+    """Check the chosen splits' samples and the codes, build every graph once to count nodes and
+    edges, and record the ``graphs:<variant>`` manifest and ``meta.json`` (batches build their
+    graphs when drawn: :class:`GraphSplit`)."""
     t0 = time.perf_counter()
     variant = opts.variant
     log = ds.logger(graphs_stage(variant))
@@ -590,27 +626,12 @@ def build_graphs(ds: DatasetDir, opts: BuildGraphsOptions, progress=None) -> Bui
                 _check_samples(path, flat, ptr, target, sample_idx, n_items)
                 ts = time.perf_counter()
                 task = progress.add_task(f"graphs {split}", total=len(ptr) - 1) if progress is not None else None
-                arrays = build_msgraphs(
-                    flat,
-                    ptr,
-                    item_codes,
-                    n_items,
-                    progress=(lambda n: progress.advance(task, n)) if progress is not None else None,
+                counts[split] = _split_counts(
+                    flat, ptr, item_codes, n_items, (lambda n: progress.advance(task, n)) if progress is not None else None
                 )
-                arrays.target = target.astype(np.int32)
-                arrays.user_idx = user_idx.astype(np.int32)
-                _save_arrays(tmp / split, arrays)
-                S = arrays.n_samples
-                counts[split] = {
-                    "samples": S,
-                    "nodes": int(arrays.node_ptr[-1]),
-                    "edges": int(arrays.edge_ptr[-1]),
-                    "positions": int(arrays.pos_ptr[-1]),
-                    "mean_nodes": round(float(arrays.node_ptr[-1]) / max(S, 1), 3),
-                    "mean_edges": round(float(arrays.edge_ptr[-1]) / max(S, 1), 3),
-                    "seconds": round(time.perf_counter() - ts, 3),
-                }
+                counts[split]["seconds"] = round(time.perf_counter() - ts, 3)
                 log.info("%s: %s", split, counts[split])
+                del flat, ptr, target, user_idx, sample_idx
             meta = {
                 "variant": variant,
                 "modalities": names,
@@ -631,7 +652,7 @@ def build_graphs(ds: DatasetDir, opts: BuildGraphsOptions, progress=None) -> Bui
             shutil.rmtree(tmp, ignore_errors=True)
 
     rel_root = variant_dir(variant)
-    outputs = [f"{rel_root}/{META_FILE}"] + [f"{rel_root}/{s}" for s in splits]
+    outputs = [f"{rel_root}/{META_FILE}"]
     ds.write_manifest(
         graphs_stage(variant),
         inputs=inputs,
@@ -650,56 +671,58 @@ def build_graphs(ds: DatasetDir, opts: BuildGraphsOptions, progress=None) -> Bui
 
 
 class GraphSplit:
-    """One split's stored MSGraphs (memory-mapped), batched by :meth:`collate` (base.SplitData)."""
+    """One split's MSGraphs, built per batch by :meth:`collate` (base.SplitData) from the split's
+    histories and the item codes of ``modalities`` (node type i + 1 = ``modalities[i]``)."""
 
-    def __init__(self, folder: Path, meta: dict, modalities: Sequence[str] | None = None):
-        self.folder = folder
-        self.meta = meta
-        stored = list(meta["modalities"])
-        if modalities is None:
-            names = stored
-        else:
-            names = list(modalities)
-            unknown = [m for m in names if m not in stored]
-            if unknown or len(set(names)) != len(names):
-                raise MmsrError(
-                    f"--modalities: {','.join(names)} is not a subset of the modalities the graphs were "
-                    f"built with ({', '.join(stored) or 'none'}); re-run `mmsr build-graphs` with them"
-                )
-        self._names = names
-        # stored node type -> batch node type (-1: dropped); batch types follow ``modalities``' order
-        self._type_map = np.full(len(stored) + 1, -1, dtype=np.int64)
-        self._type_map[NODE_TYPE_ITEM] = NODE_TYPE_ITEM
-        for new, name in enumerate(names):
-            self._type_map[stored.index(name) + 1] = new + 1
-        kept_types = self._type_map[self._type_map >= 0]
-        self._reordered = bool(np.any(np.diff(kept_types) < 0))
-        self._all_kept = bool((self._type_map >= 0).all() and (self._type_map == np.arange(len(stored) + 1)).all())
-        self.arrays = {}
-        for name, dtype in ARRAY_DTYPES.items():
-            path = folder / f"{name}.npy"
-            try:
-                arr = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise MmsrError(f"{path}: cannot read graph array ({e}); re-run `mmsr build-graphs`") from e
-            if arr.dtype != dtype:
-                raise MmsrError(f"{path}: dtype {arr.dtype}, expected {dtype}; re-run `mmsr build-graphs`")
-            self.arrays[name] = arr
+    def __init__(
+        self,
+        hist: np.ndarray,
+        hist_ptr: np.ndarray,
+        target: np.ndarray,
+        user_idx: np.ndarray,
+        modalities: Sequence[ModalityInfo],
+        n_items: int,
+        variant: str = "codes",
+    ):
+        self.hist = np.asarray(hist)  # flat histories, oldest first (int32 as read)
+        self.hist_ptr = np.asarray(hist_ptr, dtype=np.int64)
+        self.target = np.asarray(target)
+        self.user_idx = np.asarray(user_idx)
+        self.n_items = n_items
+        self._variant = variant
+        self._names = [m.name for m in modalities]
+        for m in modalities:
+            if m.item_codes is None:
+                raise MmsrError(f"modality '{m.name}' has no item codes")
+        self._codes, self._n_codes = _prepare_codes([np.asarray(m.item_codes) for m in modalities], n_items)
 
     @classmethod
     def open(
         cls, ds: DatasetDir, split: str, variant: str = "codes", modalities: Sequence[str] | None = None
     ) -> "GraphSplit":
-        rel = split_dir(variant, split)
-        manifest = ds.require(graphs_stage(variant))  # refuses stale or modified graphs
-        if rel not in manifest["outputs"]:
+        """The split as build-graphs recorded it (refused when stale), with ``modalities`` (a subset
+        of the recorded ones, in any order; default all, in the recorded order)."""
+        split_dir(variant, split)  # validates the names
+        manifest = ds.require(graphs_stage(variant))  # refuses graphs of other samples or codes
+        if split not in manifest["options"].get("splits", ()):
             raise MmsrError(
-                f"{ds.path(rel)}: split '{split}' was not built; run `mmsr build-graphs --splits {split}"
+                f"{ds.path(variant_dir(variant))}: split '{split}' was not built; run `mmsr build-graphs --splits {split}"
                 f"{' --no-codes' if variant == 'items' else ''} --dataset {ds.name}` first"
             )
-        meta_path = ds.path(f"{variant_dir(variant)}/{META_FILE}")
-        meta = json.loads(meta_path.read_text())
-        return cls(ds.path(rel), meta, modalities)
+        stored = list(manifest["options"]["modalities"])
+        names = stored if modalities is None else list(modalities)
+        unknown = [m for m in names if m not in stored]
+        if unknown or len(set(names)) != len(names):
+            raise MmsrError(
+                f"--modalities: {','.join(names)} is not a subset of the modalities the graphs were "
+                f"built with ({', '.join(stored) or 'none'}); re-run `mmsr build-graphs` with them"
+            )
+        n_items = _n_items(ds)
+        path = ds.path(C.samples_file(split))
+        flat, ptr, target, user_idx, sample_idx = _read_samples(path)
+        _check_samples(path, flat, ptr, target, sample_idx, n_items)
+        infos = [_load_modality_info(ds, name, variant) for name in names]
+        return cls(flat, ptr, target, user_idx, infos, n_items, variant)
 
     @property
     def modality_names(self) -> list[str]:
@@ -708,33 +731,36 @@ class GraphSplit:
 
     @property
     def variant(self) -> str:
-        return self.meta["variant"]
+        return self._variant
 
     def __len__(self) -> int:
-        return len(self.arrays["target"])
+        return len(self.target)
 
     def collate(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        """One disjoint graph of the samples ``indices`` (in that order); ids are batch-global."""
+        """One disjoint graph of the samples ``indices`` (in that order, repeats allowed); ids are
+        batch-global. Equal to collating the same samples from :func:`build_msgraphs` of the split."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         S = len(self)
         if len(idx) and (idx.min() < -S or idx.max() >= S):
             raise IndexError(f"sample index out of range 0..{S - 1}")
         idx = np.where(idx < 0, idx + S, idx)
-        type_map = None if self._all_kept else self._type_map
-        return _collate_arrays(self.arrays, idx, type_map, self._reordered)
+        start, stop = self.hist_ptr[idx], self.hist_ptr[idx + 1]
+        lengths = stop - start
+        hist = self.hist[_segment_ranges(start, lengths)].astype(np.int64)
+        arrays = _build_chunk(hist, _exclusive_cumsum(lengths), self._codes, self._n_codes, self.n_items)
+        arrays.target = self.target[idx]
+        arrays.user_idx = self.user_idx[idx]
+        return _collate_arrays(vars(arrays), np.arange(len(idx), dtype=np.int64))
 
 
-def _collate_arrays(
-    a: Mapping[str, np.ndarray], idx: np.ndarray, type_map: np.ndarray | None = None, reordered: bool = False
-) -> dict[str, torch.Tensor]:
-    """One disjoint batch graph of samples ``idx`` of the arrays ``a`` (the :data:`ARRAY_DTYPES`
-    names, stored or in memory). ``type_map``: stored node type -> batch node type, -1 = dropped
-    (None keeps every type as is); ``reordered``: the map changes the order of the kept types."""
+def _collate_arrays(a: Mapping[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Tensor]:
+    """One disjoint batch graph of samples ``idx`` of the arrays ``a`` (:class:`GraphArrays`'
+    fields): local ids become batch-global ids."""
     B = len(idx)
 
     n_start = np.asarray(a["node_ptr"][idx])
     n_count = np.asarray(a["node_ptr"][idx + 1]) - n_start
-    node_src = _segment_ranges(n_start, n_count)  # stored node ids in batch order
+    node_src = _segment_ranges(n_start, n_count)  # node ids of ``a`` in batch order
     node_graph = np.repeat(np.arange(B, dtype=np.int64), n_count)
     node_base = np.cumsum(n_count) - n_count  # first batch node id of each sample
     node_type = a["node_type"][node_src].astype(np.int64)
@@ -752,25 +778,6 @@ def _collate_arrays(
     edge_rel = a["edge_rel"][edge_src].astype(np.int64)
     last_node = a["last_node"][idx].astype(np.int64) + node_base
 
-    if type_map is not None:
-        new_type = type_map[node_type]
-        keep = new_type >= 0
-        kept = np.nonzero(keep)[0]
-        if reordered:  # nodes of a graph stay ordered by (batch type, ref)
-            kept = kept[np.argsort(node_graph[kept] * len(type_map) + new_type[kept], kind="stable")]
-        new_id = np.full(len(node_type), -1, dtype=np.int64)
-        new_id[kept] = np.arange(len(kept))
-        keep_edge = keep[edge_index[0]] & keep[edge_index[1]]
-        edge_index = new_id[edge_index[:, keep_edge]]
-        edge_rel = edge_rel[keep_edge]
-        keep_pos = keep[pos_node]
-        pos_index, pos_node = pos_index[keep_pos], new_id[pos_node[keep_pos]]
-        if reordered:
-            by_node = np.argsort(pos_node, kind="stable")
-            pos_index, pos_node = pos_index[by_node], pos_node[by_node]
-        node_type, node_ref, node_graph = new_type[kept], node_ref[kept], node_graph[kept]
-        last_node = new_id[last_node]  # item nodes are always kept
-
     t = torch.from_numpy
     return {
         "node_type": t(np.ascontiguousarray(node_type)),
@@ -781,8 +788,8 @@ def _collate_arrays(
         "edge_rel": t(np.ascontiguousarray(edge_rel)),
         "node_graph": t(np.ascontiguousarray(node_graph)),
         "last_node": t(np.ascontiguousarray(last_node)),
-        "target": t(a["target"][idx].astype(np.int64)),
-        "user_idx": t(a["user_idx"][idx].astype(np.int64)),
+        "target": t(np.asarray(a["target"][idx]).astype(np.int64)),
+        "user_idx": t(np.asarray(a["user_idx"][idx]).astype(np.int64)),
     }
 
 
@@ -799,10 +806,10 @@ def collate_histories(
 
     ``histories``: one sequence of item ids per sample, oldest first (a 2-D array: one per row);
     ``modalities``: the modalities' ``item_codes`` ([n_items, k], -1 = none), whose order gives the
-    node types (type i + 1 = ``modalities[i]``), as in graphs stored with those modalities. With
-    ``max_len``, longer histories keep their most recent ``max_len`` items. ``target`` and
-    ``user_idx`` default to zeros and 0..B-1. Equals collating the same samples from graphs stored
-    by build-graphs (same construction, :func:`build_msgraphs`).
+    node types (type i + 1 = ``modalities[i]``), as in a :class:`GraphSplit` with those modalities.
+    With ``max_len``, longer histories keep their most recent ``max_len`` items. ``target`` and
+    ``user_idx`` default to zeros and 0..B-1. Equals :meth:`GraphSplit.collate` of the same samples
+    (same construction, :func:`build_msgraphs`).
     """
     seqs = [np.asarray(h, dtype=np.int64).reshape(-1) for h in histories]
     if max_len is not None:

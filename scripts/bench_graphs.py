@@ -5,10 +5,10 @@
 Needs `mmsr preprocess` to have run. Codes: by default random top-k code sets (``--modalities``
 modalities, ``--clusters`` codes each, ``--k`` per item, ``--missing`` share of items without the
 modality) so the figures do not depend on build-codes; ``--real`` times the whole
-`mmsr build-graphs` stage on the dataset's own codes instead. Reports, per split: build time
-(median of ``--repeat`` runs, one core: set OMP/MKL threads to 1 yourself if you want to be sure),
-graphs' size on disk, mean nodes and edges per graph; and the collate time of ``--batch``-sample
-batches drawn at random (median over 200 batches), and the peak RSS.
+`mmsr build-graphs` stage on the dataset's own codes instead. Reports, per split: construction
+time of all graphs (median of ``--repeat`` runs, one core: set OMP/MKL threads to 1 yourself if
+you want to be sure), mean nodes and edges per graph; the collate time of ``--batch``-sample
+batches drawn at random (graphs built for the batch; median over 200 batches), and the peak RSS.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import shutil
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 from mmsr_cli import contracts as C
 from mmsr_cli import graphs as G
+from mmsr_cli.models.base import ModalityInfo
 from mmsr_cli.workdir import DatasetDir
 
 
@@ -37,9 +37,8 @@ def random_codes(n_items: int, n_codes: int, k: int, missing: float, rng: np.ran
 
 
 def stage_with_random_codes(ds: DatasetDir, codes: list[np.ndarray], splits: list[str], repeat: int) -> None:
-    """Time the whole build_graphs stage (read, build, write .npy, hash, manifest) on a copy of the
+    """Time the whole build_graphs stage (read, check, count every graph, manifest) on a copy of the
     dataset's preprocess outputs, with the random codes standing in for build-codes."""
-    from mmsr_cli.models.base import ModalityInfo
 
     tmp = DatasetDir.open(tempfile.mkdtemp(prefix="bench-graphs-ds-"), ds.name)
     for rel in ds.read_manifest(C.STAGE_PREPROCESS)["outputs"]:
@@ -63,8 +62,8 @@ def stage_with_random_codes(ds: DatasetDir, codes: list[np.ndarray], splits: lis
         times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     G.GraphSplit.open(tmp, splits[0])
-    print(f"  whole stage (read, build, write, hash, manifest), all splits: median {statistics.median(times):.2f}s "
-          f"of {repeat}; {result.bytes_written / 2**20:.1f} MiB; GraphSplit.open({splits[0]}) with hash check "
+    print(f"  whole stage (read, check, count, manifest), all splits: median {statistics.median(times):.2f}s "
+          f"of {repeat}; {result.bytes_written} bytes; GraphSplit.open({splits[0]}) (reads the samples) "
           f"{time.perf_counter() - t0:.2f}s")
     shutil.rmtree(tmp.workdir, ignore_errors=True)
 
@@ -94,19 +93,17 @@ def main() -> None:
             result = G.build_graphs(ds, G.BuildGraphsOptions(splits=tuple(splits)))
             times.append(time.perf_counter() - t0)
         print(f"build-graphs ({', '.join(result.modalities) or 'no modalities'}): median {statistics.median(times):.2f}s "
-              f"of {args.repeat}, {result.bytes_written / 2**20:.1f} MiB")
+              f"of {args.repeat}, {result.bytes_written} bytes")
         for split, c in result.counts.items():
             print(f"  {split}: {c['samples']} graphs, {c['mean_nodes']:.1f} nodes, {c['mean_edges']:.1f} edges each")
-        folder_of = {s: ds.path(G.split_dir(result.variant, s)) for s in splits}
-        meta = {"variant": result.variant, "modalities": result.modalities}
+        splits_of = {s: G.GraphSplit.open(ds, s, result.variant) for s in splits}
     else:
         n_items = G._n_items(ds)
         rng = np.random.default_rng(0)
         codes = [random_codes(n_items, args.clusters, args.k, args.missing, rng) for _ in range(args.modalities)]
         print(f"random codes: {args.modalities} modalities, c={args.clusters}, k={args.k}, missing={args.missing}")
-        out = Path(tempfile.mkdtemp(prefix="bench-graphs-"))
-        folder_of = {}
-        meta = {"variant": "codes", "modalities": [f"m{i}" for i in range(args.modalities)]}
+        infos = [ModalityInfo(f"m{i}", args.clusters, 32, None, c) for i, c in enumerate(codes)]
+        splits_of = {}
         for split in splits:
             flat, ptr, target, user_idx, _ = G._read_samples(ds.path(C.samples_file(split)))
             times = []
@@ -114,14 +111,11 @@ def main() -> None:
                 t0 = time.perf_counter()
                 arrays = G.build_msgraphs(flat, ptr, codes, n_items)
                 times.append(time.perf_counter() - t0)
-            arrays.target, arrays.user_idx = target.astype(np.int32), user_idx.astype(np.int32)
-            folder_of[split] = out / split
-            G._save_arrays(folder_of[split], arrays)
-            size = sum(p.stat().st_size for p in folder_of[split].iterdir())
+            splits_of[split] = G.GraphSplit(flat, ptr, target, user_idx, infos, n_items)
             S = arrays.n_samples
             print(
                 f"  {split}: {S} graphs ({len(flat)} history entries) built in median {statistics.median(times):.2f}s "
-                f"(min {min(times):.2f}s); {size / 2**20:.1f} MiB; {arrays.node_ptr[-1] / S:.1f} nodes, "
+                f"(min {min(times):.2f}s); {arrays.node_ptr[-1] / S:.1f} nodes, "
                 f"{arrays.edge_ptr[-1] / S:.1f} edges, {arrays.pos_ptr[-1] / S:.1f} positions per graph"
             )
 
@@ -129,19 +123,14 @@ def main() -> None:
             stage_with_random_codes(ds, codes, splits, args.repeat)
 
     rng = np.random.default_rng(1)
-    for split, folder in folder_of.items():
-        gs = G.GraphSplit(folder, meta)
-        subset = G.GraphSplit(folder, meta, modalities=meta["modalities"][:1]) if meta["modalities"] else None
-        for name, split_data in (("all", gs), ("first modality", subset)):
-            if split_data is None:
-                continue
-            times = []
-            for _ in range(200):
-                idx = rng.integers(0, len(split_data), args.batch)
-                t0 = time.perf_counter()
-                split_data.collate(idx)
-                times.append(time.perf_counter() - t0)
-            print(f"  collate {split} ({name}), batch {args.batch}: median {statistics.median(times) * 1e3:.2f} ms")
+    for split, split_data in splits_of.items():
+        times = []
+        for _ in range(200):
+            idx = rng.integers(0, len(split_data), args.batch)
+            t0 = time.perf_counter()
+            split_data.collate(idx)
+            times.append(time.perf_counter() - t0)
+        print(f"  collate {split} (graphs built for the batch), batch {args.batch}: median {statistics.median(times) * 1e3:.2f} ms")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
 
 

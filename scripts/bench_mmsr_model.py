@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,19 +29,16 @@ from mmsr_cli.models.base import DatasetInfo, ModalityInfo, ModelConfig
 from mmsr_cli.models.mmsr import MMSR
 
 
-def synthetic_graph_split(folder: Path, n_samples: int, n_items: int, k: int, clusters: int, seed: int):
+def synthetic_graph_split(n_samples: int, n_items: int, k: int, clusters: int, seed: int):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(5, 14, size=n_samples)
     popularity = 1.0 / np.arange(1, n_items + 1) ** 0.8
     hist = rng.choice(n_items, size=int(lengths.sum()), p=popularity / popularity.sum())
     hist_ptr = np.concatenate([[0], np.cumsum(lengths)])
     item_codes = [np.argsort(rng.random((n_items, clusters)), axis=1)[:, :k] for _ in range(2)]
-    arrays = graphs.build_msgraphs(hist, hist_ptr, item_codes, n_items)
-    arrays.target = rng.integers(0, n_items, size=n_samples).astype(np.int32)
-    arrays.user_idx = np.arange(n_samples, dtype=np.int32)
-    graphs._save_arrays(folder, arrays)
-    meta = {"modalities": ["text", "title"], "variant": "codes"}
-    split = graphs.GraphSplit(folder, meta)
+    target = rng.integers(0, n_items, size=n_samples)
+    infos = [ModalityInfo(name, clusters, 1, None, codes) for name, codes in zip(("text", "title"), item_codes)]
+    split = graphs.GraphSplit(hist, hist_ptr, target, np.arange(n_samples), infos, n_items)
     histories = [hist[hist_ptr[s] : hist_ptr[s + 1]] for s in range(n_samples)]
     return split, histories, item_codes
 
@@ -86,11 +81,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dim, max_len, n_batches = 128, 50, 4
-    with tempfile.TemporaryDirectory() as tmp:
-        split, histories, item_codes = synthetic_graph_split(
-            Path(tmp) / "g", args.batch * n_batches, args.n_items, args.k, args.clusters, seed=0
-        )
-        graph_batches = [split.collate(np.arange(b * args.batch, (b + 1) * args.batch)) for b in range(n_batches)]
+    split, histories, item_codes = synthetic_graph_split(args.batch * n_batches, args.n_items, args.k, args.clusters, seed=0)
+    graph_batches = [split.collate(np.arange(b * args.batch, (b + 1) * args.batch)) for b in range(n_batches)]
     targets = [b["target"] for b in graph_batches]
     flat = np.concatenate(histories)
     ptr = np.concatenate([[0], np.cumsum([len(h) for h in histories])])

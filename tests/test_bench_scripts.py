@@ -169,3 +169,20 @@ def test_gpu_check_cpu_dry_run_runs_every_step_and_prints_the_table(tmp_path):
     bad = subprocess.run(["bash", str(script), "--gpu"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "gpu_check: error: unknown option --gpu (expected --cpu-dry-run, --skip-tests, --skip-bench, --out DIR)"]
+
+
+def test_scale_log_is_a_5_core_log_of_beautys_size(tmp_path):
+    """scripts/bench_scale.py: the generated log has Beauty's users and items times the scale,
+    about its interactions, at least 5 interactions per user and per item (so `preprocess --core 5`
+    keeps everything), and is not sorted by user."""
+    import pyarrow.parquet as pq
+
+    bench = load_script("bench_scale")
+    counts = bench.generate_log(1, tmp_path)
+    table = pq.read_table(tmp_path / "interactions.parquet")
+    users, items = table.column("user").to_numpy(), table.column("item").to_numpy()
+    assert counts == {"users": 22_363, "items": 12_101, "interactions": table.num_rows}
+    assert abs(table.num_rows / bench.BEAUTY["interactions"] - 1) < 0.02
+    assert len(np.unique(users)) == 22_363 and len(np.unique(items)) == 12_101
+    assert np.bincount(users).min() >= 5 and np.bincount(items).min() >= 5
+    assert np.any(np.diff(users) < 0)

@@ -112,6 +112,30 @@ def test_centres_are_kmeans_of_the_reduced_vectors(cli, tmp_path):
         np.testing.assert_allclose(centres[j], reduced[nearest == j].mean(0), rtol=1e-4, atol=1e-4)
 
 
+def test_kmeans_fitted_on_a_sample_links_every_item(cli, tmp_path):
+    """--kmeans-items below the items with features: the centres are a K-means fixed point of the
+    sampled items (kmeans_sample's rows), every item still gets its top-k of them; at or above,
+    the codes are those of the fit on every item, byte for byte."""
+    from mmsr_cli.codes import kmeans_sample
+
+    full, cap, sampled = (make_dataset(tmp_path, n, modalities=("text",)) for n in ("full", "cap", "sampled"))
+    assert build(cli, full, "-c", "4").exit_code == 0
+    assert build(cli, cap, "-c", "4", "--kmeans-items", str(N_ITEMS)).exit_code == 0
+    assert file_sha256(full.path(C.codes_file("text"))) == file_sha256(cap.path(C.codes_file("text")))
+    r = build(cli, sampled, "-c", "4", "--kmeans-items", "20")
+    assert r.exit_code == 0, r.stderr
+    assert sampled.read_manifest("codes:text")["options"]["kmeans_items"] == 20
+    rows, tensors = read_codes(sampled, "text")
+    centres, reduced = tensors["centres"].numpy(), tensors["reduced"].numpy()
+    fit = reduced[kmeans_sample(N_ITEMS, 20, 0)]
+    assert len(fit) == 20 and kmeans_sample(N_ITEMS, 0, 0) is None and kmeans_sample(N_ITEMS, N_ITEMS, 0) is None
+    nearest = ((fit[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+    for j in range(4):
+        np.testing.assert_allclose(centres[j], fit[nearest == j].mean(0), rtol=1e-4, atol=1e-4)
+    assert all(len(row["codes"]) == 2 for row in rows)
+    assert_one_line_error(build(cli, sampled, "-c", "4", "--kmeans-items", "3"), "--kmeans-items 3")
+
+
 def test_same_seed_same_bytes_other_seed_differs(cli, tmp_path):
     a, b = make_dataset(tmp_path, "a"), make_dataset(tmp_path, "b")
     assert build(cli, a, "--seed", "7").exit_code == 0

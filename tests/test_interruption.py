@@ -164,7 +164,7 @@ def cli_ok(args: list[str]):
 # One uninterrupted pipeline on the synthetic dataset; each stage's input state is kept
 
 
-GRAPH_TARGETS = ["numpy:save", "os:replace"]
+GRAPH_TARGETS = ["mmsr_cli.graphs:_build_chunk", "os:replace"]
 TRAIN_TARGETS = ["torch.nn.functional:cross_entropy", "torch:save", "mmsr_cli.training:write_history"]
 
 
@@ -337,8 +337,8 @@ def test_features_killed_after_random_chunks_resume_to_identical_files(pipeline,
 @pytest.mark.parametrize(
     "target,sig,n",
     [
-        ("numpy:save", "SIGKILL", None),  # while the new folder is being written
-        ("numpy:save", "SIGINT", None),
+        ("mmsr_cli.graphs:_build_chunk", "SIGKILL", None),  # while the graphs are being counted
+        ("mmsr_cli.graphs:_build_chunk", "SIGINT", None),
         ("os:replace", "SIGKILL", 2),  # the old folder moved away, the new one not yet in place
     ],
 )

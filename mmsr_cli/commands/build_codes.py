@@ -29,6 +29,11 @@ def build_codes_command(
         int, ranged("--patience", rng=C.RANGE_AE_PATIENCE, help="Autoencoder: stop after N epochs without held-out improvement.")
     ] = 10,
     lr: Annotated[float, ranged("--lr", rng=C.RANGE_LR, help="Autoencoder: Adam learning rate.")] = 1e-3,
+    kmeans_items: Annotated[
+        int,
+        ranged("--kmeans-items", rng=C.RANGE_KMEANS_ITEMS,
+               help="Fit K-means on at most N items drawn by --seed (0 = all), then link every item to its nearest centres."),
+    ] = 100_000,
     seed: SeedOpt = 0,
     workdir: WorkdirOpt = None,
     config: ConfigOpt = None,
@@ -48,6 +53,7 @@ def build_codes_command(
         epochs=epochs,
         patience=patience,
         lr=lr,
+        kmeans_items=kmeans_items,
     ).validate()
     ds = DatasetDir.open(workdir, dataset)
     with ds.writing():

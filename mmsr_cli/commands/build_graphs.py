@@ -14,8 +14,9 @@ from ..workdir import DatasetDir
 
 @app.command(
     "build-graphs",
-    help="Build the Modality-enriched Sequence Graph (MSGraph) of every sample into "
-    "<workdir>/<dataset>/graphs/<variant>/<split>/ (variant 'codes', or 'items' with --no-codes).",
+    help="Check the samples and codes for the Modality-enriched Sequence Graphs (MSGraphs), count their "
+    "nodes and edges, and record the variant ('codes', or 'items' with --no-codes) and modalities in "
+    "<workdir>/<dataset>/graphs/<variant>/meta.json; train and evaluate build each batch's graphs as it is drawn.",
 )
 def build_graphs_command(
     dataset: DatasetOpt,
@@ -47,8 +48,8 @@ def build_graphs_command(
     )
     mods = ", ".join(result.modalities) or "no modalities (item-only graphs)"
     console.print(
-        f"build-graphs [{result.variant}; {mods}]: {per_split}; {result.bytes_written / 2**20:.1f} MiB "
-        f"in {result.seconds:.1f}s -> {ds.path('graphs/' + result.variant)}",
+        f"build-graphs [{result.variant}; {mods}]: {per_split}; checked and counted in {result.seconds:.1f}s "
+        f"-> {ds.path('graphs/' + result.variant)}",
         highlight=False,
         markup=False,
         soft_wrap=True,
