@@ -35,7 +35,8 @@ import torch
 from PIL import Image
 
 from mmsr_cli import contracts as C
-from mmsr_cli import download as D
+from mmsr_cli.sources import amazon2014
+from mmsr_cli.sources import fetch
 from mmsr_cli.errors import MmsrError
 from mmsr_cli.workdir import DatasetDir
 
@@ -258,7 +259,7 @@ def test_review_ids_are_checked_before_any_image_is_fetched(tmp_path):
     path = tmp_path / "reviews.json.gz"
     path.write_bytes(gz([json.dumps({"reviewerID": "u", "asin": "a\t"})]))
     with pytest.raises(MmsrError, match=r"reviews.json.gz:1: field 'asin' has a control character \(U\+0009\)"):
-        D.review_asins(path)
+        amazon2014.read_reviews(path)
 
 
 @pytest.mark.parametrize("rel", [C.RAW_SEQUENCES, C.RAW_ITEMS])
@@ -982,11 +983,11 @@ def site():
 def test_item_ids_cannot_escape_the_images_folder(site, tmp_path, item_id):
     site.add("/i.png", PNG, "image/png")
     images = tmp_path / "work" / "raw" / "images"
-    res = D.fetch_images({item_id: f"{site.base}/i.png"}, images, fast_opts())
+    res = fetch.fetch_images({item_id: f"{site.base}/i.png"}, images, fast_opts())
     assert res.ok == 1 and res.failed == {}
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(written) == 1 and written[0].parent == images and not written[0].name.startswith(".")
-    assert D.existing_image(images, item_id) == written[0]
+    assert fetch.existing_image(images, item_id) == written[0]
 
 
 def _redirect_chain(site: Site, hops: int) -> None:
@@ -1014,13 +1015,13 @@ def test_redirects_are_followed_only_to_http_and_only_a_few(site, tmp_path, targ
         _redirect_chain(site, int(target.split(":")[1]))
     else:
         site.redirect("/img", target)
-    res = D.fetch_images({"B1": f"{site.base}/img"}, tmp_path / "images", fast_opts(retries=1))
+    res = fetch.fetch_images({"B1": f"{site.base}/img"}, tmp_path / "images", fast_opts(retries=1))
     if reason is None:
         assert res.ok == 1 and (tmp_path / "images" / "B1.png").read_bytes() == PNG
     else:
         assert res.ok == 0 and reason in res.failed["B1"]
         assert not list((tmp_path / "images").iterdir())
-        assert len(site.requests) <= D.MAX_REDIRECTS + 1  # refused, not retried
+        assert len(site.requests) <= fetch.MAX_REDIRECTS + 1  # refused, not retried
 
 
 @pytest.mark.parametrize(
@@ -1038,7 +1039,7 @@ def test_redirects_are_followed_only_to_http_and_only_a_few(site, tmp_path, targ
 )
 def test_image_answers_are_checked(site, tmp_path, body, content_type, length, saved, reason):
     site.add("/img", body, content_type, length=length)
-    res = D.fetch_images({"B1": f"{site.base}/img"}, tmp_path / "images", fast_opts(max_image_bytes=1000))
+    res = fetch.fetch_images({"B1": f"{site.base}/img"}, tmp_path / "images", fast_opts(max_image_bytes=1000))
     files = sorted(p.name for p in (tmp_path / "images").iterdir())
     if reason is None:
         assert res.ok == 1 and files == [saved]
@@ -1078,11 +1079,11 @@ def test_full_disk_while_downloading_is_not_a_connection_error(site, tmp_path, m
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(D, "open", lambda *a, **k: FullAfterFirstChunk(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr(fetch, "open", lambda *a, **k: FullAfterFirstChunk(real_open(*a, **k)), raising=False)
     dest = tmp_path / "raw" / "reviews.json.gz"
     with pytest.raises(MmsrError, match=r"reviews.json.gz.part: cannot write \(No space left on device\); 1024 bytes kept"):
-        D.fetch_file(f"{site.base}/reviews.json.gz", dest, fast_opts())
+        fetch.fetch_file(f"{site.base}/reviews.json.gz", dest, fast_opts())
     assert site.requests == ["/reviews.json.gz"]  # no retries: waiting does not free the disk
     assert not dest.exists() and dest.with_name("reviews.json.gz.part").read_bytes() == body[:1024]
     monkeypatch.undo()
-    assert D.fetch_file(f"{site.base}/reviews.json.gz", dest, fast_opts()).path.read_bytes() == body  # once there is space
+    assert fetch.fetch_file(f"{site.base}/reviews.json.gz", dest, fast_opts()).path.read_bytes() == body  # once there is space
