@@ -35,10 +35,12 @@ from .errors import MmsrError
 from .workdir import (
     DatasetDir,
     atomic_path,
+    commit_atomic,
+    parquet_writer,
     read_parquet,
+    torch_writer,
     upstream,
     validate_modality_name,
-    write_parquet_atomic,
     write_torch_atomic,
 )
 
@@ -270,10 +272,6 @@ def run(ds: DatasetDir, opts: FeatureOptions, *, on_chunk: Callable[[int], None]
     features[torch.from_numpy(missing)] = 0.0
 
     tensor_rel, index_rel = C.features_tensor_file(name), C.features_index_file(name)
-    write_torch_atomic(
-        ds.path(tensor_rel),
-        {"features": features.to(torch.float32).contiguous(), "missing": torch.from_numpy(missing)},
-    )
     index = pa.table(
         {
             "item_idx": pa.array(np.arange(n_items, dtype=np.int32)),
@@ -282,7 +280,11 @@ def run(ds: DatasetDir, opts: FeatureOptions, *, on_chunk: Callable[[int], None]
             "reason": pa.array(reasons, type=pa.string()),
         }
     )
-    write_parquet_atomic(ds.path(index_rel), index, C.FEATURE_INDEX_SCHEMA)
+    commit_atomic({  # both or neither: the index describes the tensor's rows
+        ds.path(tensor_rel): torch_writer(
+            {"features": features.to(torch.float32).contiguous(), "missing": torch.from_numpy(missing)}),
+        ds.path(index_rel): parquet_writer(index, C.FEATURE_INDEX_SCHEMA),
+    })
     reason_counts: dict[str, int] = {}
     for r in reasons:
         if r is not None:

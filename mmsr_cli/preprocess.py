@@ -35,7 +35,7 @@ from . import contracts as C
 from . import sources
 from .errors import MmsrError
 from .sources.records import ItemMeta
-from .workdir import DatasetDir, upstream, write_parquet_atomic
+from .workdir import DatasetDir, commit_atomic, parquet_writer, upstream
 
 SPLIT_METHODS = ("loo", "ratio", "official")
 
@@ -333,13 +333,12 @@ def run(ds: DatasetDir, opts: PreprocessOptions) -> PreprocessResult:
     log = ds.logger(C.STAGE_PREPROCESS)
     log.info("preprocess %s with %s", ds.name, opts)
     result = build(ds, opts, log)
-    write_parquet_atomic(ds.path(C.ITEMS), result.items, C.ITEMS_SCHEMA)
-    write_parquet_atomic(ds.path(C.USERS), result.users, C.USERS_SCHEMA)
-    write_parquet_atomic(ds.path(C.INTERACTIONS), result.interactions, C.INTERACTIONS_SCHEMA)
-    outputs = [C.ITEMS, C.USERS, C.INTERACTIONS]
-    for split in C.SPLITS:
-        write_parquet_atomic(ds.path(C.samples_file(split)), result.samples[split], C.SAMPLES_SCHEMA)
-        outputs.append(C.samples_file(split))
+    tables = {C.ITEMS: (result.items, C.ITEMS_SCHEMA), C.USERS: (result.users, C.USERS_SCHEMA),
+              C.INTERACTIONS: (result.interactions, C.INTERACTIONS_SCHEMA),
+              **{C.samples_file(s): (result.samples[s], C.SAMPLES_SCHEMA) for s in C.SPLITS}}
+    # One set: a failure on any file (a full disk) leaves every earlier output as it was.
+    commit_atomic({ds.path(rel): parquet_writer(table, schema) for rel, (table, schema) in tables.items()})
+    outputs = list(tables)
     ds.write_manifest(
         C.STAGE_PREPROCESS,
         inputs=upstream(download),

@@ -697,6 +697,50 @@ def test_full_disk_is_one_line_and_keeps_every_earlier_output(cli, work, monkeyp
     assert temporaries(work.workdir) == []
 
 
+def _full_for(monkeypatch, marker: str) -> None:
+    """Writing a file whose (temporary) name holds ``marker`` fails as on a full disk; others work."""
+    real_parquet, real_save = pq.write_table, torch.save
+
+    def full(target) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    monkeypatch.setattr(pq, "write_table", lambda table, where, *a, **k: full(where) if marker in str(where)
+                        else real_parquet(table, where, *a, **k))
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: full(f.name) if marker in str(getattr(f, "name", f))
+                        else real_save(obj, f, *a, **k))
+
+
+@pytest.mark.parametrize("marker", ["items", "samples_test"])
+def test_preprocess_outputs_are_written_as_one(cli, tmp_path, monkeypatch, marker):
+    """A failure on any output (the first or the last) leaves every output of the earlier run as
+    it was, not a mix of old and new files."""
+    seq = tsv(("u1", "a b c d"), ("u2", "a b c e"), ("u3", "c b a f"))
+    ds = make_dataset(tmp_path, {C.RAW_SEQUENCES: seq, C.RAW_ITEMS: GOOD_ITEMS})
+    assert cli(mmsr(ds, "preprocess", "--core", "0")).exit_code == 0
+    before = tree_hashes(ds.root)
+    with monkeypatch.context() as m:
+        _full_for(m, marker)
+        line = assert_error(cli(mmsr(ds, "preprocess", "--core", "2")), "no space left on device")  # other outputs
+    assert f"{marker}.parquet" in line
+    assert {rel: h for rel, h in tree_hashes(ds.root).items() if not rel.startswith("logs/")} == \
+        {rel: h for rel, h in before.items() if not rel.startswith("logs/")}
+    assert temporaries(ds.root) == []
+
+
+def test_extract_features_tensor_and_index_are_written_as_one(cli, tmp_path, monkeypatch, tiny_t5):
+    ds = make_items(tmp_path, [{"title": "Red lipstick", "brand": "Acme"}, {"title": ""}])
+    text = ["extract-features", "--workdir", tmp_path, "--dataset", "toy", "--modality", "text", "--model", tiny_t5]
+    assert cli([*text, "--fields", "title"]).exit_code == 0
+    before = tree_hashes(ds.root)
+    with monkeypatch.context() as m:
+        _full_for(m, f".{C.features_index_file('text').rsplit('/', 1)[-1]}")  # the index, after the tensor
+        assert_error(cli([*text, "--fields", "title,brand"]), "text.parquet: no space left on device")
+    after = tree_hashes(ds.root)
+    assert {rel: after.get(rel) for rel in (C.features_tensor_file("text"), C.features_index_file("text"))} == \
+        {rel: before[rel] for rel in (C.features_tensor_file("text"), C.features_index_file("text"))}
+    assert temporaries(ds.root) == []
+
+
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 
@@ -831,7 +875,8 @@ def test_checkpoint_of_another_dataset_or_model(cli, work, break_run, command, e
      ("no-checkpoint", "runs/m/best.pt"),
      ("bad-config", "runs/m/config.json: field 'model.dim': expected int"),
      ("other-dataset", "run was trained on dataset 'elsewhere'"),
-     ("pairs-typo", "--pairs: run 'n' is not among the compared runs")],
+     ("pairs-typo", "--pairs: run 'n' is not among the compared runs"),
+     ("pairs-seeds", "--pairs: s and s1 are seeds of one experiment")],
 )
 def test_several_runs_are_all_checked_before_any_is_written(cli, work, fault, expected):
     """evaluate --compare: a run that cannot be evaluated is found before the metrics of the
@@ -841,6 +886,12 @@ def test_several_runs_are_all_checked_before_any_is_written(cli, work, fault, ex
         runs = "s,gone"
     elif fault == "no-checkpoint":
         work.path("runs/m/best.pt").unlink()
+    elif fault == "pairs-seeds":  # s1: run s again with another seed, so s:s1 is one experiment
+        shutil.copytree(work.path("runs/s"), work.path("runs/s1"))
+        config = json.loads(work.path("runs/s1/config.json").read_text())
+        config["train"]["seed"] = 1
+        work.path("runs/s1/config.json").write_text(json.dumps(config))
+        runs = "s,s1"
     elif fault != "pairs-typo":
         path = work.path("runs/m/config.json")
         config = json.loads(path.read_text())
@@ -850,7 +901,7 @@ def test_several_runs_are_all_checked_before_any_is_written(cli, work, fault, ex
             config["dataset"] = "elsewhere"
         path.write_text(json.dumps(config))
     before = tree_hashes(work.workdir)
-    pairs = ["--pairs", "m:n"] if fault == "pairs-typo" else []
+    pairs = {"pairs-typo": ["--pairs", "m:n"], "pairs-seeds": ["--pairs", "s:s1"]}.get(fault, [])
     assert_error(cli(mmsr(work, "evaluate", "--compare", runs, *pairs)), expected)
     assert tree_hashes(work.workdir) == before
     assert temporaries(work.workdir) == []
