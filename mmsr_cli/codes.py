@@ -308,7 +308,7 @@ def build_modality(ds: DatasetDir, name: str, opts: CodesOptions) -> ModalityCod
     import pyarrow as pa
     import torch
 
-    from .workdir import upstream, write_parquet_atomic, write_torch_atomic
+    from .workdir import commit_atomic, parquet_writer, torch_writer, upstream
 
     t0 = time.perf_counter()
     stage = C.modality_stage(C.STAGE_CODES, name)
@@ -369,9 +369,11 @@ def build_modality(ds: DatasetDir, name: str, opts: CodesOptions) -> ModalityCod
             "similarities": pa.ListArray.from_arrays(pa.array(offsets), pa.array(sim_values, pa.float32())),
         }
     )
-    write_parquet_atomic(ds.path(codes_rel), table, C.CODES_SCHEMA)
-    write_torch_atomic(ds.path(centres_rel), {"centres": torch.from_numpy(np.ascontiguousarray(centres)),
-                                              "reduced": torch.from_numpy(reduced)})
+    commit_atomic({  # both or neither: the codes index the centres
+        ds.path(codes_rel): parquet_writer(table, C.CODES_SCHEMA),
+        ds.path(centres_rel): torch_writer({"centres": torch.from_numpy(np.ascontiguousarray(centres)),
+                                            "reduced": torch.from_numpy(reduced)}),
+    })
     seconds = time.perf_counter() - t0
     ds.write_manifest(
         stage,

@@ -7,7 +7,7 @@ folder (``<workdir>/<dataset>/``) is documented in one place:
       sequences.tsv, items.jsonl   sequence format (synthetic, ../shared/data), or
       reviews.json.gz, meta.json.gz  Amazon 2014 review + metadata files, or
       interactions.csv|parquet     generic (user, item, timestamp) log, or
-      amazon2023/                  Amazon Reviews 2023 files in the release's layout (amazon2023.py)
+      amazon2023/                  Amazon Reviews 2023 files in the release's layout (sources/amazon2023.py)
       images/<item_id>.<ext>       item images (optional)
     items.parquet                preprocess: one row per kept item, dense ``item_idx``
     users.parquet                preprocess: one row per kept user, dense ``user_idx``
@@ -262,6 +262,9 @@ def safe_item_filename(item_id: str) -> str:
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+
+# Kinds of modality `extract-features --modality` records (robustness selects modalities by kind).
+MODALITY_KINDS = ("image", "text")
 
 # Graph variants built by `build-graphs`: modality nodes are shared codes, or one node per item.
 GRAPH_VARIANTS = ("codes", "items")

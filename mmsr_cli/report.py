@@ -20,12 +20,15 @@ Reads, per dataset, ``runs/<run>/config.json``, ``history.json`` and every ``met
 * evaluation beyond accuracy (popularity.py): catalogue coverage, recommended-item popularity and
   the metric by the target item's training popularity (head, torso, tail, rare), with a bar chart.
 
-Figures are PNG files (matplotlib, Agg) in ``<output stem>_figures/`` beside the report; every
-file is written atomically, the report last.
+Figures are PNG files (matplotlib, Agg) in ``<output stem>_figures/`` beside the report. Every
+input is read and checked and every figure rendered before anything is written; then the figures
+and the report are written as one (``workdir.commit_atomic``): a failure leaves the earlier
+report and figures as they were.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -39,7 +42,7 @@ from .errors import MmsrError
 from .evaluation import METRIC_NAMES, check_metric, compare_runs, describe_experiment, experiment_key, option_token
 from .significance import (ALPHA, MARK, Arm, PairTest, default_pairs, fmt_p, parse_pairs, read_ranks, run_tests,
                            significant_cells)
-from .workdir import atomic_path, write_bytes_atomic
+from .workdir import bytes_writer, commit_atomic
 
 SHOWN = METRIC_NAMES  # hr, mrr, ndcg @5/10/20
 CONFIG_FILE = "config.json"
@@ -522,14 +525,15 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
-    plt = _pyplot()
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+def _png(fig) -> bytes:
+    """The figure as PNG bytes (written with the report, at the end)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    _pyplot().close(fig)
+    return buf.getvalue()
 
 
-def plot_robustness(path: Path, selector: str, curves: dict, metric: str) -> None:
+def plot_robustness(selector: str, curves: dict, metric: str) -> bytes:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in curves.items():
@@ -541,10 +545,10 @@ def plot_robustness(path: Path, selector: str, curves: dict, metric: str) -> Non
            title=f"robustness to missing {selector}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    return _png(fig)
 
 
-def plot_perturbations(path: Path, columns: list[str], table: dict, metric: str) -> None:
+def plot_perturbations(columns: list[str], table: dict, metric: str) -> bytes:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(table)), 4))
     width = 0.8 / len(columns)
@@ -556,10 +560,10 @@ def plot_perturbations(path: Path, columns: list[str], table: dict, metric: str)
     ax.set(ylabel=f"{metric} (%)", title="order and modality match (Figure 1)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    return _png(fig)
 
 
-def plot_codes_heatmap(path: Path, grid: dict, metric: str, label: str) -> None:
+def plot_codes_heatmap(grid: dict, metric: str, label: str) -> bytes:
     plt = _pyplot()
     cs = sorted({c for c, _ in grid})
     ks = sorted({k for _, k in grid})
@@ -577,10 +581,10 @@ def plot_codes_heatmap(path: Path, grid: dict, metric: str, label: str) -> None:
     ax.set(xlabel="codes per modality c (clusters)", ylabel="codes per item k (top-k)", title=f"{label}: {metric} (%)")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    _save(fig, path)
+    return _png(fig)
 
 
-def plot_training(path: Path, runs: list[RunFiles], metric: str) -> None:
+def plot_training(runs: list[RunFiles], metric: str) -> bytes:
     plt = _pyplot()
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
     colours = plt.get_cmap("tab20").colors
@@ -594,10 +598,10 @@ def plot_training(path: Path, runs: list[RunFiles], metric: str) -> None:
     ax_metric.set(xlabel="epoch", ylabel=f"valid {metric} (%)", title=f"validation {metric}")
     ax_metric.legend(fontsize=6)
     fig.tight_layout()
-    _save(fig, path)
+    return _png(fig)
 
 
-def plot_gates(path: Path, gates: dict) -> None:
+def plot_gates(gates: dict) -> bytes:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(gates), figsize=(4.5 * len(gates), 3.8), squeeze=False)
     for ax, (label, layers) in zip(axes[0], gates.items()):
@@ -611,10 +615,10 @@ def plot_gates(path: Path, gates: dict) -> None:
         ax.set(ylim=(0, 1), ylabel="share of nodes choosing ho->he", title=label)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    return _png(fig)
 
 
-def plot_popularity_buckets(path: Path, groups: list[dict], metric: str) -> None:
+def plot_popularity_buckets(groups: list[dict], metric: str) -> bytes:
     from .popularity import BUCKETS
 
     plt = _pyplot()
@@ -629,7 +633,7 @@ def plot_popularity_buckets(path: Path, groups: list[dict], metric: str) -> None
     ax.set(ylabel=f"{metric.upper()} (%)", xlabel="target item's training popularity")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    return _png(fig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,12 +670,11 @@ def write_report(
     if output.is_dir():
         raise MmsrError(f"--output: {output} is a directory; give a file name such as {output / 'report.md'}")
     fig_dir = output.parent / f"{output.stem}_figures"
-    figures: list[Path] = []
+    figures: dict[Path, bytes] = {}  # rendered now, written with the Markdown at the end
 
-    def figure(name: str) -> tuple[Path, str]:
-        path = fig_dir / name
-        figures.append(path)
-        return path, f"{fig_dir.name}/{name}"
+    def figure(name: str, png: bytes) -> str:
+        figures[fig_dir / name] = png
+        return f"{fig_dir.name}/{name}"
 
     n_runs = sum(len(v) for v in found.values())
     md = [
@@ -710,8 +713,7 @@ def write_report(
         if curves:
             md += ["### Robustness to missing modalities (paper Figure 4)", ""]
             for selector, by_label in curves.items():
-                path, rel = figure(f"{ds_key}_robustness_{_safe(selector)}.png")
-                plot_robustness(path, selector, by_label, metric)
+                rel = figure(f"{ds_key}_robustness_{_safe(selector)}.png", plot_robustness(selector, by_label, metric))
                 ratios = sorted({r for points in by_label.values() for r in points})
                 md += [f"Missing **{selector}**: {metric.upper()} (%) by share of items without it (0 = clean).", ""]
                 md += ["| experiment | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---:|" * len(ratios)]
@@ -736,15 +738,13 @@ def write_report(
                     change = f" ({100 * (v - clean) / clean:+.1f}%)" if c != "clean" and clean else ""
                     cells.append(f"{_pct(v)}{change}")
                 md.append(f"| {label} | " + " | ".join(cells) + " |")
-            path, rel = figure(f"{ds_key}_perturbations.png")
-            plot_perturbations(path, columns, table, metric)
+            rel = figure(f"{ds_key}_perturbations.png", plot_perturbations(columns, table, metric))
             md += ["", f"![disordered and mismatched]({rel})", ""]
 
         grid = codes_grid(dataset_runs, split, metric)
         if grid is not None:
             label, cells = grid
-            path, rel = figure(f"{ds_key}_codes_heatmap.png")
-            plot_codes_heatmap(path, cells, metric, label)
+            rel = figure(f"{ds_key}_codes_heatmap.png", plot_codes_heatmap(cells, metric, label))
             md += ["### MS-Graph construction: codes c and links k (paper Figure 5)", ""]
             md += [f"{label}, {metric.upper()} (%) by clusters c and codes per item k (runs per cell in brackets).", ""]
             md += ["| c | k | value |", "|---:|---:|---:|"]
@@ -753,8 +753,7 @@ def write_report(
 
         gates = gate_table(dataset_runs, split)
         if gates:
-            path, rel = figure(f"{ds_key}_gates.png")
-            plot_gates(path, gates)
+            rel = figure(f"{ds_key}_gates.png", plot_gates(gates))
             md += ["### Update gate: fusion order per node type (Eq. 16-17)", ""]
             md += ["Share of nodes whose gate weights ho->he (homogeneous first) above he->ho, and the mean "
                    "weight beta of ho->he, on the " + split + " split.", ""]
@@ -785,14 +784,12 @@ def write_report(
                 cells = [f"{_pct(g['mean'][c])} ± {_pct(g['std'][c])}" if c in g["mean"] else "" for c in cols]
                 md.append(f"| {g['experiment']} | {len(g['seeds'])} | {_pct(g['mean']['coverage@10'])} | "
                           f"{g['mean']['avg_pop@10']:.1f} | " + " | ".join(cells) + " |")
-            path, rel = figure(f"{ds_key}_popularity.png")
-            plot_popularity_buckets(path, pop_groups, metric)
+            rel = figure(f"{ds_key}_popularity.png", plot_popularity_buckets(pop_groups, metric))
             md += ["", f"![{metric} by popularity bucket]({rel})", ""]
 
         with_history = [r for r in dataset_runs if r.history and all(metric in h.get("valid", {}) for h in r.history)]
         if with_history:
-            path, rel = figure(f"{ds_key}_training.png")
-            plot_training(path, with_history, metric)
+            rel = figure(f"{ds_key}_training.png", plot_training(with_history, metric))
             md += ["### Training curves", "", f"![training loss and validation {metric}]({rel})", ""]
 
         md += ["### Runs", "", "Time per epoch: median over the run's epochs (training / full-ranking validation); peak RSS: "
@@ -813,5 +810,7 @@ def write_report(
                       f"{epochs} | {best} | {_epoch_cost(run.history or [])} | {files} |")
         md.append("")
 
-    write_bytes_atomic(output, ("\n".join(md).rstrip() + "\n").encode())
-    return ReportResult(output, figures, list(found), n_runs)
+    # Everything is checked and rendered: the figures and the Markdown are written as one.
+    commit_atomic({**{path: bytes_writer(png) for path, png in figures.items()},
+                   output: bytes_writer(("\n".join(md).rstrip() + "\n").encode())})
+    return ReportResult(output, list(figures), list(found), n_runs)

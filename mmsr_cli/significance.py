@@ -21,6 +21,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -138,9 +139,12 @@ def default_pairs(arms: list[Arm], metrics) -> list[tuple[Arm, Arm, str]]:
     return out
 
 
-def pair_names(value: str, option: str, runs: list[str] | None = None) -> list[tuple[str, str]]:
-    """``RUN_A:RUN_B,...`` as (A, B) pairs; with ``runs``, each name must be one of them. What
-    can be checked before any run is evaluated (evaluate checks it before writing anything)."""
+def pair_names(value: str, option: str, runs: list[str] | None = None,
+               experiment_of: Callable[[str], str | None] | None = None) -> list[tuple[str, str]]:
+    """``RUN_A:RUN_B,...`` as (A, B) pairs; with ``runs``, each name must be one of them; with
+    ``experiment_of`` (run -> experiment key, None when unknown yet), A and B must be of two
+    experiments. What can be checked before any run is evaluated (evaluate checks it before
+    writing anything)."""
     out = []
     for item in value.split(","):
         a, sep, b = item.strip().partition(":")
@@ -149,8 +153,24 @@ def pair_names(value: str, option: str, runs: list[str] | None = None) -> list[t
         for run in (a, b) if runs is not None else ():
             if run not in runs:
                 raise MmsrError(f"{option}: run {run!r} is not among the compared runs")
+        if experiment_of is not None and experiment_of(a) is not None and experiment_of(a) == experiment_of(b):
+            raise MmsrError(f"{option}: {a} and {b} are seeds of one experiment")
         out.append((a, b))
     return out
+
+
+def run_experiment(ds, run: str) -> str | None:
+    """The experiment key (config minus seed) of a run of ``ds``, from its config.json; None when
+    that cannot be read (evaluating the run then says why)."""
+    import json
+
+    from .evaluation import experiment_key
+    from .training import CONFIG_FILE, run_dir
+
+    try:
+        return experiment_key(json.loads((run_dir(ds, run) / CONFIG_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, MmsrError):
+        return None
 
 
 def parse_pairs(value: str, arms: list[Arm], metrics, option: str) -> list[tuple[Arm, Arm, str]]:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -207,6 +207,20 @@ def fsync_path(path: Path) -> None:
             os.close(fd)
 
 
+def _new_temporary(path: Path, suffix: str) -> Path:
+    """An empty temporary next to ``path`` (its folder created), named for ``path``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temporaries(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=suffix or ".tmp", dir=path.parent)
+    except OSError as e:
+        if e.errno in _FULL_ERRNOS:
+            raise MmsrError(f"{path}: no space left on device; earlier outputs are kept") from e
+        raise MmsrError(f"{path.parent}: cannot write here ({e.strerror})") from e
+    os.close(fd)
+    return Path(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
@@ -217,16 +231,7 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     deleted on the first write there.
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_dead_temporaries(path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=suffix or ".tmp", dir=path.parent)
-    except OSError as e:
-        if e.errno in _FULL_ERRNOS:
-            raise MmsrError(f"{path}: no space left on device; earlier outputs are kept") from e
-        raise MmsrError(f"{path.parent}: cannot write here ({e.strerror})") from e
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_temporary(path, suffix)
     try:
         with full_disk_as_error(path):
             yield tmp_path
@@ -237,19 +242,61 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def commit_atomic(writers: Mapping[Path, Callable[[Path], None]]) -> None:
+    """Write several outputs as one: ``writer(tmp)`` fills a temporary next to each path, and only
+    when every one is complete and on the disk are they all renamed onto their paths. A failure
+    while writing any of them (a full disk: the one-line error naming that file) leaves every
+    earlier output as it was. The temporary keeps its path's suffix (some writers infer formats)."""
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for path, write in writers.items():
+            path = Path(path)
+            tmp = _new_temporary(path, path.suffix)
+            temps.append((tmp, path))
+            with full_disk_as_error(path):
+                write(tmp)
+                fsync_path(tmp)
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in temps:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def bytes_writer(data: bytes) -> Callable[[Path], None]:
+    return lambda tmp: Path(tmp).write_bytes(data)
+
+
+def torch_writer(obj: Any) -> Callable[[Path], None]:
+    """``torch.save`` through a file object: given a path, torch names the archive's records after
+    the file, and the temporary's random name would make equal tensors give different bytes (and
+    manifest hashes)."""
+
+    def write(tmp: Path) -> None:
+        import torch
+
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return write
+
+
+def parquet_writer(table: pa.Table, schema: pa.Schema | None = None) -> Callable[[Path], None]:
+    if schema is not None:
+        table = table.select(schema.names).cast(schema)
+    # No statistics timestamps or writer-dependent metadata: same input -> same bytes.
+    return lambda tmp: pq.write_table(table, tmp, compression="zstd", write_statistics=True)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+        bytes_writer(data)(tmp)
 
 
 def write_torch_atomic(path: Path, obj: Any) -> None:
-    """``torch.save`` atomically, through a file object: given a path, torch names the archive's
-    records after the file, and the temporary's random name would make equal tensors give
-    different bytes (and manifest hashes)."""
-    import torch
-
-    with atomic_path(path, ".pt") as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+    with atomic_path(path, ".pt") as tmp:
+        torch_writer(obj)(tmp)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -257,11 +304,8 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def write_parquet_atomic(path: Path, table: pa.Table, schema: pa.Schema | None = None) -> None:
-    if schema is not None:
-        table = table.select(schema.names).cast(schema)
     with atomic_path(path, ".parquet") as tmp:
-        # No statistics timestamps or writer-dependent metadata: same input -> same bytes.
-        pq.write_table(table, tmp, compression="zstd", write_statistics=True)
+        parquet_writer(table, schema)(tmp)
 
 
 def read_parquet(path: Path, schema: pa.Schema | None = None, later: tuple[str, ...] = ()) -> pa.Table:

@@ -26,8 +26,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from mmsr_cli.download import DownloadOptions, fetch_file, fetch_images, meta_image_urls
-from mmsr_cli.synthetic import generate_synthetic
+from mmsr_cli.download import DownloadOptions
+from mmsr_cli.sources.amazon2014 import image_urls as meta_image_urls
+from mmsr_cli.sources.fetch import fetch_file, fetch_images
+from mmsr_cli.sources.synthetic import generate_synthetic
 
 
 def peak_rss_mib() -> float:

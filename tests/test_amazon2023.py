@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmsr_cli import contracts as C
-from mmsr_cli.amazon2023 import REPO_ID, benchmark_files, meta_file, review_file
+from mmsr_cli.sources.amazon2023 import REPO_ID, benchmark_files, meta_file, review_file
 from mmsr_cli.workdir import DatasetDir
 
 from conftest import tiny_hf_model, one_error_line

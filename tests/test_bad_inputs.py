@@ -35,7 +35,8 @@ import torch
 from PIL import Image
 
 from mmsr_cli import contracts as C
-from mmsr_cli import download as D
+from mmsr_cli.sources import amazon2014
+from mmsr_cli.sources import fetch
 from mmsr_cli.errors import MmsrError
 from mmsr_cli.workdir import DatasetDir
 
@@ -252,7 +253,7 @@ def test_review_ids_are_checked_before_any_image_is_fetched(tmp_path):
     path = tmp_path / "reviews.json.gz"
     path.write_bytes(gz([json.dumps({"reviewerID": "u", "asin": "a\t"})]))
     with pytest.raises(MmsrError, match=r"reviews.json.gz:1: field 'asin' has a control character \(U\+0009\)"):
-        D.review_asins(path)
+        amazon2014.read_reviews(path)
 
 
 @pytest.mark.parametrize("rel", [C.RAW_SEQUENCES, C.RAW_ITEMS])
@@ -690,6 +691,50 @@ def test_full_disk_is_one_line_and_keeps_every_earlier_output(cli, work, monkeyp
     assert temporaries(work.workdir) == []
 
 
+def _full_for(monkeypatch, marker: str) -> None:
+    """Writing a file whose (temporary) name holds ``marker`` fails as on a full disk; others work."""
+    real_parquet, real_save = pq.write_table, torch.save
+
+    def full(target) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    monkeypatch.setattr(pq, "write_table", lambda table, where, *a, **k: full(where) if marker in str(where)
+                        else real_parquet(table, where, *a, **k))
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: full(f.name) if marker in str(getattr(f, "name", f))
+                        else real_save(obj, f, *a, **k))
+
+
+@pytest.mark.parametrize("marker", ["items", "samples_test"])
+def test_preprocess_outputs_are_written_as_one(cli, tmp_path, monkeypatch, marker):
+    """A failure on any output (the first or the last) leaves every output of the earlier run as
+    it was, not a mix of old and new files."""
+    seq = tsv(("u1", "a b c d"), ("u2", "a b c e"), ("u3", "c b a f"))
+    ds = make_dataset(tmp_path, {C.RAW_SEQUENCES: seq, C.RAW_ITEMS: GOOD_ITEMS})
+    assert cli(mmsr(ds, "preprocess", "--core", "0")).exit_code == 0
+    before = tree_hashes(ds.root)
+    with monkeypatch.context() as m:
+        _full_for(m, marker)
+        line = assert_error(cli(mmsr(ds, "preprocess", "--core", "2")), "no space left on device")  # other outputs
+    assert f"{marker}.parquet" in line
+    assert {rel: h for rel, h in tree_hashes(ds.root).items() if not rel.startswith("logs/")} == \
+        {rel: h for rel, h in before.items() if not rel.startswith("logs/")}
+    assert temporaries(ds.root) == []
+
+
+def test_extract_features_tensor_and_index_are_written_as_one(cli, tmp_path, monkeypatch, tiny_t5):
+    ds = make_items(tmp_path, [{"title": "Red lipstick", "brand": "Acme"}, {"title": ""}])
+    text = ["extract-features", "--workdir", tmp_path, "--dataset", "toy", "--modality", "text", "--model", tiny_t5]
+    assert cli([*text, "--fields", "title"]).exit_code == 0
+    before = tree_hashes(ds.root)
+    with monkeypatch.context() as m:
+        _full_for(m, f".{C.features_index_file('text').rsplit('/', 1)[-1]}")  # the index, after the tensor
+        assert_error(cli([*text, "--fields", "title,brand"]), "text.parquet: no space left on device")
+    after = tree_hashes(ds.root)
+    assert {rel: after.get(rel) for rel in (C.features_tensor_file("text"), C.features_index_file("text"))} == \
+        {rel: before[rel] for rel in (C.features_tensor_file("text"), C.features_index_file("text"))}
+    assert temporaries(ds.root) == []
+
+
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 
@@ -824,7 +869,8 @@ def test_checkpoint_of_another_dataset_or_model(cli, work, break_run, command, e
      ("no-checkpoint", "runs/m/best.pt"),
      ("bad-config", "runs/m/config.json: field 'model.dim': expected int"),
      ("other-dataset", "run was trained on dataset 'elsewhere'"),
-     ("pairs-typo", "--pairs: run 'n' is not among the compared runs")],
+     ("pairs-typo", "--pairs: run 'n' is not among the compared runs"),
+     ("pairs-seeds", "--pairs: s and s1 are seeds of one experiment")],
 )
 def test_several_runs_are_all_checked_before_any_is_written(cli, work, fault, expected):
     """evaluate --compare: a run that cannot be evaluated is found before the metrics of the
@@ -834,6 +880,12 @@ def test_several_runs_are_all_checked_before_any_is_written(cli, work, fault, ex
         runs = "s,gone"
     elif fault == "no-checkpoint":
         work.path("runs/m/best.pt").unlink()
+    elif fault == "pairs-seeds":  # s1: run s again with another seed, so s:s1 is one experiment
+        shutil.copytree(work.path("runs/s"), work.path("runs/s1"))
+        config = json.loads(work.path("runs/s1/config.json").read_text())
+        config["train"]["seed"] = 1
+        work.path("runs/s1/config.json").write_text(json.dumps(config))
+        runs = "s,s1"
     elif fault != "pairs-typo":
         path = work.path("runs/m/config.json")
         config = json.loads(path.read_text())
@@ -843,7 +895,7 @@ def test_several_runs_are_all_checked_before_any_is_written(cli, work, fault, ex
             config["dataset"] = "elsewhere"
         path.write_text(json.dumps(config))
     before = tree_hashes(work.workdir)
-    pairs = ["--pairs", "m:n"] if fault == "pairs-typo" else []
+    pairs = {"pairs-typo": ["--pairs", "m:n"], "pairs-seeds": ["--pairs", "s:s1"]}.get(fault, [])
     assert_error(cli(mmsr(work, "evaluate", "--compare", runs, *pairs)), expected)
     assert tree_hashes(work.workdir) == before
     assert temporaries(work.workdir) == []
@@ -976,11 +1028,11 @@ def site():
 def test_item_ids_cannot_escape_the_images_folder(site, tmp_path, item_id):
     site.add("/i.png", PNG, "image/png")
     images = tmp_path / "work" / "raw" / "images"
-    res = D.fetch_images({item_id: f"{site.base}/i.png"}, images, fast_opts())
+    res = fetch.fetch_images({item_id: f"{site.base}/i.png"}, images, fast_opts())
     assert res.ok == 1 and res.failed == {}
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(written) == 1 and written[0].parent == images and not written[0].name.startswith(".")
-    assert D.existing_image(images, item_id) == written[0]
+    assert fetch.existing_image(images, item_id) == written[0]
 
 
 def _redirect_chain(site: Site, hops: int) -> None:
@@ -1008,13 +1060,13 @@ def test_redirects_are_followed_only_to_http_and_only_a_few(site, tmp_path, targ
         _redirect_chain(site, int(target.split(":")[1]))
     else:
         site.redirect("/img", target)
-    res = D.fetch_images({"B1": f"{site.base}/img"}, tmp_path / "images", fast_opts(retries=1))
+    res = fetch.fetch_images({"B1": f"{site.base}/img"}, tmp_path / "images", fast_opts(retries=1))
     if reason is None:
         assert res.ok == 1 and (tmp_path / "images" / "B1.png").read_bytes() == PNG
     else:
         assert res.ok == 0 and reason in res.failed["B1"]
         assert not list((tmp_path / "images").iterdir())
-        assert len(site.requests) <= D.MAX_REDIRECTS + 1  # refused, not retried
+        assert len(site.requests) <= fetch.MAX_REDIRECTS + 1  # refused, not retried
 
 
 @pytest.mark.parametrize(
@@ -1032,7 +1084,7 @@ def test_redirects_are_followed_only_to_http_and_only_a_few(site, tmp_path, targ
 )
 def test_image_answers_are_checked(site, tmp_path, body, content_type, length, saved, reason):
     site.add("/img", body, content_type, length=length)
-    res = D.fetch_images({"B1": f"{site.base}/img"}, tmp_path / "images", fast_opts(max_image_bytes=1000))
+    res = fetch.fetch_images({"B1": f"{site.base}/img"}, tmp_path / "images", fast_opts(max_image_bytes=1000))
     files = sorted(p.name for p in (tmp_path / "images").iterdir())
     if reason is None:
         assert res.ok == 1 and files == [saved]
@@ -1072,11 +1124,11 @@ def test_full_disk_while_downloading_is_not_a_connection_error(site, tmp_path, m
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(D, "open", lambda *a, **k: FullAfterFirstChunk(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr(fetch, "open", lambda *a, **k: FullAfterFirstChunk(real_open(*a, **k)), raising=False)
     dest = tmp_path / "raw" / "reviews.json.gz"
     with pytest.raises(MmsrError, match=r"reviews.json.gz.part: cannot write \(No space left on device\); 1024 bytes kept"):
-        D.fetch_file(f"{site.base}/reviews.json.gz", dest, fast_opts())
+        fetch.fetch_file(f"{site.base}/reviews.json.gz", dest, fast_opts())
     assert site.requests == ["/reviews.json.gz"]  # no retries: waiting does not free the disk
     assert not dest.exists() and dest.with_name("reviews.json.gz.part").read_bytes() == body[:1024]
     monkeypatch.undo()
-    assert D.fetch_file(f"{site.base}/reviews.json.gz", dest, fast_opts()).path.read_bytes() == body  # once there is space
+    assert fetch.fetch_file(f"{site.base}/reviews.json.gz", dest, fast_opts()).path.read_bytes() == body  # once there is space

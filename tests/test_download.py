@@ -1,4 +1,4 @@
-"""`mmsr download`: HTTP engine (resume, retries, errors), images, --from ingest (mmsr_cli/download.py)."""
+"""`mmsr download`: HTTP engine (resume, retries, errors; mmsr_cli/sources/fetch.py), images, --from ingest (mmsr_cli/download.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,9 @@ from pathlib import Path
 import pytest
 
 from mmsr_cli import contracts as C
-from mmsr_cli.download import (
-    KNOWN_DATASETS,
-    DownloadOptions,
-    fetch_file,
-    fetch_images,
-    meta_image_urls,
-)
+from mmsr_cli.download import KNOWN_DATASETS, DownloadOptions
+from mmsr_cli.sources.amazon2014 import image_urls as meta_image_urls
+from mmsr_cli.sources.fetch import fetch_file, fetch_images
 from mmsr_cli.errors import MmsrError
 from mmsr_cli.workdir import DatasetDir
 
@@ -303,7 +299,7 @@ def test_meta_is_parsed_as_literals_never_evaluated(tmp_path):
         repr({"asin": "B1", "imUrl": "http://x/1.jpg"}),
         f"__import__('pathlib').Path({str(marker)!r}).touch()",
     ]))
-    with pytest.raises(MmsrError, match=r"meta.json.gz:2: not a Python dict literal"):
+    with pytest.raises(MmsrError, match=r"meta.json.gz:2: malformed record \(not JSON nor a Python literal"):
         meta_image_urls(meta, {"B1"})
     assert not marker.exists()
 

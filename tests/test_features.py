@@ -18,7 +18,10 @@ from PIL import Image
 
 from mmsr_cli import contracts as C
 from mmsr_cli.errors import MmsrError
-from mmsr_cli.features import FeatureOptions, TextEncoder, item_text, mean_pool, packaged_model_dir, run
+from mmsr_cli.encoders.base import item_text, mean_pool
+from mmsr_cli.encoders.hub import packaged_model_dir
+from mmsr_cli.encoders.mean_text import MeanPoolText
+from mmsr_cli.features import FeatureOptions, run
 from conftest import make_items
 from mmsr_cli.workdir import DatasetDir, file_sha256
 
@@ -88,7 +91,7 @@ def test_mean_pool_averages_real_tokens_only():
 
 
 def test_padding_does_not_change_a_text_vector(tiny_t5):
-    enc = TextEncoder(str(tiny_t5), max_length=128, device=torch.device("cpu"), dtype=None)
+    enc = MeanPoolText(str(tiny_t5), max_length=128, device=torch.device("cpu"), dtype=None)
     short, long = "Soap", "A much longer product title with many more bytes than the short one"
     alone = enc.encode([short])
     batch = enc.encode([short, long])  # the short text is padded to the long one's length
@@ -111,7 +114,7 @@ def test_text_features_and_missing_texts(cli, tmp_path, tiny_t5):
     assert torch.equal(tensors["missing"], torch.tensor([row["missing"] for row in index]))
     assert torch.all(feats[[1, 2]] == 0) and torch.all(feats[[0, 3, 4, 5, 6]].norm(dim=1) > 0)
     # Same text alone gives the same vector as inside a batch sorted by length.
-    enc = TextEncoder(str(tiny_t5), 128, torch.device("cpu"), None)
+    enc = MeanPoolText(str(tiny_t5), 128, torch.device("cpu"), None)
     text = item_text(TEXT_ROWS[4], ("title", "categories", "brand"))
     torch.testing.assert_close(feats[4], enc.encode([text])[0], rtol=1e-5, atol=1e-6)
     m = ds.read_manifest("features:title")
@@ -130,7 +133,7 @@ def test_fields_and_max_length_change_the_text(cli, tmp_path, tiny_t5):
     meta, m_index = load_outputs(ds, "meta")
     assert [r["missing"] for r in t_index] == [False, True, True, False, True, False, False]  # item 4: no title
     assert [r["missing"] for r in m_index] == [False, True, True, False, False, False, True]  # item 6: no brand
-    enc = TextEncoder(str(tiny_t5), 4, torch.device("cpu"), None)
+    enc = MeanPoolText(str(tiny_t5), 4, torch.device("cpu"), None)
     torch.testing.assert_close(meta["features"][0], enc.encode(["Brand: Acme. Categories: Beauty, Makeup"])[0],
                                rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(meta["features"][0], enc.encode(["Bran"])[0], rtol=1e-5, atol=1e-6)  # 4 bytes
@@ -274,7 +277,7 @@ def test_resume_with_other_options_starts_over(cli, tmp_path, tiny_t5):
     assert key["max_length"] == 128
     r = extract(cli, ds, "--modality", "text", "--model", tiny_t5, "--chunk-size", "3", "--max-length", "5")
     assert r.exit_code == 0 and "resumed" not in r.stderr, r.stderr
-    enc = TextEncoder(str(tiny_t5), 5, torch.device("cpu"), None)
+    enc = MeanPoolText(str(tiny_t5), 5, torch.device("cpu"), None)
     tensors, _ = load_outputs(ds, "text")
     torch.testing.assert_close(tensors["features"][0], enc.encode([item_text(TEXT_ROWS[0], ("title", "categories", "brand"))])[0],
                                rtol=1e-5, atol=1e-6)
@@ -317,17 +320,17 @@ def test_random_init_image_weights_are_reproducible():
     """`--weights none` gives the same network (hence the same features) whatever the RNG state."""
     import torch
 
-    from mmsr_cli.features import ImageEncoder
+    from mmsr_cli.encoders.torchvision_image import TorchvisionImage
 
     nets = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        nets.append(ImageEncoder("resnet18", "none", torch.device("cpu"), torch.float32).net.state_dict())
+        nets.append(TorchvisionImage("resnet18", "none", torch.device("cpu"), torch.float32).net.state_dict())
     assert nets[0].keys() == nets[1].keys()
     assert all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])
     # ... and leaves the caller's random stream where it was.
     torch.manual_seed(3)
     expected = torch.rand(1)
     torch.manual_seed(3)
-    ImageEncoder("resnet18", "none", torch.device("cpu"), torch.float32)
+    TorchvisionImage("resnet18", "none", torch.device("cpu"), torch.float32)
     assert torch.equal(torch.rand(1), expected)

@@ -1,4 +1,4 @@
-"""Hugging Face hub encoders in `extract-features` (mmsr_cli/hf_encoders.py): each architecture's
+"""Hugging Face hub encoders in `extract-features` (mmsr_cli/encoders/hub_image.py, text_tower.py): each architecture's
 pooled embedding, through the CLI, against the model run directly. Models are tiny random configs
 saved to a folder (conftest.tiny_hf_model)."""
 
@@ -9,7 +9,7 @@ import torch
 import transformers as T
 from PIL import Image
 
-from mmsr_cli.features import _to_rgb
+from mmsr_cli.encoders.images import to_rgb
 from mmsr_cli.workdir import DatasetDir
 
 from conftest import tiny_hf_model
@@ -41,7 +41,7 @@ def test_image_model_gives_its_pooled_embedding(cli, tmp_path, kind):
     assert feats.shape == (12, dim)
     assert [row["missing"] for row in index] == [False] * 6 + [True] * 6
     with Image.open(ds.path(paths[1])) as img:  # the CMYK JPEG, as RGB
-        x = processor(images=_to_rgb(img), return_tensors="pt")["pixel_values"]
+        x = processor(images=to_rgb(img), return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         want = pool(net(pixel_values=x))[0]
     torch.testing.assert_close(feats[1], want, rtol=1e-4, atol=1e-5)

@@ -100,20 +100,20 @@ def test_hostile_images_stay_within_memory_and_are_encoded_or_refused(tmp_path):
 
 def test_thin_strip_keeps_the_centre_the_network_sees():
     """Cropping a strip to MAX_ASPECT_RATIO keeps the centre square the network's crop reads."""
-    from mmsr_cli.features import MAX_ASPECT_RATIO, _bounded_rgb
+    from mmsr_cli.encoders.images import MAX_ASPECT_RATIO, bounded_rgb
 
     column = np.zeros((100_000, 1, 3), dtype=np.uint8)
     column[50_000, 0] = 255  # a mark in the middle survives the crop
-    img = _bounded_rgb(Image.fromarray(column), 232)
+    img = bounded_rgb(Image.fromarray(column), 232)
     assert img.size == (1, MAX_ASPECT_RATIO)
     assert np.asarray(img)[MAX_ASPECT_RATIO // 2, 0].tolist() == [255, 255, 255]
 
 
 def test_exif_orientation_is_applied():
-    from mmsr_cli.features import _bounded_rgb
+    from mmsr_cli.encoders.images import bounded_rgb
 
     img = Image.new("RGB", (30, 10))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     img.info["exif"] = exif.tobytes()
-    assert _bounded_rgb(img, 232).size == (10, 30)
+    assert bounded_rgb(img, 232).size == (10, 30)

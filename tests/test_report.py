@@ -314,3 +314,50 @@ def test_bad_options_and_files_are_one_line_errors(cli, workdir, tmp_path):
     line = one_error_line(report(cli, workdir))
     assert "pop-loo-s0/metrics_test.json: not valid JSON" in line
     assert not (workdir / "report.md").exists()
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("report*")) if p.is_file()} | {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.glob("report_figures/*"))}
+
+
+def test_a_failed_markdown_write_keeps_the_earlier_figures(cli, workdir, monkeypatch):
+    """Every figure is rendered before the first write, and figures and Markdown are written as
+    one: a full disk while writing the Markdown leaves the earlier report and figures as they were."""
+    import errno
+    import os
+
+    assert report(cli, workdir).exit_code == 0
+    before = _outputs(workdir)
+    assert any(name.endswith(".png") for name in before)
+    real = Path.write_bytes
+
+    def full_for_markdown(self, data):
+        if self.suffix == ".md":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_for_markdown)
+    line = one_error_line(report(cli, workdir, "--metric", "hr@5"))  # other figures, other text
+    assert "report.md: no space left on device" in line
+    assert _outputs(workdir) == before
+    assert not [p for p in workdir.rglob(".*mmsr*")]  # no temporary left
+
+
+def test_pairs_of_one_experiment_in_a_later_dataset_are_refused_before_any_write(cli, workdir):
+    """--pairs is checked in every dataset before the first figure of any dataset is written."""
+    rng = np.random.default_rng(0)
+    for run in ("sasrec-loo-s0", "sasrec-loo-s1", "pop-loo-s0"):  # the pair is testable in beauty
+        folder = workdir / "beauty" / C.RUNS_DIR / run
+        np.save(folder / C.ranks_file("test"), rng.integers(1, 50, 100).astype(np.int32))
+        record = json.loads((folder / C.metrics_file("test")).read_text())
+        (folder / C.metrics_file("test")).write_text(json.dumps({**record, "ranks": C.ranks_file("test")}))
+    assert report(cli, workdir, "--dataset", "beauty", "--pairs", "sasrec-loo-s0:pop-loo-s0").exit_code == 0
+    for p in [*workdir.glob("report*"), *workdir.glob("report_figures/*")]:
+        p.unlink() if p.is_file() else None
+    later = workdir / "zeta"
+    write_run(later, "sasrec-loo-s0", "sasrec", 0, 0.040)
+    write_run(later, "pop-loo-s0", "sasrec", 1, 0.050)  # in this dataset a seed of the same experiment
+    line = one_error_line(report(cli, workdir, "--pairs", "sasrec-loo-s0:pop-loo-s0"))
+    assert "--pairs: sasrec-loo-s0 and pop-loo-s0 are seeds of one experiment" in line
+    assert _outputs(workdir) == {}

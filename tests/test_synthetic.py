@@ -1,4 +1,4 @@
-"""The embedded synthetic dataset: determinism, planted patterns, missing modalities (mmsr_cli/synthetic.py)."""
+"""The embedded synthetic dataset: determinism, planted patterns, missing modalities (mmsr_cli/sources/synthetic.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image
 
 from mmsr_cli import contracts as C
 from mmsr_cli.errors import MmsrError
-from mmsr_cli.synthetic import COLOURS, SHAPES, TOPICS, generate_synthetic, n_visual_classes
+from mmsr_cli.sources.synthetic import COLOURS, SHAPES, TOPICS, generate_synthetic, n_visual_classes
 from mmsr_cli.workdir import DatasetDir
 
 

@@ -88,13 +88,13 @@ def evaluate_command(
     runs = [run] if run is not None else parse_list(compare, "--compare")
     if len(set(runs)) != len(runs):
         raise MmsrError(f"--compare: a run is named twice in {compare}")
-    if pairs is not None:  # before any run is evaluated: a typo must not come after the writes
-        from ..significance import pair_names
-
-        pair_names(pairs, "--pairs", runs)
     setting = Setting.from_options(drop_modality, drop_ratio, perturb, perturb_ratio, seed)
     shown = f" / {setting.name}" if setting is not None else ""
     ds = DatasetDir.open(workdir, dataset)
+    if pairs is not None:  # before any run is evaluated: a typo or two seeds of one experiment must not come after the writes
+        from ..significance import pair_names, run_experiment
+
+        pair_names(pairs, "--pairs", runs, lambda name: run_experiment(ds, name))
     records = evaluate_runs(ds, runs, split, checkpoint, device, setting)  # all checked before any is written
 
     out = Console()  # stdout: the table is the command's data

@@ -1,6 +1,6 @@
 """The embedded synthetic dataset: a small multi-modal sequence dataset with planted patterns.
 
-``mmsr download --dataset synthetic`` writes it in the sequence format (``raw/sequences.tsv``,
+``mmsr download --dataset synthetic`` (:class:`Synthetic`) writes it in the sequence format (``raw/sequences.tsv``,
 ``raw/items.jsonl``, ``raw/images/<item>.png``), so the whole pipeline can be tried and tested
 without a network, in about a minute on two CPU cores.
 
@@ -52,14 +52,19 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import contracts as C
-from .errors import MmsrError
-from .workdir import write_bytes_atomic
+from .. import contracts as C
+from ..errors import MmsrError
+from ..workdir import write_bytes_atomic
+from .base import DownloadResult, Source
+from .fetch import ImageResult
+from .sequences import HEADER
+from .sequences import SOURCE as SEQUENCES
 
 LATENT_FILE = "synthetic_latent.json"
 
@@ -295,11 +300,11 @@ def generate_synthetic(
 
     # write: sequences, items, images, latent labels
     out_dir.mkdir(parents=True, exist_ok=True)
-    seq_lines = ["user_id\titem_ids"] + [
+    seq_lines = ["\t".join(HEADER)] + [
         f"{u}\t{' '.join(item_ids[i] for i in seq)}" for u, seq in zip(user_ids, sequences)
     ]
-    write_bytes_atomic(out_dir / "sequences.tsv", ("\n".join(seq_lines) + "\n").encode())
-    write_bytes_atomic(out_dir / "items.jsonl", ("\n".join(item_lines) + "\n").encode())
+    write_bytes_atomic(out_dir / Path(C.RAW_SEQUENCES).name, ("\n".join(seq_lines) + "\n").encode())
+    write_bytes_atomic(out_dir / Path(C.RAW_ITEMS).name, ("\n".join(item_lines) + "\n").encode())
 
     images_dir = out_dir / "images"
     written = set()
@@ -353,3 +358,31 @@ def generate_synthetic(
         missing_image=missing_image,
         empty_text=empty_text,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The source: generated, then read by the sequence format
+
+
+class Synthetic(Source):
+    layout = SEQUENCES.layout
+    raw_files = SEQUENCES.raw_files
+    names = ("synthetic",)
+    base_url_refused = "the synthetic dataset is generated locally, it has no URL"
+
+    def download(self, ds, opts, log: logging.Logger) -> DownloadResult:
+        info = generate_synthetic(ds.path(C.RAW_DIR), images=opts.images)
+        files = [*self.raw_files, f"{C.RAW_DIR}/{info.latent_file}"]
+        images = None
+        if opts.images:
+            images = ImageResult(ok=info.n_images, new=info.n_images, no_url=info.n_items - info.n_images)
+        size = sum(ds.path(rel).stat().st_size for rel in files)
+        log.info("synthetic: %d users, %d items, %d interactions", info.n_users, info.n_items, info.n_interactions)
+        return DownloadResult(
+            dataset=ds.name, source="synthetic", layout=self.layout, files=files, bytes=size, transferred=size,
+            skipped=0, images=images,
+            counts={"users": info.n_users, "items": info.n_items, "interactions": info.n_interactions},
+        )
+
+
+SOURCE = Synthetic()

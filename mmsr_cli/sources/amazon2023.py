@@ -27,20 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import contracts as C
-from .errors import MmsrError
-from .preprocess import (
-    ItemMeta,
-    RawLog,
-    _Coder,
-    _clean_categories,
-    _clean_text,
-    _frame,
-    _iter_lines,
-    _parse_record,
-    _required_id,
-    jsonl_records,
-)
+from .. import contracts as C
+from ..errors import MmsrError
+from .base import DownloadResult, Source
+from .fetch import fetch_images
+from .records import ItemMeta, LogBuilder, OnBytes, RawLog, check_int64, clean_list, clean_text, iter_lines, \
+    jsonl_records, read_review_log
 
 REPO_ID = "McAuley-Lab/Amazon-Reviews-2023"
 DATASET_PREFIX = "amazon2023-"
@@ -210,50 +202,34 @@ def detect(raw: Path) -> Files | None:
     return Files(cat, reviews if reviews.is_file() else None, meta if meta.is_file() else None, benchmarks)
 
 
-def _timestamp(value, where: str) -> int:
+def _millis(value, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise MmsrError(f"{where}: field 'timestamp' must be an integer (milliseconds)")
     try:
-        return int(value)
-    except ValueError:
+        return check_int64(int(value), where, "timestamp", "milliseconds")
+    except (ValueError, OverflowError):  # '1.5', 'x', NaN, Infinity
         raise MmsrError(f"{where}: field 'timestamp' must be an integer (milliseconds), got {value!r}") from None
 
 
-def read_reviews(path: Path, on_bytes=None) -> RawLog:
+def read_reviews(path: Path, on_bytes: OnBytes | None = None) -> RawLog:
     """Reviews as interactions: user ``user_id``, item ``parent_asin``, time ``timestamp`` (ms)."""
-    users, items = _Coder(), _Coder()
-    u_col: list[int] = []
-    i_col: list[int] = []
-    ts_col: list[int] = []
-    for lineno, line in _iter_lines(path, on_bytes):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        rec = _parse_record(line, where, allow_literal=False)
-        u_col.append(users(_required_id(rec, "user_id", where)))
-        i_col.append(items(_required_id(rec, "parent_asin", where)))
-        if "timestamp" not in rec:
-            raise MmsrError(f"{where}: field 'timestamp' missing")
-        ts_col.append(_timestamp(rec["timestamp"], where))
-    return RawLog(_frame(u_col, i_col, ts_col), users.names, items.names, "amazon2023", ts_per_second=1000)
+    return read_review_log(path, on_bytes, user="user_id", item="parent_asin", time="timestamp",
+                           to_time=_millis, allow_literal=False, ts_per_second=1000)
 
 
-def read_official(paths: list[Path], on_bytes=None) -> RawLog:
+def read_official(paths: list[Path], on_bytes: OnBytes | None = None) -> RawLog:
     """The three split files of one official split; the frame gains ``split`` (0, 1, 2).
 
     Histories are not read from the ``history`` column of the ``*_w_his`` files: they are the
     user's earlier rows in time order, which is what the release wrote there.
     """
-    users, items = _Coder(), _Coder()
-    u_col: list[int] = []
-    i_col: list[int] = []
-    ts_col: list[int] = []
+    rows = LogBuilder()
     split_col: list[int] = []
     offset = 0  # bytes of the files before this one, for the progress callback
     for split_idx, path in enumerate(paths):
         progress = None if on_bytes is None else (lambda done, offset=offset: on_bytes(offset + done))
         offset += path.stat().st_size
-        for lineno, line in _iter_lines(path, progress):
+        for lineno, line in iter_lines(path, progress):
             if not line.strip():
                 continue
             fields = next(csv.reader([line]))
@@ -267,19 +243,16 @@ def read_official(paths: list[Path], on_bytes=None) -> RawLog:
                 raise MmsrError(f"{where}: field 'user_id' is empty")
             if not item:
                 raise MmsrError(f"{where}: field 'parent_asin' is empty")
-            u_col.append(users(user))
-            i_col.append(items(item))
-            ts_col.append(_timestamp(fields[3].strip(), where))
+            rows.add(user, item, _millis(fields[3].strip(), where))
             split_col.append(split_idx)
-    frame = _frame(u_col, i_col, ts_col).with_columns(split=np.asarray(split_col, dtype=np.int8))
-    return RawLog(frame, users.names, items.names, "amazon2023-official", ts_per_second=1000)
+    return rows.log(1000, split=np.asarray(split_col, dtype=np.int8))
 
 
 def _string_list(value, where: str, name: str) -> list[str] | None:
     """A list of strings with the blanks dropped; a plain string counts as a list of one."""
     if isinstance(value, str):
         value = [value]
-    return _clean_categories(value, where, name)
+    return clean_list(value, where, name)
 
 
 def read_meta(path: Path, wanted: set[str]) -> dict[str, ItemMeta]:
@@ -290,10 +263,76 @@ def read_meta(path: Path, wanted: set[str]) -> dict[str, ItemMeta]:
             continue
         description = _string_list(rec.get("description"), where, "description")
         meta[item] = ItemMeta(
-            title=_clean_text(rec.get("title"), where, "title"),
+            title=clean_text(rec.get("title"), where, "title"),
             categories=_string_list(rec.get("categories"), where, "categories"),
-            brand=_clean_text(rec.get("store"), where, "store"),
+            brand=clean_text(rec.get("store"), where, "store"),
             description=" ".join(description) if description else None,
             features=_string_list(rec.get("features"), where, "features"),
         )
     return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# The source
+
+
+class Amazon2023(Source):
+    layout = "amazon2023"
+    name_pattern = f"{DATASET_PREFIX}<Category>"
+    reads = ("benchmark", "revision")
+    base_url_refused = "not for Amazon 2023; set HF_ENDPOINT to use a mirror of the hub"
+    interaction_files = ("amazon2023/",)
+
+    def downloads(self, dataset: str) -> bool:
+        return category_of(dataset) is not None
+
+    def download(self, ds, opts, log: logging.Logger) -> DownloadResult:
+        hub = hub_download(ds.root, category_of(ds.name), opts.benchmark, opts.revision, log)
+        images = None
+        if opts.images:
+            files = detect(ds.path(C.RAW_DIR))
+            log_ = read_official(files.benchmarks[opts.benchmark]) if opts.benchmark else read_reviews(files.reviews)
+            urls, no_url = meta_image_urls(files.meta, set(log_.items))
+            images = fetch_images(urls, ds.path(C.RAW_IMAGES_DIR), opts, log=log, no_url=no_url)
+        return DownloadResult(
+            dataset=ds.name, source=self.layout, layout=self.layout, files=hub.files, bytes=hub.bytes,
+            transferred=hub.transferred, skipped=hub.skipped, images=images, commit=hub.commit,
+            options={"repo": REPO_ID, "revision": opts.revision, "benchmark": opts.benchmark,
+                     "endpoint": os.environ.get("HF_ENDPOINT") or None},
+        )
+
+    def present(self, ds) -> list[str]:
+        return ["amazon2023"] if detect(ds.path(C.RAW_DIR)) is not None else []
+
+    def inputs(self, ds, split: str) -> list[Path]:
+        """The review file, or the three files of the official split, of ``raw/amazon2023/``."""
+        files = detect(ds.path(C.RAW_DIR))
+        if split == "official":
+            if not files.benchmarks:
+                raise MmsrError(
+                    f"{ds.path(RAW_SUBDIR)}: no official split files; run `mmsr download --dataset "
+                    f"{ds.name} --benchmark last_out_w_his` (or another of {', '.join(BENCHMARK_SPLITS)})"
+                )
+            if len(files.benchmarks) > 1:
+                raise MmsrError(
+                    f"{ds.path(RAW_SUBDIR)}: files of several official splits ({', '.join(files.benchmarks)}); keep one"
+                )
+            return next(iter(files.benchmarks.values()))
+        if files.reviews is None:
+            raise MmsrError(
+                f"{ds.path(RAW_SUBDIR)}: no review file; use --split official for the benchmark "
+                f"files, or run `mmsr download --dataset {ds.name}` for the reviews"
+            )
+        return [files.reviews]
+
+    def read_log(self, paths: list[Path], on_bytes: OnBytes | None = None) -> RawLog:
+        return read_official(paths, on_bytes) if len(paths) > 1 else read_reviews(paths[0], on_bytes)
+
+    def read_meta(self, ds, wanted: set[str]) -> tuple[dict[str, ItemMeta], str | None]:
+        path = detect(ds.path(C.RAW_DIR)).meta
+        if path is None:
+            return {}, None
+        return read_meta(path, wanted), str(path.relative_to(ds.root))
+
+
+SOURCE = Amazon2023()
