@@ -256,7 +256,7 @@ def test_download_killed_mid_transfer_resumes_from_the_part_file(range_server, t
     # Killed as the n-th append is about to be recorded in <part>.sha256: n MiB are in the part,
     # n - 1 of them recorded.
     n = rng.randint(2, 4)
-    res = hooked_run("mmsr_cli.download:write_bytes_atomic", n, sig, args)
+    res = hooked_run("mmsr_cli.sources.fetch:write_bytes_atomic", n, sig, args)
     assert_interrupted(res, sig)
     assert not (tmp_path / "w" / "beauty" / "raw" / "reviews.json.gz").exists()
     recorded, digest = record.read_text().split()
