@@ -320,3 +320,21 @@ def assert_metrics_match_ranks(folder: Path, split: str = "test", setting: str =
         expected[f"ndcg@{k}"] = np.where(hit, 1 / np.log2(ranks + 1), 0).mean()
     assert record["metrics"] == pytest.approx(expected, abs=1e-12)
     return record
+
+
+def assert_same(a, b, where: str = "") -> None:
+    """Nested dicts, lists and tensors equal bit for bit (checkpoint states); ``where`` names the first difference."""
+    import torch  # here, not at the top: conftest hides the GPUs before torch is first imported
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where

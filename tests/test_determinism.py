@@ -20,7 +20,8 @@ from mmsr_cli import contracts as C
 
 from conftest import run_cli
 from test_features import tiny_t5  # noqa: F401  (fixture: a tiny random T5 text encoder)
-from test_interruption import IMAGE_FEATURES, assert_same, checkpoint_state, data_files, manifest_core
+from conftest import assert_same
+from test_interruption import IMAGE_FEATURES, checkpoint_state, data_files, manifest_core
 
 pytestmark = pytest.mark.slow  # the synthetic pipeline twice, compared byte for byte
 

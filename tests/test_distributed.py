@@ -25,7 +25,7 @@ from mmsr_cli.models.base import ModelConfig
 from mmsr_cli.training import load_dataset, without_measurements
 from mmsr_cli.workdir import DatasetDir
 
-from conftest import run_cli
+from conftest import assert_same, run_cli
 from test_training import make_coded_toy, state
 
 pytestmark = pytest.mark.slow  # torchrun starts two fresh processes per run
@@ -122,26 +122,11 @@ def test_two_ranks_resume_with_dropout_and_a_ragged_last_batch(coded):
     a, b = (torch.load(coded.path(f"{C.RUNS_DIR}/{run}/last.pt"), weights_only=True) for run in ("drop-straight", "drop-resumed"))
     assert a["epoch"] == b["epoch"] == 2
     for key in ("model", "optimizer", "best", "bad_epochs", "stopped"):
-        assert_equal(a[key], b[key], key)
+        assert_same(a[key], b[key], key)
     assert [without_measurements(r) for r in a["history"]] == [without_measurements(r) for r in b["history"]]
-    assert_equal(state(coded.path(f"{C.RUNS_DIR}/drop-straight/best.pt")), state(coded.path(f"{C.RUNS_DIR}/drop-resumed/best.pt")), "best.pt")
+    assert_same(state(coded.path(f"{C.RUNS_DIR}/drop-straight/best.pt")), state(coded.path(f"{C.RUNS_DIR}/drop-resumed/best.pt")), "best.pt")
     config = json.loads(coded.path(f"{C.RUNS_DIR}/drop-resumed/config.json").read_text())
     assert config["model"]["dropout"] == 0.3
-
-
-def assert_equal(a, b, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_equal(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def test_sharded_evaluation_sums_to_the_single_process_metrics(coded, monkeypatch, tmp_path):

@@ -33,7 +33,7 @@ import torch
 from mmsr_cli import contracts as C
 from mmsr_cli.training import without_measurements
 
-from conftest import run_cli, serve_http
+from conftest import assert_same, run_cli, serve_http
 
 pytestmark = pytest.mark.slow  # kills and resumes fresh `python -m mmsr_cli` processes
 
@@ -81,7 +81,6 @@ def hooked_run(target: str, n: int, sig: str, args: list[str]) -> subprocess.Com
     module, _, attr = target.partition(":")
     cmd = [sys.executable, "-c", HOOK, module, attr, str(n), sig, *args]
     return subprocess.run(cmd, env=CHILD_ENV, capture_output=True, text=True, timeout=600)
-
 
 
 def assert_interrupted(res: subprocess.CompletedProcess, sig: str) -> None:
@@ -379,21 +378,6 @@ def checkpoint_state(folder: Path) -> dict:
         "history.json": [without_measurements(row) for row in json.loads((folder / "history.json").read_text())],
         "config.json": json.loads((folder / "config.json").read_text()),
     }
-
-
-def assert_same(a, b, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 @pytest.mark.parametrize(
