@@ -50,11 +50,12 @@ def parts(name: str, model, n_items: int) -> dict[str, float]:
     }
     if name == "nova":  # F(R, S): LayerNorm'd item rows beside position and projected codes
         out = {"item (LayerNorm)": mean_norm(model.input_norm(model.item_emb(items))), "position": mean_norm(model.pos_emb(positions))}
-        out.update({f"code ({m})": mean_norm(proj(c)) for (m, c), proj in zip(codes.items(), model.side_proj)})
+        parts = zip(codes.items(), model.side_proj, model.side_norm)
+        out.update({f"code ({m})": mean_norm(norm(proj(c))) for (m, c), proj, norm in parts})
         return out
     if name == "difsr":  # one attention map per source: scores grow with the square of these
         out = {"item (LayerNorm)": mean_norm(model.input_norm(model.item_emb(items))), "position": mean_norm(model.pos_emb(positions))}
-        out.update({f"code ({m})": mean_norm(c) for m, c in codes.items()})
+        out.update({f"code ({m})": mean_norm(norm(c)) for (m, c), norm in zip(codes.items(), model.side_norm)})
         return out
     if name == "gru4recf":  # one GRU per channel: the parts meet only after their GRUs
         out = {"item": mean_norm(model.item_emb(items))}

@@ -179,3 +179,36 @@ def test_scoring_computes_the_last_block_at_the_last_position_only_with_the_same
         full = m(rows)
     assert m.blocks[0].dropout.p == 0.0
     torch.testing.assert_close(fast, full, rtol=1e-6, atol=1e-6)
+
+
+def test_side_channels_start_at_the_scale_of_items_and_positions():
+    """SASRec^F's fused rows, NOVA's side channels and DIF-SR's attention maps per source start
+    at comparable scale (issue 16's check of the node encoder, applied to the baselines).
+
+    Before the fix SASRec^F's fused rows started at 3.4 beside positions of 11.3, NOVA's code
+    channels at ~0.75 beside 11.3, and DIF-SR's code maps ~200x smaller than its item map."""
+    d, n = 128, 400
+    centres = torch.randn(30, 384, generator=torch.Generator().manual_seed(0)) * 3.0
+    codes = np.random.default_rng(0).integers(0, 30, size=(n, 3))
+    data = DatasetInfo(n_items=n, n_users=5, max_len=50, modalities=[ModalityInfo("m0", 30, 384, centres, codes)])
+    norm = lambda t: t.detach().norm(dim=-1).mean().item()  # noqa: E731
+    history = torch.arange(n).view(8, 50)
+
+    torch.manual_seed(0)
+    sasrecf = build_model(ModelConfig(model="sasrecf", dim=d, heads=2), data)
+    fused = norm(sasrecf.fused_item_table()[:n] * d**0.5)
+    assert 0.7 < fused / norm(sasrecf.pos_emb.weight) < 1.4, fused
+
+    torch.manual_seed(0)
+    nova = build_model(ModelConfig(model="nova", dim=d, heads=2), data)
+    side, _ = nova.side_information(history)
+    position, code = norm(side[:, :, 0]), norm(side[:, :, 1])
+    assert 0.7 < code / position < 1.4, (code, position)
+
+    torch.manual_seed(0)
+    difsr = build_model(ModelConfig(model="difsr", dim=d, heads=2), data)
+    sides, masks = difsr.side_sources(history)
+    r = difsr.input_norm(difsr.item_emb(history))
+    maps = difsr.layers[0].attn.attention_maps(r, sides, masks).detach()  # item, position, code
+    spread = maps.flatten(0, -2).std(dim=0)
+    assert spread.max() / spread.min() < 3.0, spread

@@ -288,6 +288,10 @@ class SASRecF(ModalityCodeChannels, SASRec):
         code_dims = self.init_code_channels(info, "sasrecf")
         self.fuse = nn.Linear(config.dim + sum(code_dims), config.dim)  # W of Eq. 3
         self.fuse_act = nn.GELU()  # sigma of Eq. 3
+        # Scale: W and GELU shrink the fused rows to ~0.3 of an item row's norm, so after SASRec's
+        # sqrt(d) they start at 3.4 beside positions of 11.3. A LayerNorm brings every fused row
+        # to an item row's scale (per-coordinate std 1/sqrt(d)) before the sqrt(d).
+        self.fuse_norm = nn.LayerNorm(config.dim)
 
     def fused_item_table(self) -> torch.Tensor:
         """Eq. 3 for every item: [n_items + 1, d]; the padding row is zero."""
@@ -297,6 +301,7 @@ class SASRecF(ModalityCodeChannels, SASRec):
             emb, _ = self.modality_channel(i, items)  # missing -> zero channel (masked)
             channels.append(emb)
         fused = self.fuse_act(self.fuse(torch.cat(channels, dim=-1)))
+        fused = self.fuse_norm(fused) / math.sqrt(self.dim)
         return fused * (items != self.n_items).unsqueeze(-1)
 
     def input_embeddings(self, history: torch.Tensor) -> torch.Tensor:

@@ -184,6 +184,10 @@ class NOVA(ModalityCodeChannels, _ItemTable):
         self.max_len = info.max_len
         self.pos_emb = nn.Embedding(info.max_len, config.dim)
         self.side_proj = nn.ModuleList(nn.Linear(cd, config.dim) for cd in code_dims)
+        # Scale: a projected code channel starts at norm ~0.75 beside LayerNorm'd item rows and
+        # positions of ~11.3, so the gate would start by ignoring it; a LayerNorm per channel puts
+        # it at the item rows' scale.
+        self.side_norm = nn.ModuleList(nn.LayerNorm(config.dim) for _ in code_dims)
         self.input_norm = nn.LayerNorm(config.dim)
         self.emb_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(NOVALayer(config.dim, config.heads, config.dropout) for _ in range(config.layers))
@@ -194,9 +198,9 @@ class NOVA(ModalityCodeChannels, _ItemTable):
         positions = torch.arange(self.max_len - L, self.max_len, device=history.device)
         side = [self.pos_emb(positions)[None].expand(B, L, -1)]
         mask = [torch.ones(B, L, dtype=torch.bool, device=history.device)]
-        for i, proj in enumerate(self.side_proj):
+        for i, (proj, norm) in enumerate(zip(self.side_proj, self.side_norm)):
             emb, available = self.modality_channel(i, history)
-            side.append(proj(emb) * available.unsqueeze(-1))
+            side.append(norm(proj(emb)) * available.unsqueeze(-1))
             mask.append(available)
         return torch.stack(side, dim=2), torch.stack(mask, dim=2)
 
@@ -342,6 +346,10 @@ class DIFSR(ModalityCodeChannels, _ItemTable):
         self.input_norm = nn.LayerNorm(config.dim)
         self.emb_dropout = nn.Dropout(config.dropout)
         side_dims = [config.dim, *code_dims]
+        # Scale: a code channel (unit mean norm) starts ~15x smaller than the positions (~11.3),
+        # and its attention map ~200x smaller than the item map; a LayerNorm per code channel puts
+        # it at the scale of the LayerNorm'd item rows.
+        self.side_norm = nn.ModuleList(nn.LayerNorm(cd) for cd in code_dims)
         self.layers = nn.ModuleList(
             DIFLayer(config.dim, config.heads, side_dims, info.max_len, fusion, config.dropout) for _ in range(config.layers)
         )
@@ -354,9 +362,9 @@ class DIFSR(ModalityCodeChannels, _ItemTable):
         positions = torch.arange(self.max_len - L, self.max_len, device=history.device)
         sides = [self.pos_emb(positions)[None].expand(B, L, -1)]
         masks = [torch.ones(B, L, dtype=torch.bool, device=history.device)]
-        for i in range(len(self.code_tables)):
+        for i, norm in enumerate(self.side_norm):
             emb, available = self.modality_channel(i, history)
-            sides.append(emb)
+            sides.append(norm(emb) * available.unsqueeze(-1))
             masks.append(available)
         return sides, masks
 
