@@ -781,7 +781,8 @@ def write_report(
             md += ["| experiment | seeds | coverage@10 | popularity@10 | " + " | ".join(BUCKETS) + " |",
                    "|---|---:|---:|---:|" + "---:|" * len(BUCKETS)]
             for g in pop_groups:
-                cells = [f"{_pct(g['mean'][c])} ± {_pct(g['std'][c])}" if c in g["mean"] else "" for c in cols]
+                n = len(g["seeds"])
+                cells = [_cell(g["mean"][c], g["std"][c], n) if c in g["mean"] else "" for c in cols]
                 md.append(f"| {g['experiment']} | {len(g['seeds'])} | {_pct(g['mean']['coverage@10'])} | "
                           f"{g['mean']['avg_pop@10']:.1f} | " + " | ".join(cells) + " |")
             rel = figure(f"{ds_key}_popularity.png", plot_popularity_buckets(pop_groups, metric))
