@@ -4,6 +4,9 @@
 #   --quick  leaves out the tests marked `slow` (fresh processes: kills and resumes, torchrun,
 #            locks, memory limits, scripts; whole pipelines), for a check in about two minutes;
 #            CI runs everything. The `cuda` tests run on a GPU machine (scripts/gpu_check.sh).
+# The suite runs on MMSR_TEST_WORKERS pytest-xdist workers (default 2; 0 runs it in this process),
+# each taking whole files, the slowest first (tests/conftest.py); `-n 0` among the pytest args
+# does the same for one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 quick=()
@@ -12,6 +15,33 @@ if [ "${1:-}" = "--quick" ]; then
     shift
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,minilm]'
+
+# uv installs the same versions as pip several times faster (parallel unpacking, hard links from
+# its cache, parallel bytecode compilation). It is taken from the package index into the venv and
+# given pip's own settings (indexes, find-links, constraints), which it does not read itself; where
+# it cannot be had, pip installs as before.
+install_with_uv() {
+    .venv/bin/python -m pip install -q --disable-pip-version-check 'uv>=0.5' || return 1
+    local args=() key value v
+    while IFS='=' read -r key value; do
+        value=${value#\'} value=${value%\'}
+        for v in $value; do
+            case ${key#*.} in
+                index-url) args+=(--index-url "$v") ;;
+                extra-index-url) args+=(--extra-index-url "$v") ;;
+                find-links) args+=(--find-links "$v") ;;
+                constraint) args+=(--constraint "$v") ;;
+            esac
+        done
+    done < <(.venv/bin/python -m pip config list 2>/dev/null)
+    UV_CACHE_DIR=${UV_CACHE_DIR:-.venv/.uv-cache} .venv/bin/uv pip install -q --python .venv/bin/python \
+        --compile-bytecode --index-strategy unsafe-best-match "${args[@]}" -e '.[test,minilm]'
+}
+install_with_uv || .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,minilm]'
+
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec .venv/bin/python -m pytest -q "${quick[@]}" "$@"
+workers=()
+if [ "${MMSR_TEST_WORKERS:-2}" != 0 ]; then
+    workers=(-n "${MMSR_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder)
+fi
+exec .venv/bin/python -m pytest -q "${quick[@]}" "${workers[@]}" "$@"

@@ -30,14 +30,56 @@ SHARED_DATA = _shared_data_dir()
 # ----------------------------------------------------------------------------------------------
 # Datasets built once per session: the toy datasets that many test files rebuild (preprocess,
 # hand-made codes, build-graphs through the CLI) are built on first use and copied afterwards.
+# Under pytest-xdist (scripts/test.sh runs two workers) the workers share one cache beside their
+# own temporary folders: the first worker to need a dataset builds it under a file lock, into a
+# private folder renamed into place when complete, and the others wait for it and copy it.
 
 _DATASET_CACHE: Path | None = None
+
+
+def _shared_cache_root(tmp_path_factory, name: str) -> Path:
+    """A folder for ``name`` that every xdist worker of this session sees (the parent of the
+    workers' base temporary folders), or this session's own one without xdist."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / name
+        root.mkdir(exist_ok=True)
+        return root
+    return tmp_path_factory.mktemp(name)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path`` (created), across the processes of this machine."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build_once(folder: Path, build) -> Path:
+    """``folder`` built by ``build(scratch)`` once across the workers: ``build`` fills a scratch
+    folder that is renamed to ``folder`` only when it returned, so a failed build leaves nothing
+    the next caller would take for finished."""
+    import shutil
+
+    with _locked(folder.with_name(folder.name + ".lock")):
+        if not folder.exists():
+            scratch = folder.with_name(f"{folder.name}.building-{os.getpid()}")
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir()
+            build(scratch)
+            scratch.rename(folder)
+    return folder
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _dataset_cache(tmp_path_factory):
     global _DATASET_CACHE
-    _DATASET_CACHE = tmp_path_factory.mktemp("dataset-cache")
+    _DATASET_CACHE = _shared_cache_root(tmp_path_factory, "dataset-cache")
     yield
     _DATASET_CACHE = None
 
@@ -52,9 +94,7 @@ def cached_dataset(key: str, workdir, name: str, build):
     workdir = Path(workdir)
     if _DATASET_CACHE is None:  # outside a pytest session
         return build(workdir, name)
-    source = _DATASET_CACHE / key
-    if not (source / name).exists():
-        build(source, name)
+    source = build_once(_DATASET_CACHE / key, lambda scratch: build(scratch, name))
     shutil.copytree(source / name, workdir / name)
     return DatasetDir.open(workdir, name)
 
@@ -62,10 +102,10 @@ def cached_dataset(key: str, workdir, name: str, build):
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory) -> Path:
     """The toy dataset through every stage with two runs (test_bad_inputs.build_pipeline), built
-    once per session; the tests that use it copy it first."""
+    once per session (and shared by the xdist workers); the tests that use it copy it first."""
     from test_bad_inputs import build_pipeline
 
-    return build_pipeline(tmp_path_factory.mktemp("pipeline"))
+    return build_once(_shared_cache_root(tmp_path_factory, "pipeline") / "wd", build_pipeline)
 
 
 @dataclass
@@ -109,15 +149,34 @@ def pytest_configure(config) -> None:
     are many times slower than one."""
     if CUDA_TESTS != "1":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    # No test reaches the Hugging Face hub (tiny models are saved to folders, test_amazon2023 has
+    # a local hub server and lifts this): a name the encoders look up there, such as a registered
+    # encoder's ``--model letters``, is then answered "not cached" at once, not after
+    # huggingface_hub's five retries (23 s of back-off each) where the hub cannot be reached.
+    # Set before huggingface_hub is imported, which reads it once; children inherit it.
+    os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
 
 
+# The files that take longest, longest first (CPU seconds of a full run, measured on the shared
+# 2-core machine): scripts/test.sh runs the suite on two pytest-xdist workers, each taking whole
+# files (--dist loadfile) in collection order, so these start first and the cheap files fill in
+# at the end, and the two workers finish about together.
+HEAVY_FIRST = ["test_bench_scripts.py", "test_distributed.py", "test_interruption.py", "test_sweep.py",
+               "test_determinism.py", "test_tune.py", "test_hostile_images.py", "test_recommend.py",
+               "test_locks.py", "test_bad_inputs.py", "test_synthetic.py", "test_fuzz.py", "test_report.py",
+               "test_training.py"]
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """``cuda`` tests run where MMSR_TEST_CUDA asks for them and a device is usable; elsewhere they
-    are skipped with the reason, which names the setting or the hardware, never our code."""
+    """The heavy files first (HEAVY_FIRST; within a file the order is kept). ``cuda`` tests run
+    where MMSR_TEST_CUDA asks for them and a device is usable; elsewhere they are skipped with
+    the reason, which names the setting or the hardware, never our code."""
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     import torch
 
     if CUDA_TESTS == "cpu" or (CUDA_TESTS == "1" and torch.cuda.is_available()):

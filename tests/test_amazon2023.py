@@ -156,6 +156,8 @@ def _handler(hub: Hub):
 
 @pytest.fixture
 def hub(monkeypatch):
+    import huggingface_hub.constants
+
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), None)
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
     files, images = release_files(f"{base}/images")
@@ -165,6 +167,10 @@ def hub(monkeypatch):
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     monkeypatch.setenv("HF_ENDPOINT", base)
+    # conftest puts the session offline; this server is the hub here (huggingface_hub reads the
+    # setting at import, so its module value is lifted too; children read the variable).
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     yield state
     httpd.shutdown()
     httpd.server_close()
