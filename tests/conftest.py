@@ -94,7 +94,8 @@ def cached_dataset(key: str, workdir, name: str, build):
     workdir = Path(workdir)
     if _DATASET_CACHE is None:  # outside a pytest session
         return build(workdir, name)
-    source = build_once(_DATASET_CACHE / key, lambda scratch: build(scratch, name))
+    # One entry per key and name: a dataset built under a key may be wanted under several names.
+    source = build_once(_DATASET_CACHE / f"{key}--{name}", lambda scratch: build(scratch, name))
     shutil.copytree(source / name, workdir / name)
     return DatasetDir.open(workdir, name)
 
