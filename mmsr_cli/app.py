@@ -6,11 +6,14 @@ stage's library function and prints a one-line summary.
 
 from __future__ import annotations
 
+import difflib
 import errno
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 import traceback
@@ -19,16 +22,17 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 try:  # typer >= 0.20 vendors its own click
     from typer._click import exceptions as click_exc
 except ImportError:  # pragma: no cover - older typer uses the click package
     from click import exceptions as click_exc
 
+from . import __version__
 from . import contracts as C
 from .entry import INTERRUPTED
 from .errors import MmsrError, Range
+from .runtime import console  # noqa: F401  (the commands print through the library's console)
 
 app = typer.Typer(
     name="mmsr",
@@ -40,13 +44,9 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-console = Console(stderr=True)  # progress and summaries; stdout is kept for data (recommend)
-
 
 def _print_version(value: bool) -> None:
     if value:
-        from . import __version__
-
         print(f"mmsr {__version__}")
         raise typer.Exit()
 
@@ -112,8 +112,6 @@ def _load_config(ctx: typer.Context, param: object, value: Optional[Path]) -> Op
 
 
 def _did_you_mean(word: str, candidates) -> str:
-    import difflib
-
     close = difflib.get_close_matches(word.replace("_", "-"), [c.replace("_", "-") for c in candidates], n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -210,9 +208,6 @@ def _raise_interrupted(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one line on stderr and a non-zero exit for every failure."""
-    import signal
-    import threading
-
     # Only where Python's own Ctrl-C handler is active (not when SIGINT is ignored, e.g. `nohup`).
     catch = threading.current_thread() is threading.main_thread() and (
         signal.getsignal(signal.SIGINT) is signal.default_int_handler

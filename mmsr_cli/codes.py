@@ -14,16 +14,21 @@ models read them.
 
 from __future__ import annotations
 
+import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
 
 from . import contracts as C
 from .errors import MmsrError
-from .workdir import DatasetDir, read_parquet, validate_modality_name
+from .models.base import ModalityInfo
+from .workdir import DatasetDir, commit_atomic, parquet_writer, read_parquet, torch_writer, upstream, validate_modality_name
 
 CODES_MODES = ("clusters", "items")  # manifest option codes_mode: shared codes, or one per item
-VARIANTS = ("codes", "items")
 FINITE_CHUNK = 65_536  # rows checked for NaN/inf at once: a bounded mask, whatever the catalogue
 MIN_REL_IMPROVEMENT = 1e-3  # autoencoder early stopping: smaller held-out gains count as none
 
@@ -35,8 +40,6 @@ def available_modalities(ds: DatasetDir) -> list[str]:
 
 
 def _load_centres_file(path) -> dict:
-    import torch
-
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors differ between torch versions
@@ -55,13 +58,10 @@ def load_modality_info(ds: DatasetDir, name: str, variant: str = "codes"):
     build-codes ran in (``n_codes`` = n_items, ``centres`` = the item's reduced vector,
     ``item_codes`` = ``[[item_idx]]``, ``[[-1]]`` for items without features).
     """
-    import torch
-
-    from .models.base import ModalityInfo
 
     validate_modality_name(name)
-    if variant not in VARIANTS:
-        raise MmsrError(f"graph variant {variant!r} is unknown (expected {' or '.join(VARIANTS)})")
+    if variant not in C.GRAPH_VARIANTS:
+        raise MmsrError(f"graph variant {variant!r} is unknown (expected {' or '.join(C.GRAPH_VARIANTS)})")
     stage = C.modality_stage(C.STAGE_CODES, name)
     manifest = ds.require(stage)
     table = read_parquet(ds.path(C.codes_file(name)), C.CODES_SCHEMA)
@@ -183,8 +183,6 @@ def train_autoencoder(x, opts: CodesOptions, log=None):
     improved for ``patience`` epochs; the best encoder is kept. Returns (encoder, held-out MSE,
     epochs run). Deterministic for a seed on one machine (CPU, fixed shuffling generator).
     """
-    import torch
-
     # One thread: these matmuls are small ([256, dim] x [dim, ae_dim]), so thread start-up and
     # sync cost more than they save, and collapse when the cores are shared (measured on the
     # 2-core machine under load: 10 ms per step with 1 thread, 150 ms with 2).
@@ -197,9 +195,6 @@ def train_autoencoder(x, opts: CodesOptions, log=None):
 
 
 def _train_autoencoder(x, opts: CodesOptions, log=None):
-    import torch
-    from torch import nn
-
     torch.manual_seed(opts.seed)
     gen = torch.Generator().manual_seed(opts.seed)
     n, dim = x.shape
@@ -259,9 +254,7 @@ def kmeans_sample(n_present: int, kmeans_items: int, seed: int) -> np.ndarray | 
     return np.sort(np.random.default_rng([seed, n_present]).choice(n_present, kmeans_items, replace=False))
 
 
-def _load_features(ds: DatasetDir, name: str):
-    import torch
-
+def load_features(ds: DatasetDir, name: str):
     path = ds.path(C.features_tensor_file(name))
     try:
         # memory-mapped: the features are read from the page cache, not copied into the process
@@ -303,18 +296,12 @@ def _check_counts(ds: DatasetDir, name: str, opts: CodesOptions) -> None:
 
 
 def build_modality(ds: DatasetDir, name: str, opts: CodesOptions) -> ModalityCodesResult:
-    import time
-
-    import pyarrow as pa
-    import torch
-
-    from .workdir import commit_atomic, parquet_writer, torch_writer, upstream
 
     t0 = time.perf_counter()
     stage = C.modality_stage(C.STAGE_CODES, name)
     feat_manifest = ds.require(C.modality_stage(C.STAGE_FEATURES, name))
     log = ds.logger(stage)
-    feats, missing = _load_features(ds, name)
+    feats, missing = load_features(ds, name)
     n_items, dim = feats.shape
     present = np.flatnonzero(~missing)
     n_present = len(present)
@@ -339,8 +326,7 @@ def build_modality(ds: DatasetDir, name: str, opts: CodesOptions) -> ModalityCod
         sizes = np.ones(n_items, dtype=np.int64)
         sizes[missing] = 0
     else:
-        import warnings
-
+        # scikit-learn takes ~1 s to import: only when codes are clustered
         from sklearn.cluster import KMeans
         from sklearn.exceptions import ConvergenceWarning
 

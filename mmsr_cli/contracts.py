@@ -30,6 +30,7 @@ file (padding is a batching concern of the models). Histories are stored oldest 
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import pyarrow as pa
@@ -253,8 +254,6 @@ _SAFE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
 def safe_item_filename(item_id: str) -> str:
     """A file-system-safe, collision-free stem for an item id (no '/', no leading '.')."""
-    import hashlib
-
     stem = _SAFE_CHARS.sub("_", item_id).lstrip(".")[:80]
     if stem != item_id or not stem:
         stem = f"{stem}-{hashlib.sha1(item_id.encode()).hexdigest()[:10]}"
@@ -268,6 +267,23 @@ MODALITY_KINDS = ("image", "text")
 
 # Graph variants built by `build-graphs`: modality nodes are shared codes, or one node per item.
 GRAPH_VARIANTS = ("codes", "items")
+
+# Relations of a graph's ``edge_rel`` (graphs.py writes them, models/layers.py and
+# models/aggregators.py read them): homogeneous SELF/IN/OUT/BI between nodes of one type,
+# HETERO between an item and its modality nodes.
+RELATION_NAMES = ("self", "in", "out", "bi", "hetero")
+REL_SELF, REL_IN, REL_OUT, REL_BI, REL_HETERO = range(len(RELATION_NAMES))
+
+# ----------------------------------------------------------------------------------------------
+# A training run's files (runs/<run>/, runs.py)
+
+RUN_CONFIG = "config.json"  # the typed train and model configs, dataset sizes, upstream fingerprints
+RUN_LAST_CKPT = "last.pt"  # model, optimizer, epoch, RNG states: what --resume continues from
+RUN_BEST_CKPT = "best.pt"  # the model's state_dict at the best validation epoch
+RUN_HISTORY_JSON = "history.json"
+RUN_HISTORY_CSV = "history.csv"
+RUN_CURVE_PNG = "curve.png"
+STAGE_TRAIN = "train"  # the log name of `mmsr train`
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation outputs of a run (runs/<run>/): clean metrics, and one file per robustness setting

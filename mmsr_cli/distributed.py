@@ -26,6 +26,7 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from .errors import MmsrError
 
@@ -162,7 +163,5 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """
     if not active() or not any(p.requires_grad for p in module.parameters()):
         return module
-    from torch.nn.parallel import DistributedDataParallel
-
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)

@@ -16,6 +16,7 @@ at the first unfinished chunk as long as the options that decide the result are 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -26,12 +27,14 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from . import contracts as C
 from . import encoders
 from .encoders.base import Encoder
 from .encoders.images import image_warnings_as_errors
 from .errors import MmsrError
+from .runtime import progress, resolve_device
 from .workdir import (
     DatasetDir,
     atomic_path,
@@ -111,8 +114,6 @@ class FeatureResult:
 
 
 def _resolve_precision(precision: str, device):
-    import torch
-
     if device.type != "cuda":
         if precision in ("fp16", "bf16"):
             raise MmsrError(f"--precision {precision}: mixed precision runs on a CUDA device only (use fp32 or auto)")
@@ -151,8 +152,6 @@ def _partial_key(opts: FeatureOptions, encoder: Encoder, items_fingerprint: str,
 
 def _chunk_sha256(features, missing: np.ndarray, reasons: list[str]) -> str:
     """Checksum of a chunk's contents, stored with it and verified on resume."""
-    import hashlib
-
     h = hashlib.sha256(repr((tuple(features.shape), str(features.dtype), len(missing))).encode())
     h.update(features.contiguous().numpy().tobytes())
     h.update(np.ascontiguousarray(missing, dtype=bool).tobytes())
@@ -161,8 +160,6 @@ def _chunk_sha256(features, missing: np.ndarray, reasons: list[str]) -> str:
 
 
 def _save_chunk(path: Path, features, missing: np.ndarray, reasons: list[str | None]) -> None:
-    import torch
-
     stored = [r or "" for r in reasons]
     write_torch_atomic(
         path,
@@ -178,8 +175,6 @@ def _save_chunk(path: Path, features, missing: np.ndarray, reasons: list[str | N
 def _load_chunk(path: Path, n: int):
     """A saved chunk, or None when it is unreadable, of another size or fails its checksum
     (a damaged chunk is recomputed, never used)."""
-    import torch
-
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
         feats, missing, reasons = obj["features"], obj["missing"].numpy(), obj["reasons"]
@@ -197,9 +192,6 @@ def run(ds: DatasetDir, opts: FeatureOptions, *, on_chunk: Callable[[int], None]
 
     ``on_chunk(i)`` is called after chunk ``i`` is saved (tests use it to interrupt a run).
     """
-    import torch
-
-    from .runtime import progress, resolve_device
 
     opts.validate()
     name = opts.name

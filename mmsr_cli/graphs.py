@@ -45,7 +45,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from . import codes
 from . import contracts as C
+from .contracts import REL_BI, REL_HETERO, REL_IN, REL_OUT, REL_SELF, RELATION_NAMES  # edge_rel ids
 from .errors import MmsrError
 from .models.base import ModalityInfo
 from .workdir import (
@@ -59,13 +61,6 @@ from .workdir import (
     validate_modality_name,
 )
 
-# Relation ids (edge_rel). Homogeneous: IN/OUT/BI; heterogeneous: HETERO; SELF belongs to both.
-REL_SELF = 0
-REL_IN = 1
-REL_OUT = 2
-REL_BI = 3
-REL_HETERO = 4
-RELATION_NAMES = ("self", "in", "out", "bi", "hetero")
 
 NODE_TYPE_ITEM = 0  # modality i (0-based, in the stored order) has node type i + 1
 
@@ -464,19 +459,10 @@ class BuildGraphsResult:
 
 
 def _load_modality_info(ds: DatasetDir, name: str, variant: str) -> ModalityInfo:
-    from . import codes  # late import: the codes stage's reader
-
     return codes.load_modality_info(ds, name, variant)
 
 
 def _available_modalities(ds: DatasetDir) -> list[str]:
-    try:
-        from . import codes
-    except ImportError as e:  # an installation without the build-codes stage: item-only graphs
-        built = [stage.partition(":")[2] for stage in ds.stages(C.STAGE_CODES)]
-        if built:
-            raise MmsrError(f"codes of {', '.join(built)} exist but this mmsr cannot read them ({e})") from e
-        return []
     return list(codes.available_modalities(ds))
 
 
@@ -845,6 +831,7 @@ def to_hetero_data(batch: dict[str, torch.Tensor], modality_names: Sequence[str]
     per-type local ids, source in row 0. The item store also holds ``last`` (local id of each
     sample's last item) and the data holds ``target`` and ``user_idx``.
     """
+    # torch_geometric.data: only for the HeteroData export, not for building graphs
     from torch_geometric.data import HeteroData
 
     type_names = ["item", *modality_names]

@@ -2,7 +2,7 @@
 accuracy metric split by how popular the target item was in training.
 
 * An item's *training popularity* is the number of users who met it before their validation target
-  (training.train_interactions: training samples' histories and targets, validation histories).
+  (inputs.train_interactions: training samples' histories and targets, validation histories).
 * Buckets of target items: ``rare`` holds the items seen by at most ``RARE_MAX`` training users
   (never or rarely seen, 0 included); the other items, from the most popular down, fill ``head``
   until it holds a third of their training interactions, then ``torso`` (the next third), then
@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .evaluation import KS, metrics_from_ranks, pessimistic_ranks
+from .inputs import train_interactions
+from .metrics import KS, metrics_from_ranks, pessimistic_ranks
 
 BUCKETS = ("head", "torso", "tail", "rare")
 RARE_MAX = 2  # at most this many training users: a rare item
@@ -26,8 +27,6 @@ RARE_MAX = 2  # at most this many training users: a rare item
 
 def item_popularity(ds, n_users: int, n_items: int) -> np.ndarray:
     """[n_items] int64: training users per item (see the module docstring)."""
-    from .training import train_interactions
-
     pairs = train_interactions(ds, n_users, n_items)
     return np.bincount(pairs[:, 1], minlength=n_items).astype(np.int64)
 

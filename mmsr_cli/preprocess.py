@@ -34,6 +34,7 @@ import pyarrow as pa
 from . import contracts as C
 from . import sources
 from .errors import MmsrError
+from .runtime import progress
 from .sources.records import ItemMeta
 from .workdir import DatasetDir, commit_atomic, parquet_writer, upstream
 
@@ -207,8 +208,6 @@ def official_samples(items: np.ndarray, lengths: np.ndarray, split_of: np.ndarra
 
 def build(ds: DatasetDir, opts: PreprocessOptions, log: Any = None) -> PreprocessResult:
     """Everything but the writes: parse, filter, number, split. Raises MmsrError on bad input."""
-    from .runtime import progress
-
     opts.validate()
     source = sources.detect_raw(ds)
     fmt = source.format(ds)

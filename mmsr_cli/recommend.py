@@ -22,7 +22,8 @@ from .data import pad_histories
 from .errors import MmsrError
 from .evaluation import to_device
 from .models.base import DatasetInfo
-from .training import LoadedRun
+from .graphs import collate_histories
+from .runs import LoadedRun
 from .workdir import DatasetDir, read_parquet
 
 RECS_SCHEMA = pa.schema(
@@ -96,8 +97,6 @@ def graph_batches_for_histories(
     reflected in those codes). Histories longer than ``info.max_len`` keep their most recent items.
     Yields (rows of the batch, batch).
     """
-    from .graphs import collate_histories
-
     for start in range(0, len(rows), batch_size):
         batch_rows = rows[start : start + batch_size]
         histories = [flat[ptr[r] : ptr[r + 1]] for r in batch_rows]

@@ -6,7 +6,7 @@ Reads, per dataset, ``runs/<run>/config.json``, ``history.json`` and every ``met
 * results tables (paper Table 2): mean ± std over the runs that differ only by seed (the mean
   alone for one run), significant gains starred (paired tests on the stored per-sample ranks,
   significance.py: each MMSR experiment against the best baseline, or the pairs asked for);
-  (``evaluation.compare_runs``), metrics in %, the best baseline underlined, the best value in
+  (``runs.compare_runs``), metrics in %, the best baseline underlined, the best value in
   bold, and the relative gain of MMSR over the best baseline;
 * robustness curves (Figure 4): a metric against the share of items whose modality is dropped,
   one line per experiment, ratio 0 being the clean evaluation of the same runs;
@@ -39,14 +39,16 @@ import numpy as np
 
 from . import contracts as C
 from .errors import MmsrError
-from .evaluation import METRIC_NAMES, check_metric, compare_runs, describe_experiment, experiment_key, option_token
+from .metrics import METRIC_NAMES, check_metric
+from .models import fields_not_read
+from .popularity import BUCKETS, RARE_MAX, flat_metrics
+from .runs import (NOT_EXPERIMENT, compare_runs, describe_experiment, experiment_key, option_token, recorded_codes,
+                   with_config_defaults)
 from .significance import (ALPHA, MARK, Arm, PairTest, default_pairs, fmt_p, parse_pairs, read_ranks, run_tests,
                            significant_cells)
-from .workdir import bytes_writer, commit_atomic
+from .workdir import DatasetDir, bytes_writer, commit_atomic
 
 SHOWN = METRIC_NAMES  # hr, mrr, ndcg @5/10/20
-CONFIG_FILE = "config.json"
-HISTORY_FILE = "history.json"
 
 
 @dataclass
@@ -80,21 +82,18 @@ def _read_json(path: Path, what: str):
 
 
 def _read_run(folder: Path, dataset: str) -> RunFiles:
-    config = _read_json(folder / CONFIG_FILE, "re-run `mmsr train` for this run")
+    config = _read_json(folder / C.RUN_CONFIG, "re-run `mmsr train` for this run")
     if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("train", "model")):
-        raise MmsrError(f"{folder / CONFIG_FILE}: not a run config (fields 'train' and 'model' missing)")
+        raise MmsrError(f"{folder / C.RUN_CONFIG}: not a run config (fields 'train' and 'model' missing)")
     if "codes" not in config:  # trained before config.json recorded the codes' c and k
-        from .training import recorded_codes
-        from .workdir import DatasetDir
-
         codes = recorded_codes(DatasetDir.open(folder.parents[2], dataset), config)
         if codes is not None:
             config = {**config, "codes": codes}
     history = None
-    if (folder / HISTORY_FILE).exists():
-        history = _read_json(folder / HISTORY_FILE, "re-run `mmsr train` for this run")
+    if (folder / C.RUN_HISTORY_JSON).exists():
+        history = _read_json(folder / C.RUN_HISTORY_JSON, "re-run `mmsr train` for this run")
         if not isinstance(history, list):
-            raise MmsrError(f"{folder / HISTORY_FILE}: expected a list of epochs")
+            raise MmsrError(f"{folder / C.RUN_HISTORY_JSON}: expected a list of epochs")
     run = RunFiles(folder.name, dataset, config, history, folder=folder)
     for path in sorted(folder.glob("metrics_*.json")):
         rec = _read_json(path, f"re-run `mmsr evaluate --run {folder.name}`")
@@ -123,7 +122,7 @@ def collect_runs(workdir: Path, datasets: list[str] | None = None, runs: list[st
     found: dict[str, list[RunFiles]] = {}
     for folder in folders:
         runs_dir = folder / C.RUNS_DIR
-        names = sorted(p.name for p in runs_dir.iterdir() if (p / CONFIG_FILE).exists()) if runs_dir.is_dir() else []
+        names = sorted(p.name for p in runs_dir.iterdir() if (p / C.RUN_CONFIG).exists()) if runs_dir.is_dir() else []
         if runs:
             names = [n for n in names if n in runs]
         if names:
@@ -177,7 +176,7 @@ def _record(run: RunFiles, metrics: dict) -> dict:
 
 
 def experiment_labels(runs: list[RunFiles]) -> dict[str, str]:
-    """experiment_key -> label (evaluation.compare_runs' labels, unique within ``runs``), without
+    """experiment_key -> label (runs.compare_runs' labels, unique within ``runs``), without
     the options every run shares (:func:`shared_options`, :func:`common_modalities`): the
     dataset's heading says those once."""
     groups = compare_runs([_record(r, {}) for r in runs])
@@ -203,9 +202,6 @@ def shared_options(runs: list[RunFiles]) -> list[str]:
     """``key=value`` labels of the non-default options that every run reading them was given
     alike (e.g. ``epochs=10`` when each trained model ran 10 epochs and Pop, which has no epochs,
     is among the runs); modalities aside (:func:`common_modalities`)."""
-    from .models import fields_not_read
-    from .training import NOT_EXPERIMENT, with_config_defaults
-
     defaults = with_config_defaults({})
     configs = [(r.model, with_config_defaults(r.config)) for r in runs]
     out = []
@@ -253,8 +249,6 @@ def clean_groups(runs: list[RunFiles], split: str) -> list[Group]:
 def popularity_groups(runs: list[RunFiles], split: str) -> tuple[list[dict], dict | None]:
     """compare_runs over the coverage, recommended popularity and per-bucket metrics of the clean
     ``split`` evaluations that recorded them (``beyond``), and the buckets' sizes."""
-    from .popularity import flat_metrics
-
     evaluated = [r for r in runs if r.clean(split) and r.clean(split).get("beyond") and not r.trained_with_drop]
     if not evaluated:
         return [], None
@@ -266,8 +260,6 @@ def popularity_groups(runs: list[RunFiles], split: str) -> tuple[list[dict], dic
 
 
 def _default_model_options(config: dict) -> bool:
-    from .training import with_config_defaults
-
     defaults = with_config_defaults({})["model"]
     model = with_config_defaults(config)["model"]
     return all(model[k] == v for k, v in defaults.items() if k not in ("model", "max_len", "modalities"))
@@ -517,10 +509,11 @@ def gate_table(runs: list[RunFiles], split: str) -> dict[str, list[dict[str, dic
 
 
 def _pyplot():
+    # matplotlib: only when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     return plt
 
@@ -619,8 +612,6 @@ def plot_gates(gates: dict) -> bytes:
 
 
 def plot_popularity_buckets(groups: list[dict], metric: str) -> bytes:
-    from .popularity import BUCKETS
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(BUCKETS) + 0.4 * len(groups)), 3.8))
     width = 0.8 / max(len(groups), 1)
@@ -768,8 +759,6 @@ def write_report(
 
         pop_groups, buckets = popularity_groups(dataset_runs, split)
         if pop_groups:
-            from .popularity import BUCKETS, RARE_MAX
-
             md += ["### Beyond accuracy: coverage, popularity and long tail", ""]
             md += [f"Coverage@10: share of the catalogue in some top-10 list; popularity@10: mean training "
                    f"popularity (users) of the recommended items; {metric.upper()} (%) by the target item's "

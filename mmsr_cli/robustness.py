@@ -38,10 +38,12 @@ import numpy as np
 import torch
 
 from . import contracts as C
+from .data import SequenceSplit
 from .errors import MmsrError
+from .graphs import collate_histories
+from .models import model_class
 from .models.base import DatasetInfo, ModalityInfo
 
-MODALITY_KINDS = ("image", "text")  # what extract-features --modality records
 DROP_ALL = "all"
 PERTURBATIONS = (C.PERTURB_DISORDERED, C.PERTURB_MISMATCHED)
 DEFAULT_MISMATCH_RATIO = 0.5
@@ -60,7 +62,7 @@ def check_drop_options(modality: str | None, ratio: float | None) -> tuple[str, 
         raise MmsrError("--drop-ratio: needs --drop-modality image|text|all|NAME")
     if ratio is None:
         raise MmsrError(f"--drop-modality {modality}: needs --drop-ratio R (0 < R < 1)")
-    if modality not in (*MODALITY_KINDS, DROP_ALL) and not C.MODALITY_NAME_RE.match(modality):
+    if modality not in (*C.MODALITY_KINDS, DROP_ALL) and not C.MODALITY_NAME_RE.match(modality):
         raise MmsrError(f"--drop-modality: {modality!r} is not image, text, all or a modality name")
     return modality, check_ratio(ratio, "--drop-ratio")
 
@@ -131,7 +133,7 @@ def modality_kinds(ds, names: Sequence[str]) -> dict[str, str | None]:
     for name in names:
         manifest = ds.read_manifest(C.modality_stage(C.STAGE_FEATURES, name)) or {}
         kind = (manifest.get("options") or {}).get("modality")
-        kinds[name] = kind if kind in MODALITY_KINDS else None
+        kinds[name] = kind if kind in C.MODALITY_KINDS else None
     return kinds
 
 
@@ -141,7 +143,7 @@ def select_modalities(selector: str, kinds: dict[str, str | None], option: str =
     shown = ", ".join(f"{n} ({kinds[n] or 'kind not recorded'})" for n in names) or "none"
     if selector == DROP_ALL:
         chosen = names
-    elif selector in MODALITY_KINDS:
+    elif selector in C.MODALITY_KINDS:
         chosen = [n for n in names if kinds[n] == selector or (kinds[n] is None and n == selector)]
         if not chosen:
             raise MmsrError(f"{option} {selector}: the run has no {selector} modality (its modalities: {shown})")
@@ -254,21 +256,6 @@ def apply_mismatch(bundle, ratio: float, seed: int):
     return replace(bundle, info=replace(info, modalities=modalities), rebuild_graphs=True), counts
 
 
-def set_code_channels(model: torch.nn.Module, modalities: Sequence[ModalityInfo]) -> None:
-    """Give a code-channel model (``ModalityCodeChannels``) these item codes; others are untouched
-    (MMSR reads codes through its graphs)."""
-    from .models.baselines import ModalityCodeChannels
-
-    if not isinstance(model, ModalityCodeChannels):
-        return
-    if list(model.modality_names) != [m.name for m in modalities]:
-        raise MmsrError(f"model modalities {model.modality_names} != {[m.name for m in modalities]}")
-    for i, m in enumerate(modalities):
-        buffer = getattr(model, f"item_codes_{i}")
-        codes = torch.as_tensor(np.asarray(m.item_codes), dtype=buffer.dtype).view(buffer.shape[0] - 1, -1)
-        buffer[:-1] = codes.to(buffer.device)  # the last row is the padding item (no codes)
-
-
 class HistoryGraphSplit:
     """A split's samples as MSGraphs built per batch (base.SplitData), from the histories and the
     item codes of ``modalities`` (node type i + 1 = modalities[i]) by build-graphs' construction
@@ -284,8 +271,6 @@ class HistoryGraphSplit:
         return len(self.samples)
 
     def collate(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        from .graphs import collate_histories
-
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         s = self.samples
         histories = [s.flat[s.ptr[r] : s.ptr[r + 1]] for r in idx]
@@ -298,9 +283,6 @@ class HistoryGraphSplit:
 def open_split(ds, bundle, split: str, disorder_seed: int | None = None):
     """The split a model of ``bundle`` reads, built from the samples (histories shuffled with
     ``disorder_seed``); graph models get per-batch graphs from ``bundle.info``'s codes."""
-    from .data import SequenceSplit
-    from .models import model_class
-
     info: DatasetInfo = bundle.info
     samples = SequenceSplit.open(ds, split, info.max_len, info.n_items)
     if disorder_seed is not None:

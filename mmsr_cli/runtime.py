@@ -1,4 +1,7 @@
-"""Seeds, devices, progress bars and memory housekeeping shared by the stages."""
+"""Seeds, devices, the console and progress bars, and memory housekeeping shared by the stages.
+
+The library writes its progress and summaries through :data:`console`; the CLI (app.py) prints
+through the same object, so there is one stderr stream however mmsr is driven."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -20,12 +24,15 @@ from rich.progress import (
 
 from .errors import MmsrError
 
+console = Console(stderr=True)  # progress and summaries; stdout is kept for data (recommend)
+
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) for reproducible runs on one machine."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    # torch: not at import (app.py imports this module for its console)
     import torch
 
     torch.manual_seed(seed)
@@ -79,6 +86,7 @@ def keep_freed_memory() -> bool:
 
 def resolve_device(device: str) -> "torch.device":  # noqa: F821
     """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    # torch: not at import (app.py imports this module for its console)
     import torch
 
     if device == "auto":
@@ -94,8 +102,7 @@ def resolve_device(device: str) -> "torch.device":  # noqa: F821
 def progress(transient: bool = False) -> Iterator[Progress]:
     """A rich progress bar on stderr; hidden when stderr is not a terminal (batch jobs, tests)
     and on every torchrun rank but rank 0 (distributed.py)."""
-    from .app import console
-    from .distributed import is_main
+    from .distributed import is_main  # imports torch: the CLI imports this module for its console
 
     with Progress(
         TextColumn("{task.description}"),

@@ -17,6 +17,7 @@ metric.
 from __future__ import annotations
 
 import io
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -24,8 +25,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
+from . import contracts as C
 from .errors import MmsrError
+from .metrics import metrics_from_ranks
+from .runs import experiment_key, run_dir
+from .workdir import write_bytes_atomic
 
 ALPHA = 0.05
 MARK = "*"
@@ -63,8 +69,6 @@ class PairTest:
 
 
 def write_ranks(path: Path, ranks) -> None:
-    from .workdir import write_bytes_atomic
-
     buf = io.BytesIO()
     np.save(buf, np.asarray(ranks, dtype=np.int32), allow_pickle=False)
     write_bytes_atomic(path, buf.getvalue())
@@ -83,13 +87,9 @@ def read_ranks(path: Path) -> np.ndarray:
 
 
 def case_values(ranks: np.ndarray, metric: str) -> np.ndarray:
-    """[n] per-sample values of ``metric`` (hr@k, mrr@k, ndcg@k) from 1-based ranks."""
-    import torch
-
-    from .evaluation import metrics_from_ranks
-
-    k = int(metric.partition("@")[2])
-    return metrics_from_ranks(torch.from_numpy(ranks.astype(np.int64)), (k,))[metric].numpy()
+    """[n] per-sample values of ``metric`` (``<name>@<k>``, metrics.REGISTRY) from 1-based ranks."""
+    name, _, k = metric.partition("@")
+    return metrics_from_ranks(torch.from_numpy(ranks.astype(np.int64)), (int(k),), (name,))[metric].numpy()
 
 
 def _p(test, x: np.ndarray, y: np.ndarray) -> float:
@@ -106,6 +106,7 @@ def _p(test, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def paired_test(a: Arm, b: Arm, metric: str) -> PairTest:
+    # SciPy: only when a test is run
     from scipy import stats
 
     for arm in (a, b):
@@ -162,13 +163,8 @@ def pair_names(value: str, option: str, runs: list[str] | None = None,
 def run_experiment(ds, run: str) -> str | None:
     """The experiment key (config minus seed) of a run of ``ds``, from its config.json; None when
     that cannot be read (evaluating the run then says why)."""
-    import json
-
-    from .evaluation import experiment_key
-    from .training import CONFIG_FILE, run_dir
-
     try:
-        return experiment_key(json.loads((run_dir(ds, run) / CONFIG_FILE).read_text()))
+        return experiment_key(json.loads((run_dir(ds, run) / C.RUN_CONFIG).read_text()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, MmsrError):
         return None
 
@@ -205,7 +201,7 @@ def fmt_p(p: float | None) -> str:
 
 
 def arms_from_groups(groups: list[dict], records: list[dict], folder_of) -> list[Arm]:
-    """Arms of evaluation.compare_runs' groups; ``records`` the metrics records of their runs
+    """Arms of runs.compare_runs' groups; ``records`` the metrics records of their runs
     (with ``config``), ``folder_of(run)`` a run's folder (its ranks file is read from there)."""
     by_run = {r["run"]: r for r in records}
     arms = []

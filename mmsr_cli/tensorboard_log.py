@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .workdir import full_disk_as_error
+
 HISTORY_SCALARS = {
     "loss": "train/loss",
     "seconds": "time/seconds_per_epoch",
@@ -90,6 +92,7 @@ class RunWriter:
         self.writer = None
         self.folder = folder
         if enabled:
+            # tensorboard: only when event files are written
             from torch.utils.tensorboard import SummaryWriter
 
             _quiet_writer_thread_errors()
@@ -98,8 +101,6 @@ class RunWriter:
                 self.writer = SummaryWriter(log_dir=str(folder))
 
     def _full_disk(self):
-        from .workdir import full_disk_as_error
-
         return full_disk_as_error(self.folder / "events.out.tfevents")
 
     def epoch(self, row: dict, lr: float | None, gates: GateStats) -> None:

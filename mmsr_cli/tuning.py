@@ -1,6 +1,6 @@
 """`mmsr tune`: a validation-driven hyper-parameter search with Optuna.
 
-A study searches one model's space (models/space.py: the paper's ranges, the model's own options,
+A study searches one model's space (space.py: the paper's ranges, the model's own options,
 a TOML file's narrowing) on one dataset, with fixed training options (epochs, patience, seed,
 metric). It lives in ``<dataset>/tune/studies.sqlite3`` (Optuna's RDB storage), so that:
 
@@ -36,7 +36,11 @@ import numpy as np
 
 from . import contracts as C
 from .errors import MmsrError
-from .models import space as S
+from .inputs import load_dataset
+from .models import fields_not_read
+from .runs import TrainConfig, default_run_name, read_run_config
+from . import space as S
+from .training import train
 from .workdir import DatasetDir, write_bytes_atomic
 
 HEARTBEAT_SECONDS = 10  # a running trial records a heartbeat this often
@@ -103,8 +107,6 @@ def parse_timeout(value: str | None) -> float | None:
 
 
 def default_study_name(ds: DatasetDir, model: str, seed: int) -> str:
-    from .training import TrainConfig, default_run_name
-
     return default_run_name(ds, TrainConfig(model=model, seed=seed))
 
 
@@ -128,6 +130,7 @@ class _StudyLock:
 
 def _optuna():
     try:
+        # optuna: only for `mmsr tune`
         import optuna
     except ImportError as e:
         raise MmsrError(f"mmsr tune needs Optuna: pip install optuna ({e})") from e
@@ -141,6 +144,7 @@ def open_study(ds: DatasetDir, name: str, settings: TuneSettings | None):
     """The study ``name`` of the dataset's storage; created with ``settings`` (and trial 0 queued
     with the defaults) or checked against them. ``settings`` None: an existing study as it is."""
     optuna = _optuna()
+    # optuna: only for `mmsr tune`
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     if not C.DATASET_NAME_RE.match(name):
@@ -215,8 +219,6 @@ def tune(
     """Run the study until it has ``trials`` finished trials (or ``timeout`` seconds have passed:
     no trial starts after that), then write the best options; see the module docstring."""
     optuna = _optuna()
-    from .training import load_dataset, train
-
     C.RANGE_TRIALS.check("--trials", trials)
     S.check_space(settings.space, settings.model, where="--space")
     if not S.searched(settings.space):
@@ -329,17 +331,13 @@ def finish(ds: DatasetDir, study, name: str, seconds: float) -> TuneResult:
 
 def best_config_toml(ds: DatasetDir, study, name: str, best: TrialRow) -> str:
     """A config file for `mmsr train --config`: the study's fixed options and the best trial's."""
-    from .training import read_run_config
-
-    config = read_run_config(ds.path(f"{C.RUNS_DIR}/{best.run}/config.json"))
+    config = read_run_config(ds.path(f"{C.RUNS_DIR}/{best.run}/{C.RUN_CONFIG}"))
     train, model = config["train"], config["model"]
     options = {"model": train["model"]}
     for key in ("epochs", "patience", "seed", "metric", *S.TRAIN_OPTIONS):
         options[key] = train[key]
     for key in S.MODEL_OPTIONS:
         options[key] = model[key]
-    from .models import fields_not_read
-
     ignored = set(fields_not_read(train["model"]))
     lines = [f"# mmsr tune: best trial of study {name} on dataset {ds.name}: trial {best.number} (run {best.run}),",
              f"# valid {train['metric']} {best.value:.6f}. Train with: mmsr train --config <this file>",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -274,6 +276,7 @@ def torch_writer(obj: Any) -> Callable[[Path], None]:
     manifest hashes)."""
 
     def write(tmp: Path) -> None:
+        # torch: only for checkpoint writes (preprocess and download import no ML library)
         import torch
 
         with open(tmp, "wb") as f:
@@ -341,8 +344,6 @@ def writer_lock(lock_file: Path, what: str) -> Iterator[None]:
     attempt, which would erase the holder's description a refused writer reports. The kernel drops
     the lock when its holder dies, so a killed run never blocks the next one.
     """
-    import fcntl
-
     lock_file = Path(lock_file)
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
@@ -371,8 +372,6 @@ def writer_lock(lock_file: Path, what: str) -> Iterator[None]:
 
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    from importlib import metadata
-
     for dist in ("mmsr", "torch", "torch_geometric", "numpy", "pyarrow", "polars", "scikit-learn",
                  "transformers", "torchvision"):
         try:

@@ -28,7 +28,7 @@ import torch
 
 import mmsr_cli.models.layers as layers_module
 from mmsr_cli.evaluation import to_device
-from mmsr_cli.training import load_run
+from mmsr_cli.runs import load_run
 from mmsr_cli.workdir import DatasetDir
 
 AGGREGATIONS = ("ho", "he", "hohe", "heho")  # the call order of HANLayer.forward (adaptive)

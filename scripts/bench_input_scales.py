@@ -18,7 +18,7 @@ import torch
 
 from mmsr_cli.models import build_model
 from mmsr_cli.models.base import ModelConfig
-from mmsr_cli.training import load_dataset
+from mmsr_cli.inputs import load_dataset
 from mmsr_cli.workdir import DatasetDir
 
 

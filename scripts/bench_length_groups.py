@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from mmsr_cli.errors import MmsrError
 from mmsr_cli.models import baselines, build_model, feature_baselines, srgnn
 from mmsr_cli.models.base import ModelConfig
-from mmsr_cli.training import load_dataset
+from mmsr_cli.inputs import load_dataset
 from mmsr_cli.workdir import DatasetDir
 
 GROUPED = ["gru4rec", "sasrec", "sasrecf", "srgnn", "gru4recf", "nova", "difsr", "trans2d"]

@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 import torch
 
 from mmsr_cli import contracts as C
-from mmsr_cli.evaluation import batches, pessimistic_ranks, to_device
-from mmsr_cli.training import load_run
+from mmsr_cli.evaluation import batches, to_device
+from mmsr_cli.metrics import pessimistic_ranks
+from mmsr_cli.runs import load_run
 from mmsr_cli.workdir import DatasetDir
 
 BUCKETS = ((1, 2), (3, 4), (5, 8), (9, 16), (17, 10**9))

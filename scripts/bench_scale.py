@@ -164,7 +164,7 @@ def _capped_evaluate_split(module, cap: int, seen: dict):
 
 def _mark_first_batch(training, marks: dict) -> None:
     """Record the process CPU time when the first training batch is collated."""
-    original = training.DatasetBundle.open_split
+    original = inputs.DatasetBundle.open_split
 
     def open_split(self, ds, split):
         data = original(self, ds, split)
@@ -178,10 +178,12 @@ def _mark_first_batch(training, marks: dict) -> None:
             data.collate = first_marked
         return data
 
-    training.DatasetBundle.open_split = open_split
+    inputs.DatasetBundle.open_split = open_split
 
 
 def train_one_epoch(workdir: str, dataset: str, model: str, max_steps: int, valid_cap: int) -> dict:
+    from mmsr_cli import inputs
+    from mmsr_cli import runs
     from mmsr_cli import training
     from mmsr_cli.models.base import ModelConfig
     from mmsr_cli.workdir import DatasetDir
@@ -190,10 +192,10 @@ def train_one_epoch(workdir: str, dataset: str, model: str, max_steps: int, vali
     _capped_evaluate_split(training, valid_cap, seen)
     _mark_first_batch(training, seen)
     ds = DatasetDir.open(workdir, dataset)
-    tc = training.TrainConfig(model=model, run_name=f"{model}-scale", epochs=1, max_steps=max_steps, device="cpu")
+    tc = runs.TrainConfig(model=model, run_name=f"{model}-scale", epochs=1, max_steps=max_steps, device="cpu")
     result = training.train(ds, tc, ModelConfig(model=model), resume=False, tensorboard=False)
     row = result.history[-1]
-    n_train = len(training.load_dataset(ds, ModelConfig(model=model), verify=False).open_split(ds, "train"))
+    n_train = len(inputs.load_dataset(ds, ModelConfig(model=model), verify=False).open_split(ds, "train"))
     batches = -(-n_train // tc.batch_size)
     step_cpu = (seen["cpu_start"] - seen["cpu_first_batch"]) / row["steps"]
     return {
@@ -426,7 +428,8 @@ def _alternate_mmsr_steps(ds, stored: dict, split, batches: list) -> dict:
     from mmsr_cli import graphs as G
     from mmsr_cli.models import build_model
     from mmsr_cli.models.base import ModelConfig
-    from mmsr_cli.training import TrainStep, load_dataset
+    from mmsr_cli.inputs import load_dataset
+    from mmsr_cli.training import TrainStep
 
     config = ModelConfig(model="mmsr")
     info = load_dataset(ds, config, verify=False).info

@@ -34,7 +34,8 @@ from mmsr_cli import runtime
 from mmsr_cli.evaluation import evaluate_split
 from mmsr_cli.models import build_model
 from mmsr_cli.models.base import ModelConfig
-from mmsr_cli.training import TrainStep, load_dataset
+from mmsr_cli.inputs import load_dataset
+from mmsr_cli.training import TrainStep
 from mmsr_cli.workdir import DatasetDir
 
 

@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from mmsr_cli.models import build_model, layers, mmsr
 from mmsr_cli.models.base import ModelConfig
-from mmsr_cli.training import load_dataset
+from mmsr_cli.inputs import load_dataset
 from mmsr_cli.workdir import DatasetDir
 
 SCOPES = {

@@ -367,7 +367,7 @@ def assert_metrics_match_ranks(folder: Path, split: str = "test", setting: str =
     import numpy as np
 
     from mmsr_cli import contracts as C
-    from mmsr_cli.evaluation import KS
+    from mmsr_cli.metrics import KS
 
     record = json.loads((folder / C.metrics_file(split, setting)).read_text())
     ranks = np.load(folder / record["ranks"], allow_pickle=False).astype(np.float64)

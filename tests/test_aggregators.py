@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from mmsr_cli import contracts as C
 from mmsr_cli import graphs
 from mmsr_cli.errors import MmsrError
-from mmsr_cli.evaluation import describe_experiment
+from mmsr_cli.runs import describe_experiment
 from mmsr_cli.models.aggregators import (
     AGGREGATOR_NAMES,
     AGGREGATORS,
@@ -225,7 +225,7 @@ TINY = ["--epochs", "1", "--dim", "8", "--batch-size", "256", "--max-steps", "2"
 
 
 def test_cli_trains_and_evaluates_mmsr_with_gcn(cli, synthetic):
-    from mmsr_cli.training import load_run
+    from mmsr_cli.runs import load_run
 
     base = ["--workdir", synthetic.workdir, "--dataset", "synthetic"]
     r = cli(["train", *base, "--model", "mmsr", "--aggregator", "gcn", *TINY])

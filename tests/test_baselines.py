@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mmsr_cli.errors import MmsrError
-from mmsr_cli.evaluation import pessimistic_ranks
+from mmsr_cli.metrics import pessimistic_ranks
 from mmsr_cli.models import REGISTRY, build_model, check_model_name, model_class
 from mmsr_cli.models.base import DatasetInfo, ModalityInfo, ModelConfig, Recommender
 from mmsr_cli.models.baselines import SASRecF

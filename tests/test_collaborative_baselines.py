@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from mmsr_cli import contracts as C
+from mmsr_cli import inputs
 from mmsr_cli import training
-from mmsr_cli.evaluation import pessimistic_ranks
+from mmsr_cli.metrics import pessimistic_ranks
 from mmsr_cli.models import build_model
 from mmsr_cli.models.base import DatasetInfo, ModelConfig
 from mmsr_cli.models.collaborative import BM3, MGAT, MMGCN
@@ -93,7 +94,7 @@ def test_training_graph_holds_what_users_met_before_their_validation_target(tmp_
     items = pq.read_table(ds.path(C.ITEMS)).to_pydict()
     user_id = dict(zip(users["user_idx"], users["user_id"]))
     item_id = dict(zip(items["item_idx"], items["item_id"]))
-    pairs = training.train_interactions(ds, len(user_id), len(item_id))
+    pairs = inputs.train_interactions(ds, len(user_id), len(item_id))
     got = {(user_id[u], item_id[i]) for u, i in pairs.tolist()}
     assert len(got) == len(pairs)  # unique pairs
     # Everything before the validation target (position n - t - 1), nothing from it on.
@@ -111,12 +112,12 @@ def test_training_graph_holds_what_users_met_before_their_validation_target(tmp_
 def test_only_models_that_ask_get_interactions_and_features(tmp_path):
     ds = make_toy(tmp_path)
     write_features(ds, "image", np.random.default_rng(0).normal(size=(N_TOY_ITEMS, 6)), {2})
-    sasrec = training.load_dataset(ds, ModelConfig(model="sasrec"))
+    sasrec = inputs.load_dataset(ds, ModelConfig(model="sasrec"))
     assert sasrec.info.train_interactions is None and sasrec.info.item_features == {}
     assert set(sasrec.fingerprints) == {"preprocess"}
-    mmgcn = training.load_dataset(ds, ModelConfig(model="mmgcn"))
+    mmgcn = inputs.load_dataset(ds, ModelConfig(model="mmgcn"))
     pairs = mmgcn.info.train_interactions
-    assert pairs.shape[1] == 2 and np.array_equal(pairs, training.train_interactions(ds, mmgcn.info.n_users, N_TOY_ITEMS))
+    assert pairs.shape[1] == 2 and np.array_equal(pairs, inputs.train_interactions(ds, mmgcn.info.n_users, N_TOY_ITEMS))
     assert list(mmgcn.info.item_features) == ["image"] and mmgcn.info.item_features["image"].shape == (N_TOY_ITEMS, 6)
     assert torch.all(mmgcn.info.item_features["image"][2] == 0)  # the missing item
     assert set(mmgcn.fingerprints) == {"preprocess", "features:image"}

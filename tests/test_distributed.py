@@ -22,7 +22,8 @@ from mmsr_cli import distributed
 from mmsr_cli.evaluation import evaluate_split
 from mmsr_cli.models import build_model
 from mmsr_cli.models.base import ModelConfig
-from mmsr_cli.training import load_dataset, without_measurements
+from mmsr_cli.inputs import load_dataset
+from mmsr_cli.training import without_measurements
 from mmsr_cli.workdir import DatasetDir
 
 from conftest import assert_same, run_cli

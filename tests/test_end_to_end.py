@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from mmsr_cli import contracts as C
-from mmsr_cli.evaluation import METRIC_NAMES
+from mmsr_cli.metrics import METRIC_NAMES
 from mmsr_cli.workdir import DatasetDir
 
 from conftest import assert_metrics_match_ranks, run_cli

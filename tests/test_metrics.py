@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
+from conftest import run_cli
+from test_bad_inputs import mmsr, work  # noqa: F401  (work: a copy of the finished toy pipeline)
 
 from mmsr_cli.errors import MmsrError
-from mmsr_cli.evaluation import (
-    METRIC_NAMES,
-    MetricAccumulator,
-    check_metric,
-    pessimistic_ranks,
-    ranking_metrics,
-)
+from mmsr_cli.metrics import METRIC_NAMES, MetricAccumulator, check_metric, pessimistic_ranks, ranking_metrics
 
 
 def test_ranks_by_hand():
@@ -126,3 +124,50 @@ def test_evaluation_scores_a_few_rows_at_a_time_with_the_same_metrics(monkeypatc
     assert seen_rows == [3, 3, 3, 1] * 2 + [3]  # batches of 10, 10, 3 users
     assert got.pop("n") == 23
     assert got == pytest.approx(ranking_metrics(users @ items.T, targets))
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry and `mmsr evaluate --metrics/--topk`
+
+
+def test_selection_parses_metrics_and_cutoffs_and_refuses_bad_ones_in_one_line():
+    from mmsr_cli.metrics import Selection
+
+    assert Selection.parse(None, None) == Selection() and Selection().names == METRIC_NAMES
+    chosen = Selection.parse("ndcg, hr", "10,1")
+    assert chosen.names == ("ndcg@10", "ndcg@1", "hr@10", "hr@1")
+    for metrics, topk, message in (("ndcg,map", None, "--metrics: unknown metric 'map'"),
+                                   ("hr,hr", None, "--metrics: an entry is named twice"),
+                                   (None, "10,,20", "--topk: empty entry"), (None, "ten", "--topk: 'ten' is not an integer"),
+                                   (None, "0", "--topk")):
+        with pytest.raises(MmsrError, match=message):
+            Selection.parse(metrics, topk)
+
+
+def test_a_registered_metric_is_computed_per_cutoff_like_the_built_in_ones(monkeypatch):
+    from mmsr_cli import metrics
+
+    monkeypatch.setattr(metrics, "REGISTRY", dict(metrics.REGISTRY))
+    metrics.register("precision")(lambda ranks, k: (ranks <= k).double() / k)
+    ranks = torch.tensor([1, 3, 8])
+    values = metrics.metrics_from_ranks(ranks, (2, 4), ("hr", "precision"))
+    assert list(values) == ["hr@2", "precision@2", "hr@4", "precision@4"]
+    assert values["precision@4"].tolist() == [0.25, 0.25, 0.0]
+    with pytest.raises(ValueError):
+        metrics.register("p@5")
+
+
+def test_evaluate_computes_the_chosen_metrics_at_the_chosen_cutoffs(work):  # noqa: F811
+
+    from mmsr_cli import contracts as C
+
+    r = run_cli(mmsr(work, "evaluate", "--run", "s", "--metrics", "ndcg,mrr", "--topk", "1,50"))
+    assert r.exit_code == 0, r.stderr
+    record = json.loads(work.path(f"{C.RUNS_DIR}/s/{C.metrics_file('test')}").read_text())
+    assert list(record["metrics"]) == ["ndcg@1", "mrr@1", "ndcg@50", "mrr@50"]
+    ranks = torch.from_numpy(np.load(work.path(f"{C.RUNS_DIR}/s/{record['ranks']}")).astype(np.int64)).double()
+    assert record["metrics"]["mrr@50"] == pytest.approx(float(torch.where(ranks <= 50, 1 / ranks, 0.0).mean()), abs=1e-12)
+    assert record["metrics"]["ndcg@1"] == pytest.approx(float((ranks <= 1).double().mean()), abs=1e-12)
+    assert "ndcg@1" in r.stdout and "hr@10" not in r.stdout
+    line = run_cli(mmsr(work, "evaluate", "--run", "s", "--metrics", "auc"))
+    assert line.exit_code == 2 and "--metrics: unknown metric 'auc'" in line.stderr

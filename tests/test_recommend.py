@@ -81,7 +81,7 @@ def test_exclude_seen_over_several_batches(cli, trained):
     """60 users in batches of 16 (the run's training batch size; the last batch holds 12): every
     user's list is exactly the items they have not seen, whatever batch they fall in."""
     from mmsr_cli.recommend import RecommendOptions, recommend as recommend_lib
-    from mmsr_cli.training import load_run
+    from mmsr_cli.runs import load_run
 
     base = ["--workdir", trained.workdir, "--dataset", trained.name]
     r = cli(["train", *base, "--model", "pop", "--run-name", "pop16", "--batch-size", "16", "--device", "cpu"])

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from mmsr_cli import contracts as C
-from mmsr_cli.evaluation import METRIC_NAMES
+from mmsr_cli.metrics import METRIC_NAMES
 from mmsr_cli.models.base import ModelConfig
-from mmsr_cli.training import TrainConfig
+from mmsr_cli.runs import TrainConfig
 
 from conftest import one_error_line
 

@@ -118,7 +118,7 @@ def test_sasrecf_channel_of_dropped_items_is_masked():
     dropped, _ = R.drop_modalities(info.modalities, ["pic"], 0.5, seed=3)  # 2 of the 4 items
     gone = np.nonzero((dropped[0].item_codes < 0).all(1))[0]
     assert len(gone) == 2
-    R.set_code_channels(model, dropped)
+    model.set_item_codes(dropped)
     emb, available = model.modality_channel(0, torch.from_numpy(gone))
     assert not available.any() and torch.count_nonzero(emb) == 0
     # Same as a model built on data where those items never had the modality.
@@ -201,7 +201,7 @@ def metrics(ds: DatasetDir, run: str, name: str) -> dict:
 
 
 def test_history_graphs_equal_the_stored_graphs_when_nothing_is_dropped(coded):
-    from mmsr_cli.training import load_dataset
+    from mmsr_cli.inputs import load_dataset
 
     bundle = load_dataset(coded, ModelConfig(model="mmsr"))
     stored = GraphSplit.open(coded, "test", modalities=list(bundle.model_config.modalities))
@@ -320,7 +320,7 @@ def hand_ranks(ds: DatasetDir, run: str, modalities=None, flat=None) -> np.ndarr
     from mmsr_cli.data import SequenceSplit
     from mmsr_cli.evaluation import evaluate_split
     from mmsr_cli.models import build_model
-    from mmsr_cli.training import load_run
+    from mmsr_cli.runs import load_run
 
     loaded = load_run(ds, run, "best", torch.device("cpu"))
     info = loaded.bundle.info
@@ -347,7 +347,7 @@ def stored_ranks(ds: DatasetDir, run: str, setting: str = "") -> np.ndarray:
 @pytest.mark.parametrize("run", ["mmsr-loo-s0", "sasrecf-loo-s0"])
 def test_perturbed_and_dropped_evaluations_score_the_perturbed_inputs(coded, run):
     from mmsr_cli.data import SequenceSplit
-    from mmsr_cli.training import load_run
+    from mmsr_cli.runs import load_run
 
     assert evaluate(coded, "--run", run).exit_code == 0
     clean = stored_ranks(coded, run)

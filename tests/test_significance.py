@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from mmsr_cli import significance as sig
-from mmsr_cli.evaluation import METRIC_NAMES, metrics_from_ranks
+from mmsr_cli.metrics import METRIC_NAMES, metrics_from_ranks
 
 from conftest import run_cli
 from test_training import make_toy, run_folder

@@ -14,6 +14,9 @@ import pytest
 import torch
 
 from mmsr_cli import contracts as C
+from mmsr_cli import inputs
+from mmsr_cli import metrics
+from mmsr_cli import runs
 from mmsr_cli import training
 from mmsr_cli.models.base import ModelConfig
 from mmsr_cli.workdir import DatasetDir
@@ -124,17 +127,17 @@ def test_best_is_chosen_on_validation_and_test_is_never_read(toy, monkeypatch):
     def fake_evaluate(model, split, batch_size, device, progress=None):
         snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         value = next(scripted)
-        return {**{m: 0.0 for m in training.METRIC_NAMES}, "ndcg@10": value, "n": len(split)}
+        return {**{m: 0.0 for m in metrics.METRIC_NAMES}, "ndcg@10": value, "n": len(split)}
 
-    real_open = training.DatasetBundle.open_split
+    real_open = inputs.DatasetBundle.open_split
 
     def recording_open(self, ds, split):
         opened.append(split)
         return real_open(self, ds, split)
 
     monkeypatch.setattr(training, "evaluate_split", fake_evaluate)
-    monkeypatch.setattr(training.DatasetBundle, "open_split", recording_open)
-    tc = training.TrainConfig(model="sasrec", run_name="scripted", epochs=10, batch_size=64, patience=2)
+    monkeypatch.setattr(inputs.DatasetBundle, "open_split", recording_open)
+    tc = runs.TrainConfig(model="sasrec", run_name="scripted", epochs=10, batch_size=64, patience=2)
     result = training.train(toy, tc, ModelConfig(model="sasrec", dim=16))
     assert opened == ["train", "valid"]
     assert (result.best_epoch, result.epochs_run, result.stopped_early) == (2, 4, True)
@@ -209,17 +212,17 @@ def test_compare_groups_runs_by_config_over_seeds(cli, toy):
 
 
 def test_a_run_trained_before_an_option_existed_joins_its_experiment():
-    from mmsr_cli.evaluation import experiment_key
+    from mmsr_cli.runs import experiment_key
 
-    full = training.with_config_defaults({"dataset": {"name": "toy"}, "train": {"seed": 1}, "model": {"model": "mmsr"}})
+    full = runs.with_config_defaults({"dataset": {"name": "toy"}, "train": {"seed": 1}, "model": {"model": "mmsr"}})
     assert full["model"]["modalities"] == list(ModelConfig().modalities)  # JSON values, as config.json holds them
     old = json.loads(json.dumps(full))
     del old["model"]["feed_forward"], old["train"]["drop_ratio"]
     assert experiment_key(old) == experiment_key(full)
     assert experiment_key({**old, "train": {**old["train"], "seed": 2}}) == experiment_key(full)  # repetitions
     assert experiment_key({**old, "model": {**old["model"], "layers": 3}}) != experiment_key(full)
-    assert training._config_difference(old, full) is None
-    assert training._config_difference(old, {**full, "model": {**full["model"], "feed_forward": True}}) == \
+    assert runs.config_difference(old, full) is None
+    assert runs.config_difference(old, {**full, "model": {**full["model"], "feed_forward": True}}) == \
         "model.feed_forward: False != True"
 
 

@@ -16,8 +16,9 @@ import pytest
 
 from mmsr_cli.errors import MmsrError
 from mmsr_cli import contracts as C
+from mmsr_cli import inputs
 from mmsr_cli import training, tuning
-from mmsr_cli.models.space import PAPER_SPACE, Choice, Range, model_space
+from mmsr_cli.space import PAPER_SPACE, Choice, Range, model_space
 
 from conftest import run_cli
 from test_training import make_toy, one_error_line, run_folder
@@ -51,7 +52,7 @@ def test_model_spaces_follow_the_paper_and_the_model():
 def test_tune_searches_on_validation_writes_a_train_config_and_never_opens_test(tmp_path, monkeypatch):
     ds = make_toy(tmp_path / "work")
     opened, read = [], []
-    real_open, real_read = training.DatasetBundle.open_split, pq.read_table
+    real_open, real_read = inputs.DatasetBundle.open_split, pq.read_table
 
     def recording_open(self, ds_, split):
         opened.append(split)
@@ -61,7 +62,7 @@ def test_tune_searches_on_validation_writes_a_train_config_and_never_opens_test(
         read.append(str(source))
         return real_read(source, *args, **kwargs)
 
-    monkeypatch.setattr(training.DatasetBundle, "open_split", recording_open)
+    monkeypatch.setattr(inputs.DatasetBundle, "open_split", recording_open)
     monkeypatch.setattr(pq, "read_table", recording_read)
     r = tune(ds, "--model", "sasrec", "--trials", "3", "--epochs", "3", "--patience", "0", "--study", "s",
              "--space", small_space(tmp_path))
@@ -184,7 +185,7 @@ def test_a_killed_tune_resumes_with_no_trial_lost_or_counted_twice(tmp_path, mon
 
 
 def test_a_space_can_pin_the_authors_variant_and_is_checked_as_a_whole(tmp_path):
-    from mmsr_cli.models.space import model_space, read_space_file
+    from mmsr_cli.space import model_space, read_space_file
 
     path = tmp_path / "authors.toml"
     path.write_text('variant = "authors"\nattention-dropout = [0.0, 0.2]\n')

@@ -8,6 +8,8 @@ import typer
 
 from .. import contracts as C
 from ..app import ConfigOpt, DatasetOpt, SeedOpt, WorkdirOpt, app, console, parse_list, ranged
+from ..codes import CodesOptions, run
+from ..workdir import DatasetDir
 
 
 @app.command("build-codes")
@@ -40,9 +42,6 @@ def build_codes_command(
 ) -> None:
     """Condense each modality's features with a linear autoencoder, cluster them with K-means and
     link every item to its top-k centres: the modality codes of the MSGraphs (paper section 4.1)."""
-    from ..codes import CodesOptions, run
-    from ..workdir import DatasetDir
-
     opts = CodesOptions(
         modalities=parse_list(modality, "--modality") or None,
         ae_dim=ae_dim,

@@ -6,19 +6,25 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import contracts as C
-from ..app import ConfigOpt, DatasetOpt, SeedOpt, WorkdirOpt, app, console, parse_list, ranged
+from rich.console import Console
+from rich.table import Table
 
-SHOWN = ("hr@5", "hr@10", "hr@20", "mrr@5", "mrr@10", "mrr@20", "ndcg@5", "ndcg@10", "ndcg@20")
+from .. import contracts as C
+from .. import significance as sig
+from ..app import ConfigOpt, DatasetOpt, SeedOpt, WorkdirOpt, app, console, parse_list, ranged
+from ..errors import MmsrError
+from ..evaluation import evaluate_runs
+from ..metrics import KS, METRICS, REGISTRY, Selection
+from ..popularity import BUCKETS, flat_metrics
+from ..robustness import Setting
+from ..runs import compare_runs, run_dir
+from ..workdir import DatasetDir
+
 BEYOND_SHOWN = ("coverage@10", "avg_pop@10", "hr@10/head", "hr@10/torso", "hr@10/tail", "hr@10/rare",
                 "ndcg@10/head", "ndcg@10/torso", "ndcg@10/tail", "ndcg@10/rare")
 
 
 def _bucket_table(beyond: dict):
-    from rich.table import Table
-
-    from ..popularity import BUCKETS
-
     table = Table(title="by the target's training popularity")
     for col in ("bucket", "items", "popularity", "samples", "hr@10", "ndcg@10", "mrr@10"):
         table.add_column(col, justify="left" if col == "bucket" else "right")
@@ -61,10 +67,18 @@ def evaluate_command(
         Optional[float], ranged("--perturb-ratio", rng=C.RANGE_RATIO, help="mismatched: share of items (0 < R < 1) given other items' codes [default: 0.5].")
     ] = None,
     seed: SeedOpt = 0,
+    metrics: Annotated[
+        Optional[str],
+        typer.Option("--metrics", help=f"Comma-separated metrics among {', '.join(REGISTRY)} [default: {','.join(METRICS)}]."),
+    ] = None,
+    topk: Annotated[
+        Optional[str], typer.Option("--topk", help=f"Comma-separated cut-offs k of the metrics [default: {','.join(map(str, KS))}].")
+    ] = None,
     workdir: WorkdirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Rank all items for every sample of a split (pessimistic ties); HR, MRR, NDCG @5/10/20,
+    """Rank all items for every sample of a split (pessimistic ties); HR, MRR, NDCG @5/10/20
+    (or the --metrics at the --topk cut-offs: metrics.py),
     catalogue coverage@K and recommended-item popularity@K, and the metrics per popularity bucket of
     the target item (head, torso, tail, rare; popularity.py).
 
@@ -73,14 +87,6 @@ def evaluate_command(
     --perturb, runs/<run>/metrics_<split>_<setting>.json (e.g. metrics_test_drop-text-0.3.json),
     the items chosen by --seed.
     """
-    from rich.console import Console
-    from rich.table import Table
-
-    from ..errors import MmsrError
-    from ..evaluation import compare_runs, evaluate_runs
-    from ..robustness import Setting
-    from ..workdir import DatasetDir
-
     if (run is None) == (compare is None):
         raise MmsrError("give exactly one of --run NAME or --compare RUN1,RUN2,...")
     if pairs is not None and compare is None:
@@ -89,13 +95,13 @@ def evaluate_command(
     if len(set(runs)) != len(runs):
         raise MmsrError(f"--compare: a run is named twice in {compare}")
     setting = Setting.from_options(drop_modality, drop_ratio, perturb, perturb_ratio, seed)
+    selection = Selection.parse(metrics, topk)
+    shown_metrics = selection.names
     shown = f" / {setting.name}" if setting is not None else ""
     ds = DatasetDir.open(workdir, dataset)
     if pairs is not None:  # before any run is evaluated: a typo or two seeds of one experiment must not come after the writes
-        from ..significance import pair_names, run_experiment
-
-        pair_names(pairs, "--pairs", runs, lambda name: run_experiment(ds, name))
-    records = evaluate_runs(ds, runs, split, checkpoint, device, setting)  # all checked before any is written
+        sig.pair_names(pairs, "--pairs", runs, lambda name: sig.run_experiment(ds, name))
+    records = evaluate_runs(ds, runs, split, checkpoint, device, setting, selection)  # all checked before any is written
 
     out = Console()  # stdout: the table is the command's data
     if not out.is_terminal:  # piped: do not squeeze the columns into 80 characters
@@ -106,25 +112,23 @@ def evaluate_command(
         table = Table()
         table.add_column("metric")
         table.add_column("value", justify="right")
-        for m in SHOWN:
+        for m in shown_metrics:
             table.add_row(m, f"{rec['metrics'][m]:.4f}")
         for name, value in rec["beyond"].items():
             if name.startswith(("coverage@", "avg_pop@")):
                 table.add_row(name, f"{value:.4f}" if name.startswith("coverage") else f"{value:.1f}")
         out.print(table)
         out.print(_bucket_table(rec["beyond"]))
+        headline = [m for m in ("hr@10", "ndcg@10") if m in rec["metrics"]] or list(shown_metrics[:2])
         console.print(
-            f"{run}: {split} hr@10 {rec['metrics']['hr@10']:.4f}, ndcg@10 {rec['metrics']['ndcg@10']:.4f} "
-            f"-> {ds.path('runs')}/{run}/{rec['file']}",
+            f"{run}: {split} " + ", ".join(f"{m} {rec['metrics'][m]:.4f}" for m in headline)
+            + f" -> {ds.path('runs')}/{run}/{rec['file']}",
             markup=False, highlight=False, soft_wrap=True,
         )
         return
-    from .. import significance as sig
-    from ..training import run_dir
-
     groups = compare_runs(records)
     arms = sig.arms_from_groups(groups, records, lambda name: run_dir(ds, name))
-    chosen = sig.parse_pairs(pairs, arms, SHOWN, "--pairs") if pairs is not None else sig.default_pairs(arms, SHOWN)
+    chosen = sig.parse_pairs(pairs, arms, shown_metrics, "--pairs") if pairs is not None else sig.default_pairs(arms, shown_metrics)
     tests = sig.run_tests(chosen)
     marked = sig.significant_cells(tests)
     out.print(f"{ds.name} / {split}{shown} ({checkpoint}.pt): mean (± std over seeds where there are several)"
@@ -133,7 +137,7 @@ def evaluate_command(
     table = Table()
     table.add_column("experiment")
     table.add_column("seeds", justify="right")
-    for m in SHOWN:
+    for m in shown_metrics:
         table.add_column(m, justify="right")
     for g in groups:
         spread = len(g["seeds"]) > 1
@@ -141,11 +145,9 @@ def evaluate_command(
             g["experiment"],
             ",".join(str(s) for s in g["seeds"]),
             *(f"{g['mean'][m]:.4f}" + (f" ± {g['std'][m]:.4f}" if spread else "")
-              + (sig.MARK if (g["experiment"], m) in marked else "") for m in SHOWN),
+              + (sig.MARK if (g["experiment"], m) in marked else "") for m in shown_metrics),
         )
     out.print(table)
-    from ..popularity import flat_metrics
-
     beyond = compare_runs([{**r, "metrics": flat_metrics(r["beyond"])} for r in records])
     shown_beyond = [m for m in BEYOND_SHOWN if all(m in g["mean"] for g in beyond)]
     table = Table(title="coverage, recommended popularity, and metrics by the target's training popularity")

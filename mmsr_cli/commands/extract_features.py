@@ -8,6 +8,8 @@ import typer
 
 from .. import contracts as C
 from ..app import ConfigOpt, DatasetOpt, WorkdirOpt, app, console, parse_list, ranged
+from ..features import FeatureOptions, run
+from ..workdir import DatasetDir
 
 
 @app.command("extract-features")
@@ -58,9 +60,6 @@ def extract_features_command(
     config: ConfigOpt = None,
 ) -> None:
     """Encode every item's image or text into a feature vector (paper section 4.1)."""
-    from ..features import FeatureOptions, run
-    from ..workdir import DatasetDir
-
     opts = FeatureOptions(
         modality=modality,
         name=name,

@@ -8,6 +8,8 @@ import typer
 
 from .. import contracts as C
 from ..app import ConfigOpt, DatasetOpt, WorkdirOpt, app, console, ranged
+from ..preprocess import PreprocessOptions, run
+from ..workdir import DatasetDir
 
 
 @app.command("preprocess")
@@ -32,9 +34,6 @@ def preprocess_command(
     config: ConfigOpt = None,
 ) -> None:
     """Filter (k-core), order and number the raw interactions, then write the split samples."""
-    from ..preprocess import PreprocessOptions, run
-    from ..workdir import DatasetDir
-
     opts = PreprocessOptions(core=core, max_len=max_len, split=split, test_ratio=test_ratio).validate()
     ds = DatasetDir.open(workdir, dataset)
     with ds.writing():

@@ -9,6 +9,11 @@ import typer
 
 from .. import contracts as C
 from ..app import ConfigOpt, DatasetOpt, WorkdirOpt, app, console, parse_list, ranged
+from ..errors import MmsrError
+from ..recommend import RECS_SCHEMA, RecommendOptions, recommend, write_stdout
+from ..runs import load_run
+from ..runtime import resolve_device
+from ..workdir import DatasetDir, write_parquet_atomic
 
 
 @app.command("recommend")
@@ -29,12 +34,6 @@ def recommend_command(
     config: ConfigOpt = None,
 ) -> None:
     """Score all items from each user's latest history (their last max_len interactions)."""
-    from ..errors import MmsrError
-    from ..recommend import RECS_SCHEMA, RecommendOptions, recommend, write_stdout
-    from ..runtime import resolve_device
-    from ..training import load_run
-    from ..workdir import DatasetDir, write_parquet_atomic
-
     if fmt not in ("tsv", "jsonl"):
         raise MmsrError(f"--format: expected tsv or jsonl, got {fmt!r}")
     if output is not None and output.suffix != ".parquet":

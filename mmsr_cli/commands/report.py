@@ -8,6 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from ..app import ConfigOpt, WorkdirOpt, app, console, parse_list
+from ..errors import MmsrError
+from ..report import write_report
+from ..workdir import resolve_workdir
 
 
 @app.command("report")
@@ -33,10 +36,6 @@ def report_command(
     starred after paired tests over the test cases), robustness
     curves (Figure 4), disordered/mismatched case study (Figure 1), c/k heat map (Figure 5),
     update-gate statistics and training curves, from config.json, history.json and metrics_*.json."""
-    from ..errors import MmsrError
-    from ..report import write_report
-    from ..workdir import resolve_workdir
-
     root = resolve_workdir(workdir)
     names = parse_list(dataset, "--dataset") or None
     run_names = parse_list(runs, "--runs") or None

@@ -9,9 +9,16 @@ import typer
 from .. import contracts as C
 from ..app import ConfigOpt, DatasetOpt, SeedOpt, WorkdirOpt, app, console, parse_list, ranged
 from ..distributed import launched_main
-from ..models import model_names
+from ..errors import MmsrError
+from ..models import check_model_name, fields_not_read, model_names
+from ..models.aggregators import check_aggregator
+from ..models.base import ModelConfig
+from ..models.layers import FUSION_MODES
+from ..robustness import check_drop_options
+from ..runs import TrainConfig
+from ..training import train
+from ..workdir import DatasetDir
 
-FUSIONS = ("adaptive", "hohe", "heho", "synchronous", "ho", "he")
 
 @app.command("train")
 def train_command(
@@ -82,13 +89,6 @@ def train_command(
     config: ConfigOpt = None,
 ) -> None:
     """Train a model with cross-entropy over all items; validate every epoch; keep the best."""
-    from ..errors import MmsrError
-    from ..models import check_model_name, fields_not_read
-    from ..models.base import ModelConfig
-    from ..robustness import check_drop_options
-    from ..training import TrainConfig, train
-    from ..workdir import DatasetDir
-
     check_model_name(model)
     given = {  # config field -> (option name, value or None when not given)
         "epochs": ("epochs", epochs), "lr": ("lr", lr), "weight_decay": ("weight-decay", weight_decay),
@@ -105,13 +105,11 @@ def train_command(
         if value is not None:
             raise MmsrError(f"--{option}: not used by model {model}")
     if aggregator is not None:
-        from ..models.aggregators import check_aggregator
-
         for name in ("fusion", "invasive", "attention_dropout") if check_aggregator(aggregator) != "han" else ():
             if given[name][1] is not None:
                 raise MmsrError(f"--{name.replace('_', '-')}: only used by --aggregator han, not {aggregator}")
-    if fusion is not None and fusion not in FUSIONS:
-        raise MmsrError(f"--fusion: expected one of {', '.join(FUSIONS)}, got {fusion!r}")
+    if fusion is not None and fusion not in FUSION_MODES:
+        raise MmsrError(f"--fusion: expected one of {', '.join(FUSION_MODES)}, got {fusion!r}")
     names = parse_list(modalities, "--modalities")
     drop = check_drop_options(drop_modality, drop_ratio)
     if len(set(names)) != len(names):
@@ -152,12 +150,6 @@ def train_command(
         attention_dropout=attention_dropout if attention_dropout is not None else defaults_m.attention_dropout,
     )
     ds = DatasetDir.open(workdir, dataset)
-    if run_name is None and mc.aggregator != defaults_m.aggregator:  # mmsr-<aggregator>-<split>-s<seed>
-        from dataclasses import replace
-
-        from ..training import default_run_name
-
-        tc = replace(tc, run_name=f"{model}-{mc.aggregator}{default_run_name(ds, tc)[len(model):]}")
     result = train(ds, tc, mc, resume=resume, tensorboard=tensorboard)
     if launched_main():  # under torchrun: rank 0 only
         console.print(result.summary(tc.metric), markup=False, highlight=False, soft_wrap=True)

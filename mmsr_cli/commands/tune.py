@@ -6,9 +6,17 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from .. import contracts as C
 from ..app import ConfigOpt, DatasetOpt, SeedOpt, WorkdirOpt, app, console, ranged
+from ..distributed import launched
+from ..errors import MmsrError
+from ..models import check_model_name
+from ..space import model_space, read_space_file
+from ..tuning import TuneSettings, parse_timeout, tune
+from ..workdir import DatasetDir
 
 
 @app.command("tune")
@@ -38,16 +46,6 @@ def tune_command(
     Each trial is a run runs/tune-<study>-tNNN; the study lives in tune/studies.sqlite3 of the
     dataset; the best options are written to tune/<study>.toml for `mmsr train --config`.
     """
-    from rich.console import Console
-    from rich.table import Table
-
-    from ..distributed import launched
-    from ..errors import MmsrError
-    from ..models import check_model_name
-    from ..models.space import model_space, read_space_file
-    from ..tuning import TuneSettings, parse_timeout, tune
-    from ..workdir import DatasetDir
-
     if launched():
         raise MmsrError("mmsr tune runs in one process: start it without torchrun (two `tune` processes share a study)")
     check_model_name(model)

@@ -63,6 +63,7 @@ def resolve(opts: "FeatureOptions", device, dtype) -> Encoder:
 
 
 def _built_in() -> None:
+    # the built-in encoders, registered in this order once register() exists
     from .hub_image import HubImage
     from .mean_text import MeanPoolText
     from .text_tower import TextTower

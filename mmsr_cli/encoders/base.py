@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+import torch
 
 from .. import contracts as C
 from ..errors import MmsrError
+from ..workdir import file_sha256
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -42,8 +44,6 @@ def first_line(e: BaseException) -> str:
 
 
 def autocast(device, dtype):
-    import torch
-
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -90,8 +90,6 @@ class Encoder:
 
 
 def _empty_chunk(n: int, dim: int):
-    import torch
-
     return torch.zeros((n, dim), dtype=torch.float32), np.zeros(n, dtype=bool), [None] * n
 
 
@@ -177,8 +175,6 @@ class TextEncoder(Encoder):
 
 def mean_pool(hidden, attention_mask):
     """Mean of ``hidden [B, T, d]`` over the positions where ``attention_mask [B, T]`` is 1."""
-    import torch
-
     mask = attention_mask.to(torch.float32).unsqueeze(-1)
     summed = (hidden.to(torch.float32) * mask).sum(dim=1)
     return summed / mask.sum(dim=1).clamp(min=1.0)
@@ -223,8 +219,6 @@ class ImageEncoder(Encoder):
     def resume_key(self, opts) -> dict[str, Any]:
         if opts.weights in ("default", "none"):
             return {}
-        from ..workdir import file_sha256
-
         return {"weights_sha256": file_sha256(Path(self.weights_label))}
 
 

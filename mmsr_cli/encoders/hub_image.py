@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..errors import MmsrError
 from . import hub
 from .base import ImageEncoder, autocast
@@ -24,6 +26,7 @@ class HubImage(ImageEncoder):
 
     @classmethod
     def claims(cls, model: str) -> bool:
+        # heavy (torchvision, transformers): only when this encoder is built
         import torchvision
 
         if model in set(torchvision.models.list_models(module=torchvision.models)):
@@ -31,6 +34,7 @@ class HubImage(ImageEncoder):
         return "/" in model or Path(model).expanduser().exists()  # a hub name or a local folder
 
     def __init__(self, model: str, weights: str, device, dtype):
+        # heavy: only when this encoder is built
         import transformers
 
         if weights != "default":
@@ -69,8 +73,6 @@ class HubImage(ImageEncoder):
         return self.processor(images=img, return_tensors="pt")["pixel_values"][0]
 
     def encode(self, images: list):
-        import torch
-
         x = torch.stack(images).to(self.device)
         with torch.inference_mode(), autocast(self.device, self.dtype):
             out = self.net(pixel_values=x)

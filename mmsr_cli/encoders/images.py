@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 # Image preparation bounds the memory of every step, whatever the file claims (docs: README,
@@ -46,8 +47,6 @@ def load_image(path: Path, short_side: int = 256):
     ``short_side`` is the size the network's transform resizes the shorter side to; images much
     larger than that are shrunk early, never below it.
     """
-    from PIL import Image, UnidentifiedImageError
-
     try:
         if path.stat().st_size == 0:
             return None, "empty image file"
@@ -77,8 +76,6 @@ def load_image(path: Path, short_side: int = 256):
 def bounded_rgb(img, short_side: int):
     """A decoded image -> RGB, upright (EXIF orientation), aspect ratio at most MAX_ASPECT_RATIO,
     shrunk first when it is far larger than ``short_side`` needs."""
-    from PIL import ImageOps
-
     width, height = img.size
     short, long = min(width, height), max(width, height)
     if long > MAX_ASPECT_RATIO * short:
@@ -107,8 +104,6 @@ def image_warnings_as_errors():
     Set once around the whole extraction, in the main thread: warning filters are global, and
     changing them from the decoding threads would race.
     """
-    from PIL import Image
-
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         yield
@@ -116,8 +111,6 @@ def image_warnings_as_errors():
 
 def to_rgb(img):
     """Any PIL mode -> RGB; transparency is laid on white (product photos' usual background)."""
-    from PIL import Image
-
     if img.mode == "RGB":
         return img.copy()
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit grey: rescale to 8 bits

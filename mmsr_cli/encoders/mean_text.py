@@ -4,6 +4,8 @@ encoder (encoder-decoder models contribute their encoder)."""
 
 from __future__ import annotations
 
+import torch
+
 from . import hub
 from .base import TextEncoder, autocast, mean_pool
 
@@ -16,6 +18,7 @@ class MeanPoolText(TextEncoder):
         return True
 
     def __init__(self, model: str, max_length: int, device, dtype):
+        # heavy: only when this encoder is built
         import transformers
 
         def loader(source: str, local: bool):
@@ -34,8 +37,6 @@ class MeanPoolText(TextEncoder):
         self.dim = int(getattr(config, "d_model", None) or config.hidden_size)
 
     def encode(self, texts: list[str]):
-        import torch
-
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         with torch.inference_mode(), autocast(self.device, self.dtype):

@@ -6,6 +6,8 @@ pooler_output`` (last token + head), on texts padded to the tower's full length 
 
 from __future__ import annotations
 
+import torch
+
 from . import hub
 from .base import TextEncoder, autocast
 
@@ -18,6 +20,7 @@ class TextTower(TextEncoder):
         return hub.peek_model_type(model) in TOWER_TYPES
 
     def __init__(self, model: str, max_length: int, device, dtype):
+        # heavy: only when this encoder is built
         import transformers
 
         def loader(source: str, local: bool):
@@ -38,8 +41,6 @@ class TextTower(TextEncoder):
         self.device, self.dtype, self.max_length = device, dtype, max_length
 
     def encode(self, texts: list[str]):
-        import torch
-
         if self.pad_to is not None:
             batch = self.tokenizer(texts, padding="max_length", truncation=True,
                                    max_length=min(self.max_length, self.pad_to), return_tensors="pt")

@@ -11,6 +11,9 @@ import contextlib
 import io
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from ..errors import MmsrError
 from .base import ImageEncoder, autocast, first_line
 from .images import prepare_item_image
@@ -24,7 +27,7 @@ class TorchvisionImage(ImageEncoder):
         return True  # the fallback for images: an unknown name gets the list of torchvision names
 
     def __init__(self, model: str, weights: str, device, dtype):
-        import torch
+        # heavy: only when this encoder is built
         import torchvision
         from torchvision.models import get_model, get_model_weights
 
@@ -88,8 +91,6 @@ class TorchvisionImage(ImageEncoder):
         return prepare_item_image(rel, root, self.short_side, self.transform)
 
     def encode(self, images: list):
-        import torch
-
         x = torch.stack(images).to(self.device)
         with torch.inference_mode(), autocast(self.device, self.dtype):
             out = self.net(x)
@@ -98,8 +99,6 @@ class TorchvisionImage(ImageEncoder):
 
 def _drop_final_linear(net, model: str) -> int:
     """Replace the last ``nn.Linear`` (the classifier) by identity; return its input size."""
-    from torch import nn
-
     last = None
     for qualified, module in net.named_modules():
         if isinstance(module, nn.Linear):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 
+from .. import contracts as C
 from ..errors import MmsrError
 from .base import DatasetInfo, ModelConfig, Recommender
 
@@ -80,3 +81,17 @@ def model_class(name: str) -> type[Recommender]:
 def build_model(config: ModelConfig, info: DatasetInfo) -> Recommender:
     """A freshly initialised model of ``config.model`` for the dataset described by ``info``."""
     return model_class(config.model)(config, info)
+
+
+def check_model_config(cfg: ModelConfig) -> ModelConfig:
+    """The ranges of the shared fields and the model's own rules (one line naming the option)."""
+    for name, rng in (("dim", C.RANGE_DIM), ("layers", C.RANGE_LAYERS), ("heads", C.RANGE_HEADS),
+                      ("dropout", C.RANGE_DROPOUT), ("attention_dropout", C.RANGE_DROPOUT)):
+        rng.check(f"--{name.replace('_', '-')}", getattr(cfg, name))
+    if cfg.model in ("sasrec", "sasrecf") and cfg.dim % cfg.heads:
+        raise MmsrError(f"--heads: {cfg.heads} does not divide --dim {cfg.dim}")
+    if cfg.model == "mmsr":
+        from .mmsr import check_variant  # the lazy registry: MMSR's module only for MMSR
+
+        check_variant(cfg)
+    return cfg

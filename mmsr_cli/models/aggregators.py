@@ -47,13 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..contracts import REL_HETERO, REL_SELF, RELATION_NAMES
 from ..errors import MmsrError
-from .layers import REL_SELF, TypeIndex
+from .layers import TypeIndex
 
-#: names of the relations of ``edge_rel`` (same ids and names as graphs.RELATION_NAMES)
-RELATION_NAMES = ("self", "in", "out", "bi", "hetero")
 N_RELATIONS = len(RELATION_NAMES)
-REL_HETERO = RELATION_NAMES.index("hetero")
 
 
 def type_name(t: int) -> str:
@@ -167,6 +165,7 @@ class AggregatorLayer(nn.Module):
 
 def gcn(dim: int, n_types: int, activation: bool) -> AggregatorLayer:
     """Eq. 8: h_i = sigma(sum_{j in N_i} W h_j / sqrt(|N_i| |N_j|)) (Kipf & Welling 2017)."""
+    # torch_geometric.nn: loaded only when this aggregator is built
     from torch_geometric.nn import GCNConv
 
     return AggregatorLayer(GCNConv(dim, dim, add_self_loops=False), "plain", True, activation)
@@ -174,6 +173,7 @@ def gcn(dim: int, n_types: int, activation: bool) -> AggregatorLayer:
 
 def sage(dim: int, n_types: int, activation: bool) -> AggregatorLayer:
     """GraphSAGE-mean: h_i = W_1 h_i + W_2 mean_{j in N_i} h_j (Hamilton et al. 2017)."""
+    # torch_geometric.nn: loaded only when this aggregator is built
     from torch_geometric.nn import SAGEConv
 
     return AggregatorLayer(SAGEConv(dim, dim, aggr="mean"), "plain", False, activation)
@@ -181,6 +181,7 @@ def sage(dim: int, n_types: int, activation: bool) -> AggregatorLayer:
 
 def gat(dim: int, n_types: int, activation: bool) -> AggregatorLayer:
     """Eq. 9-11: alpha_ij = sft(a^T [W h_i; W h_j] | N_i), h_i = sum_j alpha_ij W h_j (Velickovic et al. 2018)."""
+    # torch_geometric.nn: loaded only when this aggregator is built
     from torch_geometric.nn import GATConv
 
     return AggregatorLayer(GATConv(dim, dim, heads=1, add_self_loops=False), "plain", True, activation)
@@ -188,6 +189,7 @@ def gat(dim: int, n_types: int, activation: bool) -> AggregatorLayer:
 
 def transformer(dim: int, n_types: int, activation: bool) -> AggregatorLayer:
     """h_i = W_r h_i + sum_j softmax_j((W_q h_i).(W_k h_j)/sqrt(d)) W_v h_j (Shi et al. 2021)."""
+    # torch_geometric.nn: loaded only when this aggregator is built
     from torch_geometric.nn import TransformerConv
 
     return AggregatorLayer(TransformerConv(dim, dim, heads=1), "plain", False, activation)
@@ -195,12 +197,14 @@ def transformer(dim: int, n_types: int, activation: bool) -> AggregatorLayer:
 
 def rgcn(dim: int, n_types: int, activation: bool) -> AggregatorLayer:
     """h_i = W_0 h_i + sum_r mean_{j in N_i^r} W_r h_j, one W_r per relation (Schlichtkrull et al. 2018)."""
+    # torch_geometric.nn: loaded only when this aggregator is built
     from torch_geometric.nn import RGCNConv
 
     return AggregatorLayer(RGCNConv(dim, dim, num_relations=N_RELATIONS), "relational", False, activation)
 
 
 def _node_table_rgat_class():
+    # torch_geometric.nn: loaded only when this aggregator is built
     from torch_geometric.nn import RGATConv
     from torch_geometric.utils import scatter, softmax
 
@@ -245,6 +249,7 @@ def rgat(dim: int, n_types: int, activation: bool) -> AggregatorLayer:
 
 def hgnn(dim: int, n_types: int, activation: bool) -> AggregatorLayer:
     """Heterogeneous GNN: h_i = sum over edge types e into t_i of SAGE_e(h)_i (node- and edge-type weights)."""
+    # torch_geometric.nn: loaded only when this aggregator is built
     from torch_geometric.nn import HeteroConv, SAGEConv
 
     convs = {et: SAGEConv((dim, dim), dim, aggr="mean") for et in edge_types(n_types, self_loops=False)}
@@ -253,6 +258,7 @@ def hgnn(dim: int, n_types: int, activation: bool) -> AggregatorLayer:
 
 def hgt(dim: int, n_types: int, activation: bool) -> AggregatorLayer:
     """Heterogeneous Graph Transformer: type-specific K/Q/V and per-edge-type attention (Hu et al. 2020)."""
+    # torch_geometric.nn: loaded only when this aggregator is built
     from torch_geometric.nn import HGTConv
 
     return AggregatorLayer(HGTConv(dim, dim, metadata(n_types), heads=1), "hetero", True, False)
@@ -260,6 +266,7 @@ def hgt(dim: int, n_types: int, activation: bool) -> AggregatorLayer:
 
 def hgat(dim: int, n_types: int, activation: bool) -> AggregatorLayer:
     """Heterogeneous graph attention: GAT per edge type, then attention over edge types (Wang et al. 2019)."""
+    # torch_geometric.nn: loaded only when this aggregator is built
     from torch_geometric.nn import HANConv
 
     return AggregatorLayer(HANConv(dim, dim, metadata(n_types), heads=1), "hetero", True, False)

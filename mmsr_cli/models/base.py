@@ -8,6 +8,7 @@ models in the harness.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -90,6 +91,9 @@ class Recommender(nn.Module):
     #: the harness fills DatasetInfo.train_interactions / item_features only for models that ask
     needs_interactions: ClassVar[bool] = False
     needs_item_features: ClassVar[bool] = False
+    #: whether the model reads the modality codes of items itself (SASRecF, NOVA, ...: the harness
+    #: loads codes:<m> for it; robustness replaces them through :meth:`set_item_codes`)
+    reads_codes: ClassVar[bool] = False
     #: `mmsr tune`: the model's own options to search, beyond the paper's shared ranges
     #: (space.PAPER_SPACE); option -> space.Range, a tuple of choices, or a fixed value
     search_space: ClassVar[dict] = {}
@@ -109,6 +113,11 @@ class Recommender(nn.Module):
         users, items = self.user_and_item_vectors(batch)
         return users @ items.T
 
+    def set_item_codes(self, modalities: list[ModalityInfo]) -> None:
+        """Replace the item codes the model reads by those of ``modalities`` (dropped or displaced
+        codes: robustness.py). Models that read no codes, or read them through their graphs
+        (MMSR), have nothing to replace."""
+
     def auxiliary_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """A model's own extra training objective, added to the harness's CE (None: none)."""
         return None
@@ -121,8 +130,6 @@ def code_embedding_table(modality: ModalityInfo) -> nn.Embedding:
     in scale (ResNet-50 codes have norms in the hundreds, MiniLM codes about 2), while item tables
     start at unit expected norm; unscaled centres would swamp every fused or merged input.
     """
-    import math
-
     table = nn.Embedding(modality.n_codes, modality.code_dim)
     if modality.centres is None:
         nn.init.normal_(table.weight, std=1.0 / math.sqrt(modality.code_dim))

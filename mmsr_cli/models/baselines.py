@@ -241,6 +241,8 @@ class ModalityCodeChannels:
     the padding item ``n_items`` has no codes. Call ``init_code_channels`` from ``__init__``.
     """
 
+    reads_codes = True
+
     def init_code_channels(self, info: DatasetInfo, model_name: str) -> list[int]:
         """Registers ``code_tables`` and ``item_codes_<i>`` buffers; returns each modality's code_dim."""
         if not info.modalities:
@@ -262,6 +264,15 @@ class ModalityCodeChannels:
                 raise MmsrError(f"model {model_name}: {e}") from e
             self.code_tables.append(table)
         return [m.code_dim for m in info.modalities]
+
+    def set_item_codes(self, modalities) -> None:
+        """Replace each modality's item codes (the padding row keeps none); same modalities only."""
+        if list(self.modality_names) != [m.name for m in modalities]:
+            raise MmsrError(f"model modalities {self.modality_names} != {[m.name for m in modalities]}")
+        for i, m in enumerate(modalities):
+            buffer = getattr(self, f"item_codes_{i}")
+            codes = torch.as_tensor(np.asarray(m.item_codes), dtype=buffer.dtype).view(buffer.shape[0] - 1, -1)
+            buffer[:-1] = codes.to(buffer.device)  # the last row is the padding item (no codes)
 
     def modality_channel(self, i: int, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean code embedding of modality ``i`` for ``items`` [...] -> ([..., code_dim], available [...])."""

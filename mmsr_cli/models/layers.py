@@ -36,9 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import softmax as pyg_softmax
 
-# Relation ids of ``edge_rel`` (same values as graphs.REL_*; kept here so layers import nothing
-# from the data side).
-REL_SELF, REL_IN, REL_OUT, REL_BI, REL_HETERO = 0, 1, 2, 3, 4
+from ..contracts import REL_BI, REL_HETERO, REL_IN, REL_OUT, REL_SELF  # noqa: F401  (edge_rel ids)
+
 N_HOMOGENEOUS_RELATIONS = 4  # SELF, IN, OUT, BI: one a_r each (Eq. 12)
 
 # The CSR kernels used here (sparse @ dense, sampled_addmm) are stable on CPU; silence the

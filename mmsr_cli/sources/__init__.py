@@ -46,6 +46,7 @@ def registered() -> list[Source]:
 
 
 def _built_in() -> None:
+    # the built-in layouts, registered in this order once register() exists
     from . import amazon2014, amazon2023, generic, sequences, synthetic
 
     for module in (sequences, amazon2014, generic, amazon2023, synthetic):

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 from .. import contracts as C
 from ..errors import MmsrError
+from ..runtime import progress
 from .base import DownloadResult, Source
 from .fetch import fetch_file, fetch_images
 from .records import ItemMeta, OnBytes, RawLog, check_id, check_int64, clean_list, clean_text, iter_lines, \
@@ -145,8 +146,6 @@ class Amazon2014(Source):
     interaction_files = ("reviews.json.gz",)
 
     def download(self, ds, opts, log: logging.Logger) -> DownloadResult:
-        from ..runtime import progress
-
         files = urls(ds.name, opts.base_url)
         results = []
         with progress() as bar:

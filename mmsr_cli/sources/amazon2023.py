@@ -81,6 +81,7 @@ class HubFiles:
 def hub_download(ds_root: Path, category: str, benchmark: str | None, revision: str | None,
                  log: logging.Logger) -> HubFiles:
     """Reviews + metadata, or the ``benchmark`` split files + metadata, into ``raw/amazon2023/``."""
+    # huggingface_hub: only for the hub download
     from huggingface_hub import hf_hub_download
     from huggingface_hub import errors as hf_errors
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .. import contracts as C
 from ..errors import MmsrError
 from .fetch import ImageResult
-from .records import ItemMeta, OnBytes, RawLog
+from .records import ItemMeta, OnBytes, RawLog, read_items_jsonl
 
 if TYPE_CHECKING:
     from ..download import DownloadOptions
@@ -136,7 +136,5 @@ class Source:
 
 def items_jsonl_meta(ds: "DatasetDir", wanted: set[str]) -> tuple[dict[str, ItemMeta], str | None]:
     """``raw/items.jsonl``, the optional metadata of the sequence and generic layouts."""
-    from .records import read_items_jsonl
-
     path = ds.path(C.RAW_ITEMS)
     return (read_items_jsonl(path, wanted), C.RAW_ITEMS) if path.is_file() else ({}, None)

@@ -32,6 +32,7 @@ from typing import Callable, Mapping
 from .. import __version__
 from .. import contracts as C
 from ..errors import MmsrError
+from ..runtime import progress
 from ..workdir import write_bytes_atomic
 
 
@@ -430,8 +431,6 @@ def fetch_images(
     the log) and does not stop the others.
     """
     log = log or logging.getLogger("mmsr.download")
-    from ..runtime import progress
-
     images_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(images_dir)
     result = ImageResult(no_url=no_url)

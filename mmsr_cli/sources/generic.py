@@ -8,12 +8,14 @@ item texts. ``--from DIR`` takes ``interactions.csv`` or ``interactions.parquet`
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .. import contracts as C
 from ..errors import MmsrError
@@ -66,8 +68,6 @@ def _check_generic(df: pl.DataFrame, path: Path, row_label: Callable[[int], str]
 
 def _locate_csv_error(path: Path) -> None:
     """Slow path after a failed fast read: name the first line with a wrong field count."""
-    import csv
-
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.reader(f)
@@ -101,8 +101,6 @@ def read_interactions_csv(path: Path) -> RawLog:
 
 
 def read_interactions_parquet(path: Path) -> RawLog:
-    import pyarrow.parquet as pq
-
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:

@@ -140,6 +140,7 @@ def _balanced(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
 
 
 def _draw_image(rng: np.random.Generator, v: int, size: int) -> bytes:
+    # Pillow: only when images are drawn
     from PIL import Image, ImageDraw
 
     colour = np.array(COLOURS[v // len(SHAPES)][1]) + rng.integers(-25, 26, 3)

@@ -13,11 +13,17 @@ next to its code (MMSR: ``search_space = {"fusion": (...)}``), where a tuple or 
 from __future__ import annotations
 
 import math
+import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from ..errors import MmsrError
+from .errors import MmsrError
+from .models import check_model_config, fields_not_read, model_class
+from .models.aggregators import check_aggregator
+from .models.base import ModelConfig
+from .models.layers import FUSION_MODES
+from .runs import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,6 @@ MODEL_OPTIONS = (
 
 def option_type(name: str) -> type:
     """bool, int, float or str: the type of the option's default value."""
-    from ..training import TrainConfig
-    from .base import ModelConfig
-
     return type(getattr(TrainConfig() if name in TRAIN_OPTIONS else ModelConfig(), name))
 
 
@@ -69,8 +72,6 @@ def as_param(value: Any) -> Param:
 def model_space(model: str) -> dict[str, Param]:
     """The search space of ``model``: the paper's shared ranges of the options it reads, then its
     class's own ``search_space`` entries."""
-    from . import fields_not_read, model_class
-
     ignored = set(fields_not_read(model))
     if "lr" in ignored:
         raise MmsrError(f"--model {model}: has no trained parameters, nothing to tune")
@@ -96,8 +97,6 @@ def read_space_file(path: Path, model: str, base: dict[str, Param]) -> dict[str,
     ``{low, high, log, step}`` is a Range, a list a Choice, a plain value fixes the option), other
     options keep theirs; with ``replace = true`` at the top the file's entries are the whole space.
     Errors name the file and the field."""
-    import tomllib
-
     try:
         data = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -109,8 +108,6 @@ def read_space_file(path: Path, model: str, base: dict[str, Param]) -> dict[str,
     replace = data.pop("replace", False)
     if not isinstance(replace, bool):
         raise MmsrError(f"{path}: field 'replace': expected true or false, got {replace!r}")
-    from . import fields_not_read
-
     ignored = set(fields_not_read(model))
     space = {} if replace else dict(base)
     for key, value in data.items():
@@ -184,11 +181,6 @@ def check_space(space: dict[str, Param], model: str, where: str) -> None:
 
 def configs(options: dict[str, Any], model: str, **train_fields):
     """(TrainConfig, ModelConfig) with ``options`` over the defaults, both validated."""
-    from ..training import TrainConfig, check_model_config
-    from .aggregators import check_aggregator
-    from .base import ModelConfig
-    from .layers import FUSION_MODES
-
     tc = TrainConfig(**{**asdict(TrainConfig()), **train_fields, "model": model,
                         **{k: v for k, v in options.items() if k in TRAIN_OPTIONS}}).validate()
     mc = check_model_config(ModelConfig(**{**asdict(ModelConfig()), "model": model,
