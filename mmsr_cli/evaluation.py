@@ -174,7 +174,7 @@ def prepare_evaluation(ds, run: str, split: str, checkpoint: str, dev, setting=N
         else:
             disorder_seed = setting.seed
         loaded.model.set_item_codes(bundle.info.modalities)
-        data = R.open_split(ds, bundle, split, disorder_seed)
+        data = bundle.open_split(ds, split, disorder_seed)
     codes = recorded_codes(ds, loaded.config)  # runs trained before config.json recorded them
     config = loaded.config if codes is None else {**loaded.config, "codes": codes}
     return _Evaluation(loaded, data, applied, config, dev)

@@ -18,11 +18,8 @@ import pyarrow as pa
 import torch
 
 from . import contracts as C
-from .data import pad_histories
 from .errors import MmsrError
 from .evaluation import to_device
-from .models.base import DatasetInfo
-from .graphs import collate_histories
 from .runs import LoadedRun
 from .workdir import DatasetDir, read_parquet
 
@@ -87,39 +84,6 @@ class UserSequences:
         return np.asarray(rows, dtype=np.int64)
 
 
-def graph_batches_for_histories(
-    info: DatasetInfo, variant: str, flat: np.ndarray, ptr: np.ndarray, rows: np.ndarray, batch_size: int
-):
-    """MSGraph batches (GraphSplit.collate format) of the histories ``flat[ptr[r]:ptr[r+1]]``.
-
-    Built in memory per batch by ``graphs.collate_histories`` (build-graphs' construction) with
-    the modality codes in ``info`` (node types in ``info.modalities`` order; ``variant`` is already
-    reflected in those codes). Histories longer than ``info.max_len`` keep their most recent items.
-    Yields (rows of the batch, batch).
-    """
-    for start in range(0, len(rows), batch_size):
-        batch_rows = rows[start : start + batch_size]
-        histories = [flat[ptr[r] : ptr[r + 1]] for r in batch_rows]
-        yield batch_rows, collate_histories(
-            histories, info.modalities, info.n_items, max_len=info.max_len, user_idx=batch_rows
-        )
-
-
-def sequence_batches_for_histories(
-    info: DatasetInfo, variant: str, flat: np.ndarray, ptr: np.ndarray, rows: np.ndarray, batch_size: int
-):
-    """Padded-history batches (SequenceSplit.collate format) of the histories of ``rows``."""
-    for start in range(0, len(rows), batch_size):
-        batch_rows = rows[start : start + batch_size]
-        history, lengths = pad_histories(flat, ptr, batch_rows, info.max_len, info.n_items)
-        yield batch_rows, {
-            "history": torch.from_numpy(history),
-            "lengths": torch.from_numpy(lengths),
-            "target": torch.zeros(len(batch_rows), dtype=torch.long),
-            "user_idx": torch.from_numpy(batch_rows.astype(np.int64)),
-        }
-
-
 @torch.no_grad()
 def recommend(ds: DatasetDir, run: LoadedRun, opts: RecommendOptions, device: torch.device) -> pa.Table:
     """Top-K items of each requested user (RECS_SCHEMA rows, users in request order)."""
@@ -136,11 +100,10 @@ def recommend(ds: DatasetDir, run: LoadedRun, opts: RecommendOptions, device: to
     if len(item_ids) != info.n_items:
         raise MmsrError(f"{ds.path(C.ITEMS)}: {len(item_ids)} items, the run expects {info.n_items}")
 
-    make = graph_batches_for_histories if type(run.model).input_kind == "graph" else sequence_batches_for_histories
     k = min(opts.top_k, info.n_items)
     out_user, out_rank, out_item, out_score = [], [], [], []
     model = run.model.to(device).eval()
-    batches = make(info, run.model_config.graph_variant, seqs.flat, seqs.ptr, rows, opts.batch_size)
+    batches = run.bundle.kind.history_batches(info, seqs.flat, seqs.ptr, rows, opts.batch_size)
     for batch_rows, batch in batches:
         scores = model.score(to_device(batch, device)).float()
         if opts.exclude_seen:

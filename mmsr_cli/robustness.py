@@ -8,7 +8,7 @@ extract-features recorded it, NAME one modality). A dropped item's codes become 
 
 * MMSR: the item's nodes of that modality are *removed* from every graph, never replaced by
   default vectors (section 5.4): the graphs are built per batch from the samples' histories with
-  those codes (:class:`HistoryGraphSplit`, build-graphs' vectorised construction, so a code node
+  those codes (inputs.HistoryGraphSplit, build-graphs' vectorised construction, so a code node
   no item of the sample links to any more disappears with its edges and positions, and the
   transitions and cross-modality links the item contributed go with it). The stored graphs of
   build-graphs cannot be edited in place: an edge or position of a shared code node does not say
@@ -35,13 +35,9 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from . import contracts as C
-from .data import SequenceSplit
 from .errors import MmsrError
-from .graphs import collate_histories
-from .models import model_class
 from .models.base import DatasetInfo, ModalityInfo
 
 DROP_ALL = "all"
@@ -231,7 +227,7 @@ def disorder_histories(flat: np.ndarray, ptr: np.ndarray, seed: int) -> np.ndarr
 
 
 def apply_drop(ds, bundle, selector: str, ratio: float, seed: int, option: str = "--drop-modality"):
-    """``bundle`` (training.DatasetBundle) with the selected modalities dropped for a share of items;
+    """``bundle`` (inputs.DatasetBundle) with the selected modalities dropped for a share of items;
     graph models then build their graphs per batch from these codes. Returns (bundle, counts)."""
     info: DatasetInfo = bundle.info
     if not info.modalities:
@@ -254,39 +250,3 @@ def apply_mismatch(bundle, ratio: float, seed: int):
         )
     modalities, counts = mismatch_modalities(info.modalities, ratio, seed)
     return replace(bundle, info=replace(info, modalities=modalities), rebuild_graphs=True), counts
-
-
-class HistoryGraphSplit:
-    """A split's samples as MSGraphs built per batch (base.SplitData), from the histories and the
-    item codes of ``modalities`` (node type i + 1 = modalities[i]) by build-graphs' construction
-    (graphs.collate_histories): equal to the stored graphs when codes and histories are unchanged."""
-
-    def __init__(self, samples, modalities: Sequence[ModalityInfo], n_items: int, max_len: int):
-        self.samples = samples  # data.SequenceSplit: flat histories, offsets, targets, users
-        self.modalities = list(modalities)
-        self.n_items = n_items
-        self.max_len = max_len
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def collate(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        s = self.samples
-        histories = [s.flat[s.ptr[r] : s.ptr[r + 1]] for r in idx]
-        return collate_histories(
-            histories, self.modalities, self.n_items, max_len=self.max_len,
-            target=s.target[idx], user_idx=s.user_idx[idx],
-        )
-
-
-def open_split(ds, bundle, split: str, disorder_seed: int | None = None):
-    """The split a model of ``bundle`` reads, built from the samples (histories shuffled with
-    ``disorder_seed``); graph models get per-batch graphs from ``bundle.info``'s codes."""
-    info: DatasetInfo = bundle.info
-    samples = SequenceSplit.open(ds, split, info.max_len, info.n_items)
-    if disorder_seed is not None:
-        samples = replace(samples, flat=disorder_histories(samples.flat, samples.ptr, disorder_seed))
-    if model_class(bundle.model_config.model).input_kind == "graph":
-        return HistoryGraphSplit(samples, info.modalities, info.n_items, info.max_len)
-    return samples

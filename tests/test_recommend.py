@@ -12,8 +12,9 @@ import torch
 
 from mmsr_cli import contracts as C
 from mmsr_cli.graphs import GraphSplit
+from mmsr_cli.inputs import GraphInput
 from mmsr_cli.models.base import DatasetInfo
-from mmsr_cli.recommend import RECS_SCHEMA, graph_batches_for_histories, write_stdout
+from mmsr_cli.recommend import RECS_SCHEMA, write_stdout
 from mmsr_cli.workdir import DatasetDir
 
 from conftest import run_cli, one_error_line
@@ -140,7 +141,7 @@ def graphs(trained) -> DatasetDir:
     return trained
 
 
-def test_graph_batches_for_histories_match_stored_graphs(graphs):
+def test_graph_history_batches_match_stored_graphs(graphs):
     """recommend builds MSGraphs for arbitrary histories exactly like build-graphs stores them."""
     trained = graphs
     stored = GraphSplit.open(trained, "test")
@@ -150,7 +151,7 @@ def test_graph_batches_for_histories_match_stored_graphs(graphs):
     ptr = history.offsets.to_numpy().astype(np.int64)
     info = DatasetInfo(n_items=N_TOY_ITEMS, n_users=60, max_len=8)
     rows = np.array([5, 0, 17, 3], dtype=np.int64)
-    (batch_rows, built), = list(graph_batches_for_histories(info, "codes", flat, ptr, rows, batch_size=64))
+    (batch_rows, built), = list(GraphInput().history_batches(info, flat, ptr, rows, batch_size=64))
     expected = stored.collate(rows)
     assert batch_rows.tolist() == rows.tolist()
     for key in expected:

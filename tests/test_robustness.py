@@ -201,11 +201,14 @@ def metrics(ds: DatasetDir, run: str, name: str) -> dict:
 
 
 def test_history_graphs_equal_the_stored_graphs_when_nothing_is_dropped(coded):
-    from mmsr_cli.inputs import load_dataset
+    from dataclasses import replace
+
+    from mmsr_cli.inputs import HistoryGraphSplit, load_dataset
 
     bundle = load_dataset(coded, ModelConfig(model="mmsr"))
     stored = GraphSplit.open(coded, "test", modalities=list(bundle.model_config.modalities))
-    built = R.open_split(coded, bundle, "test")
+    built = replace(bundle, rebuild_graphs=True).open_split(coded, "test")
+    assert isinstance(built, HistoryGraphSplit) and isinstance(bundle.open_split(coded, "test"), GraphSplit)
     idx = np.array([3, 0, 11, 7])
     a, b = stored.collate(idx), built.collate(idx)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -298,7 +301,7 @@ def test_train_with_dropped_modalities_records_and_reapplies_the_drop(coded):
 
 class HandGraphs:
     """The test split as per-batch MSGraphs of ``histories`` under ``modalities`` (build-graphs'
-    construction, graphs.collate_histories), built here rather than by robustness.open_split."""
+    construction, graphs.collate_histories), built here rather than by inputs.GraphInput.open_split."""
 
     def __init__(self, samples, modalities, info):
         self.samples, self.modalities, self.info = samples, modalities, info

@@ -86,11 +86,9 @@ class SplitData(Protocol):
 class Recommender(nn.Module):
     """Batch in, user vectors out; scores against all items by dot product."""
 
-    #: which split data the model reads: "sequence" (padded histories) or "graph" (MSGraphs)
+    #: what the model reads (inputs.KINDS): "sequence" (padded histories), "graph" (MSGraphs) or
+    #: "user-item" (the training user-item pairs and the items' features: collaborative models)
     input_kind: ClassVar[str] = "sequence"
-    #: the harness fills DatasetInfo.train_interactions / item_features only for models that ask
-    needs_interactions: ClassVar[bool] = False
-    needs_item_features: ClassVar[bool] = False
     #: whether the model reads the modality codes of items itself (SASRecF, NOVA, ...: the harness
     #: loads codes:<m> for it; robustness replaces them through :meth:`set_item_codes`)
     reads_codes: ClassVar[bool] = False

@@ -39,8 +39,7 @@ from .layers import CsrGraph, _Aggregate, _EdgeDot
 class UserItemGraphModel(Recommender):
     """Shared part: the training user-item graph, item feature buffers, scoring by user node."""
 
-    needs_interactions = True
-    needs_item_features = True
+    input_kind = "user-item"  # the training user-item pairs and the items' features (inputs.py)
 
     def __init__(self, config: ModelConfig, info: DatasetInfo):
         super().__init__()
