@@ -33,7 +33,7 @@ from unittest import mock
 
 import mmsr_cli.models.han_authors as han
 import mmsr_cli.models.mmsr as mmsr_model
-from mmsr_cli.models.layers import TypedLinear, UpdateGate, _EdgeDot, aggregate
+from mmsr_cli.models.layers import TypedLinear, UpdateGate, EdgeDot, aggregate
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "mmsr-authors-beauty.toml"
 DEPARTURES = ("keys-values", "scaled", "slope", "no-att-drop", "hohe-phase2", "concat-gate", "paper-init")
@@ -59,7 +59,7 @@ class MeasuredLayer(han.AuthorsHANLayer):
         drop = self.attention_dropout
 
         def he(scores_from_q, scores_from_k):
-            return han._softmax(_EdgeDot.apply(scores_from_k, scores_from_q, edges.he) * scale, edges.he)
+            return han._softmax(EdgeDot.apply(scores_from_k, scores_from_q, edges.he) * scale, edges.he)
 
         he_alpha = he(q, k)
         h_he = aggregate(drop(he_alpha), v, edges.he)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Seconds per training step of the sequence baselines with and without length groups
-(``models.baselines.by_length_groups``), same weights, same real batch.
+(``models.common.by_length_groups``), same weights, same real batch.
 
 The batch: ``--batch`` training samples of a prepared dataset (``mmsr preprocess`` and, for the
 models that read codes, ``mmsr build-codes``), drawn with ``--seed``. One step = forward,
@@ -28,13 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from mmsr_cli.errors import MmsrError
-from mmsr_cli.models import baselines, build_model, feature_baselines, srgnn
+from mmsr_cli.models import build_model, difsr, gru4rec, gru4recf, nova, sasrec, srgnn, trans2d
+from mmsr_cli.models.common import by_length_groups
 from mmsr_cli.models.base import ModelConfig
 from mmsr_cli.inputs import load_dataset
 from mmsr_cli.workdir import DatasetDir
 
 GROUPED = ["gru4rec", "sasrec", "sasrecf", "srgnn", "gru4recf", "nova", "difsr", "trans2d"]
-MODULES = (baselines, feature_baselines, srgnn)
+MODULES = (gru4rec, sasrec, srgnn, gru4recf, nova, difsr, trans2d)  # the modules that call by_length_groups
 
 
 def one_pass(lengths, encode):
@@ -49,7 +50,7 @@ def bench(ds: DatasetDir, name: str, steps: int, batch_size: int, seed: int) -> 
     split = bundle.open_split(ds, "train")
     batch = split.collate(np.random.default_rng(seed).choice(len(split), batch_size, replace=False))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    grouped = baselines.by_length_groups
+    grouped = by_length_groups
 
     def step(forward) -> tuple[float, float]:
         for module in MODULES:

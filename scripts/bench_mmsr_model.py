@@ -4,7 +4,7 @@ Batches are real MSGraphs (``graphs.build_msgraphs`` + ``GraphSplit.collate``) o
 Beauty-like data: 12,101 items, histories of ~9 items (uniform 5..13, i.e. what Beauty's 8.9
 interactions per user look like at their longest), each item with k codes out of c clusters in
 each of two text-like modalities. One step = forward, cross-entropy over all items (Eq. 7),
-backward, Adam step. The reference is the harness's SASRec (``models.baselines.SASRec``, same
+backward, Adam step. The reference is the harness's SASRec (``models.sasrec.SASRec``, same
 d, 2 blocks, 2 heads) on the same histories as ``data.SequenceSplit`` batches them (left-padded
 to max_len = 50; SASRec itself drops the all-padding columns), with the same loss; the budget is
 MMSR <= 2.5x SASRec per epoch.
@@ -24,7 +24,7 @@ from torch import nn
 
 from mmsr_cli import graphs
 from mmsr_cli.data import pad_histories
-from mmsr_cli.models.baselines import SASRec
+from mmsr_cli.models.sasrec import SASRec
 from mmsr_cli.models.base import DatasetInfo, ModalityInfo, ModelConfig
 from mmsr_cli.models.mmsr import MMSR
 

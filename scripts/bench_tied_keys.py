@@ -25,7 +25,7 @@ import mmsr_cli.models.layers as layers
 
 def _scores_tied(self, q, k, edges):
     """Eq. 13 with W_K := W_Q: the target side takes its query where the paper has its key."""
-    return layers._EdgeDot.apply(q, q, edges.he) * self.scale
+    return layers.EdgeDot.apply(q, q, edges.he) * self.scale
 
 
 @contextmanager

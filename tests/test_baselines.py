@@ -11,7 +11,7 @@ from mmsr_cli.errors import MmsrError
 from mmsr_cli.metrics import pessimistic_ranks
 from mmsr_cli.models import REGISTRY, build_model, check_model_name, model_class
 from mmsr_cli.models.base import DatasetInfo, ModalityInfo, ModelConfig, Recommender
-from mmsr_cli.models.baselines import SASRecF
+from mmsr_cli.models.sasrecf import SASRecF
 
 N_ITEMS, MAX_LEN = 12, 5
 PAD = N_ITEMS

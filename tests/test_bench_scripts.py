@@ -116,17 +116,16 @@ def test_tied_keys_patch_is_the_layer_with_w_k_equal_to_w_q_and_is_undone():
 def test_length_groups_bench_times_both_forwards_and_restores_the_grouped_one(tmp_path):
     """scripts/bench_length_groups.py swaps the models' ``by_length_groups`` for one pass over the
     longest history on every other step; afterwards the models must group again."""
-    from mmsr_cli.models import baselines, feature_baselines, srgnn
+    from mmsr_cli.models.common import by_length_groups
 
     script = load_script("bench_length_groups")
     ds = make_coded_toy(tmp_path)
-    grouped = baselines.by_length_groups
+    grouped = by_length_groups
     for name in ("sasrec", "trans2d"):
         row = script.bench(ds, name, steps=1, batch_size=16, seed=0)
         assert row["model"] == name and 5 <= row["max length"] <= 8
         assert row["one pass cpu"] > 0 and row["grouped cpu"] > 0
-    assert baselines.by_length_groups is grouped
-    assert feature_baselines.by_length_groups is grouped and srgnn.by_length_groups is grouped
+    assert all(module.by_length_groups is grouped for module in script.MODULES)
 
 
 def test_length_groups_bench_on_a_missing_dataset_is_a_one_line_error(tmp_path, monkeypatch):

@@ -19,7 +19,9 @@ from mmsr_cli import training
 from mmsr_cli.metrics import pessimistic_ranks
 from mmsr_cli.models import build_model
 from mmsr_cli.models.base import DatasetInfo, ModelConfig
-from mmsr_cli.models.collaborative import BM3, MGAT, MMGCN
+from mmsr_cli.models.bm3 import BM3
+from mmsr_cli.models.mgat import MGAT
+from mmsr_cli.models.mmgcn import MMGCN
 from mmsr_cli.workdir import DatasetDir
 
 from conftest import run_cli

@@ -1,4 +1,4 @@
-"""Length groups (baselines.by_length_groups): the sequence baselines run their layers once per group
+"""Length groups (models.common.by_length_groups): the sequence baselines run their layers once per group
 of similar history lengths, over that group's longest history only. That may change the cost and
 nothing else: the same loss and the same gradients as one pass over the batch's longest history."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmsr_cli.models import baselines, feature_baselines, srgnn
-from mmsr_cli.models.baselines import by_length_groups
+from mmsr_cli.models import difsr, gru4rec, gru4recf, nova, sasrec, srgnn, trans2d
+from mmsr_cli.models.common import by_length_groups
 
 from test_baselines import batch, image_modality, make
 
@@ -57,7 +57,7 @@ def test_grouped_training_step_equals_one_pass_over_the_longest_history(name, mo
         return loss.detach(), grads
 
     grouped_loss, grouped_grads = step()
-    for module in (baselines, feature_baselines, srgnn):
+    for module in (gru4rec, sasrec, srgnn, gru4recf, nova, difsr, trans2d):
         monkeypatch.setattr(module, "by_length_groups", one_pass)
     loss, grads = step()
     assert torch.allclose(grouped_loss, loss, atol=1e-6)

@@ -14,7 +14,7 @@ from mmsr_cli import robustness as R
 from mmsr_cli.errors import MmsrError
 from mmsr_cli.graphs import REL_HETERO, REL_SELF, GraphSplit, collate_histories
 from mmsr_cli.models.base import DatasetInfo, ModalityInfo, ModelConfig
-from mmsr_cli.models.baselines import SASRecF
+from mmsr_cli.models.sasrecf import SASRecF
 from mmsr_cli.models.mmsr import MMSR
 from mmsr_cli.workdir import DatasetDir
 

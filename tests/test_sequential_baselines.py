@@ -13,15 +13,11 @@ import torch.nn.functional as F
 from mmsr_cli.errors import MmsrError
 from mmsr_cli.models import REGISTRY, build_model, model_class
 from mmsr_cli.models.base import ModelConfig, Recommender
-from mmsr_cli.models.feature_baselines import (
-    DIFSR,
-    NOVA,
-    GRU4RecF,
-    Trans2D,
-    Attention2D,
-    attention2d_mask,
-    trimmed_history,
-)
+from mmsr_cli.models.common import trimmed_history
+from mmsr_cli.models.difsr import DIFSR
+from mmsr_cli.models.gru4recf import GRU4RecF
+from mmsr_cli.models.nova import NOVA
+from mmsr_cli.models.trans2d import Attention2D, Trans2D, attention2d_mask
 from mmsr_cli.models.srgnn import SRGNN, session_graphs
 
 from conftest import assert_metrics_match_ranks

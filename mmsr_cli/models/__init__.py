@@ -16,18 +16,18 @@ from .base import DatasetInfo, ModelConfig, Recommender
 
 REGISTRY: dict[str, str] = {
     "mmsr": "mmsr_cli.models.mmsr:MMSR",
-    "pop": "mmsr_cli.models.baselines:Pop",
-    "gru4rec": "mmsr_cli.models.baselines:GRU4Rec",
-    "sasrec": "mmsr_cli.models.baselines:SASRec",
-    "sasrecf": "mmsr_cli.models.baselines:SASRecF",
+    "pop": "mmsr_cli.models.pop:Pop",
+    "gru4rec": "mmsr_cli.models.gru4rec:GRU4Rec",
+    "sasrec": "mmsr_cli.models.sasrec:SASRec",
+    "sasrecf": "mmsr_cli.models.sasrecf:SASRecF",
     "srgnn": "mmsr_cli.models.srgnn:SRGNN",
-    "gru4recf": "mmsr_cli.models.feature_baselines:GRU4RecF",
-    "nova": "mmsr_cli.models.feature_baselines:NOVA",
-    "difsr": "mmsr_cli.models.feature_baselines:DIFSR",
-    "trans2d": "mmsr_cli.models.feature_baselines:Trans2D",
-    "mmgcn": "mmsr_cli.models.collaborative:MMGCN",
-    "mgat": "mmsr_cli.models.collaborative:MGAT",
-    "bm3": "mmsr_cli.models.collaborative:BM3",
+    "gru4recf": "mmsr_cli.models.gru4recf:GRU4RecF",
+    "nova": "mmsr_cli.models.nova:NOVA",
+    "difsr": "mmsr_cli.models.difsr:DIFSR",
+    "trans2d": "mmsr_cli.models.trans2d:Trans2D",
+    "mmgcn": "mmsr_cli.models.mmgcn:MMGCN",
+    "mgat": "mmsr_cli.models.mgat:MGAT",
+    "bm3": "mmsr_cli.models.bm3:BM3",
 }
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import softmax as pyg_softmax
 
-from .layers import CsrGraph, HomogeneousAttention, LayerPlan, RelationEdges, TypedLinear, TypeIndex, _EdgeDot, aggregate, rows_of
+from .layers import CsrGraph, HomogeneousAttention, LayerPlan, RelationEdges, TypedLinear, TypeIndex, EdgeDot, aggregate, rows_of
 
 AUTHORS_SLOPE = 0.1  # their ``alpha`` for the LeakyReLU of the scores
 
@@ -77,7 +77,7 @@ class AuthorsHANLayer(nn.Module):
         if plan is not None:
             return self._forward_rows(h, plan)
         q = self.query(h, types)  # q = k = v
-        he_alpha = _softmax(_EdgeDot.apply(q, q, edges.he), edges.he)  # q_i . q_j, unscaled
+        he_alpha = _softmax(EdgeDot.apply(q, q, edges.he), edges.he)  # q_i . q_j, unscaled
         h_he = aggregate(self.attention_dropout(he_alpha), q, edges.he)  # phase 1 of he->ho
         ho_alpha = _softmax(self.homogeneous(h_he, edges), edges.ho)  # a_r . (h^he_i (.) h^he_j)
         out_heho = aggregate(self.attention_dropout(ho_alpha), q, edges.ho)  # non-invasive phase 2
@@ -90,12 +90,12 @@ class AuthorsHANLayer(nn.Module):
         n, rows = h.shape[0], plan.inputs
         q = rows_of(self.query(h[rows], plan.types_of(rows)), rows, n)
         he = plan.he_edges.he  # phase 1 of he->ho at the out rows and their sequence neighbours
-        h_he = aggregate(self.attention_dropout(_softmax(_EdgeDot.apply(q[plan.he_rows], q, he), he)), q, he)
+        h_he = aggregate(self.attention_dropout(_softmax(EdgeDot.apply(q[plan.he_rows], q, he), he)), q, he)
         h_he_all = rows_of(h_he, plan.he_rows, n)
         ho, he_out = plan.out_edges.ho, plan.out_edges.he
         ho_alpha = _softmax(self.homogeneous(h_he[plan.out_in_he], plan.out_edges, h_he_all), ho)
         out_heho = aggregate(self.attention_dropout(ho_alpha), q, ho)
-        he_alpha = _softmax(_EdgeDot.apply(q[plan.out], q, he_out), he_out)
+        he_alpha = _softmax(EdgeDot.apply(q[plan.out], q, he_out), he_out)
         out_hohe = aggregate(self.attention_dropout(he_alpha), q, he_out)  # item 5
         out, beta = self.gate(out_hohe, out_heho)
         self.last_gate = beta.detach()

@@ -139,7 +139,7 @@ def _sampled_dot(x_row: Tensor, x_col: Tensor, graph: CsrGraph) -> Tensor:
     return torch.sparse.sampled_addmm(graph.pattern(x_row), x_row, x_col.T, beta=0.0).values()
 
 
-class _EdgeDot(torch.autograd.Function):
+class EdgeDot(torch.autograd.Function):
     """e_k = x_row[row_k] . x_col[col_k] for every edge k (a sampled dense-dense product)."""
 
     @staticmethod
@@ -157,7 +157,7 @@ class _EdgeDot(torch.autograd.Function):
         return grad_row, grad_col, None
 
 
-class _Aggregate(torch.autograd.Function):
+class Aggregate(torch.autograd.Function):
     """out_i = sum_k alpha_k values[col_k] over the edges k with row_k = i (a sparse matmul)."""
 
     @staticmethod
@@ -393,7 +393,7 @@ class HeterogeneousAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, edges: RelationEdges) -> Tensor:
         """Scores [E_he] (edge order of ``edges.he_index``)."""
-        return _EdgeDot.apply(k, q, edges.he) * self.scale
+        return EdgeDot.apply(k, q, edges.he) * self.scale
 
 
 def neighbourhood_softmax(scores: Tensor, graph: CsrGraph) -> Tensor:
@@ -403,7 +403,7 @@ def neighbourhood_softmax(scores: Tensor, graph: CsrGraph) -> Tensor:
 
 def aggregate(alpha: Tensor, values: Tensor, graph: CsrGraph) -> Tensor:
     """Eq. 14: h_i = sum_j alpha_ij v_j over the edges j -> i."""
-    return _Aggregate.apply(alpha, values, graph)
+    return Aggregate.apply(alpha, values, graph)
 
 
 class Dropout(nn.Dropout):

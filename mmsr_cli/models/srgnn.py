@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from .base import DatasetInfo, ModelConfig
-from .baselines import _ItemTable, by_length_groups
-from .feature_baselines import trimmed_history
+from .common import ItemTable, by_length_groups, trimmed_history
 
 
 @dataclass
@@ -78,7 +77,7 @@ class GatedGraphLayer(nn.Module):
         return (1 - z) * v + z * candidate  # Eq. 5
 
 
-class SRGNN(_ItemTable):
+class SRGNN(ItemTable):
     """SR-GNN: session graph -> ``layers`` GGNN steps -> attention readout (SR-GNN's "Learning Item
     Embeddings on Session Graphs" and "Generating Session Embeddings").
 
