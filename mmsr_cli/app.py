@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - older typer uses the click package
 from . import __version__
 from . import contracts as C
 from .entry import INTERRUPTED
-from .errors import MmsrError, Range
+from .errors import MmsrError, Range, parse_list  # noqa: F401  (parse_list: for the commands)
 from .runtime import console  # noqa: F401  (the commands print through the library's console)
 
 app = typer.Typer(
@@ -168,16 +168,6 @@ def ranged(*decls: str, rng: Range, help: str):
 
 # Seeds reach numpy, which takes 0 .. 2**32 - 1.
 SeedOpt = Annotated[int, ranged("--seed", rng=C.RANGE_SEED, help="Random seed.")]
-
-
-def parse_list(value: str | None, option: str) -> list[str]:
-    """Comma-separated option value -> list of non-empty stripped strings."""
-    if value is None:
-        return []
-    items = [v.strip() for v in value.split(",")]
-    if any(not v for v in items):
-        raise MmsrError(f"{option}: empty entry in {value!r}")
-    return items
 
 
 def _crash_log(exc: BaseException) -> Path:

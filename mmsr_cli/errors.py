@@ -71,3 +71,13 @@ class Range:
                 value < self.hi if self.hi_open else value <= self.hi)
         if not ok:
             raise MmsrError(f"{option}: must be {self.describe()}, got {value}")
+
+
+def parse_list(value: str | None, option: str) -> list[str]:
+    """Comma-separated option value -> list of non-empty stripped strings (None: empty)."""
+    if value is None:
+        return []
+    items = [v.strip() for v in value.split(",")]
+    if any(not v for v in items):
+        raise MmsrError(f"{option}: empty entry in {value!r}")
+    return items

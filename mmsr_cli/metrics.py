@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 import torch
 
 from . import contracts as C
-from .errors import MmsrError
+from .errors import MmsrError, parse_list
 
 MetricFn = Callable[[torch.Tensor, int], torch.Tensor]  # (ranks [B] float64, k) -> values [B] float64
 
@@ -105,9 +105,7 @@ class Selection:
 
 
 def _entries(value: str, option: str) -> list[str]:
-    items = [v.strip() for v in value.split(",")]
-    if any(not v for v in items):
-        raise MmsrError(f"{option}: empty entry in {value!r}")
+    items = parse_list(value, option)
     if len(set(items)) != len(items):
         raise MmsrError(f"{option}: an entry is named twice in {value!r}")
     return items

@@ -17,7 +17,7 @@ An experiment is a run's config without what only tells repetitions apart (seed,
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,13 @@ import numpy as np
 import torch
 
 from . import contracts as C
-from .errors import MmsrError, check_typed_fields
+from .errors import MmsrError, check_typed_fields, parse_list
 from .inputs import DatasetBundle, load_dataset
 from .metrics import check_metric
-from .models import build_model, check_model_config, check_model_name
+from .models import build_model, check_model_config, check_model_name, fields_not_read
+from .models.aggregators import check_aggregator
 from .models.base import ModelConfig, Recommender
+from .models.layers import FUSION_MODES
 from .robustness import apply_drop, check_drop_options
 from .workdir import DatasetDir, write_torch_atomic
 
@@ -72,6 +74,46 @@ class TrainConfig:
         if self.run_name and not C.DATASET_NAME_RE.match(self.run_name):
             raise MmsrError(f"--run-name: invalid name {self.run_name!r} (letters, digits, '.', '_' and '-')")
         return self
+
+
+# The `mmsr train` option of a config field where it is not the field's name: the flags that
+# switch a default off (--no-pos-emb: pos_emb False; --no-codes: graph_variant "items").
+OPTION_NAMES = {"pos_emb": "no-pos-emb", "type_emb": "no-type-emb", "graph_variant": "no-codes"}
+HAN_ONLY = ("fusion", "invasive", "attention_dropout")  # the options of MMSR's HAN-GNN layers alone
+
+
+def train_configs(model: str, **given: Any) -> tuple[TrainConfig, ModelConfig]:
+    """The TrainConfig and ModelConfig of a run of ``model`` from the options given (TrainConfig
+    and ModelConfig fields; None: not given, the default), checked as `mmsr train` checks them,
+    one line naming the option: an option the model does not read is refused, so are MMSR's
+    HAN-GNN options with another --aggregator; ``modalities`` may be the option's comma-separated
+    form. A script calling :func:`training.train` through this gets the command's checks."""
+    check_model_name(model)
+    given = {k: v for k, v in given.items() if v is not None}
+    known = {f.name for f in fields(TrainConfig)} | {f.name for f in fields(ModelConfig)}
+    if set(given) - known:
+        raise TypeError(f"train_configs: unknown fields {sorted(set(given) - known)}")
+    for name in fields_not_read(model):
+        if name in given:
+            raise MmsrError(f"--{OPTION_NAMES.get(name, name.replace('_', '-'))}: not used by model {model}")
+    aggregator = given.get("aggregator")
+    if aggregator is not None and check_aggregator(aggregator) != "han":
+        for name in HAN_ONLY:
+            if name in given:
+                raise MmsrError(f"--{name.replace('_', '-')}: only used by --aggregator han, not {aggregator}")
+    if "fusion" in given and given["fusion"] not in FUSION_MODES:
+        raise MmsrError(f"--fusion: expected one of {', '.join(FUSION_MODES)}, got {given['fusion']!r}")
+    modalities = given.pop("modalities", ())
+    names = parse_list(modalities, "--modalities") if isinstance(modalities, str) else list(modalities)
+    drop = check_drop_options(given.pop("drop_modality", None), given.pop("drop_ratio", None))
+    if len(set(names)) != len(names):
+        shown = modalities if isinstance(modalities, str) else ",".join(names)
+        raise MmsrError(f"--modalities: a modality is named twice in {shown}")
+    train = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given}
+    tc = TrainConfig(**{**train, "model": model, "drop_modality": drop[0] if drop else "",
+                        "drop_ratio": drop[1] if drop else 0.0}).validate()
+    options = {f.name: given[f.name] for f in fields(ModelConfig) if f.name in given}
+    return tc, ModelConfig(**{**options, "model": model, "modalities": tuple(names)})
 
 
 def default_run_name(ds: DatasetDir, cfg: TrainConfig, model: ModelConfig | None = None) -> str:

@@ -20,9 +20,7 @@ from typing import Any, Union
 
 from .errors import MmsrError
 from .models import check_model_config, fields_not_read, model_class
-from .models.aggregators import check_aggregator
 from .models.base import ModelConfig
-from .models.layers import FUSION_MODES
 from .runs import TrainConfig
 
 
@@ -183,11 +181,9 @@ def configs(options: dict[str, Any], model: str, **train_fields):
     """(TrainConfig, ModelConfig) with ``options`` over the defaults, both validated."""
     tc = TrainConfig(**{**asdict(TrainConfig()), **train_fields, "model": model,
                         **{k: v for k, v in options.items() if k in TRAIN_OPTIONS}}).validate()
+    # the model's own rules (its config's validate): MMSR's variant, aggregator and fusion
     mc = check_model_config(ModelConfig(**{**asdict(ModelConfig()), "model": model,
                                            **{k: v for k, v in options.items() if k in MODEL_OPTIONS}}))
-    check_aggregator(mc.aggregator)
-    if mc.fusion not in FUSION_MODES:
-        raise MmsrError(f"--fusion: expected one of {', '.join(FUSION_MODES)}, got {mc.fusion!r}")
     if mc.aggregator != "han" and (mc.fusion != ModelConfig.fusion or mc.invasive):
         raise MmsrError(f"--fusion/--invasive: only used by --aggregator han, not {mc.aggregator}")
     return tc, mc

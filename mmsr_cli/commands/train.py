@@ -7,15 +7,10 @@ from typing import Annotated, Optional
 import typer
 
 from .. import contracts as C
-from ..app import ConfigOpt, DatasetOpt, SeedOpt, WorkdirOpt, app, console, parse_list, ranged
+from ..app import ConfigOpt, DatasetOpt, SeedOpt, WorkdirOpt, app, console, ranged
 from ..distributed import launched_main
-from ..errors import MmsrError
-from ..models import check_model_name, fields_not_read, model_names
-from ..models.aggregators import check_aggregator
-from ..models.base import ModelConfig
-from ..models.layers import FUSION_MODES
-from ..robustness import check_drop_options
-from ..runs import TrainConfig
+from ..models import model_names
+from ..runs import train_configs
 from ..training import train
 from ..workdir import DatasetDir
 
@@ -89,67 +84,15 @@ def train_command(
     config: ConfigOpt = None,
 ) -> None:
     """Train a model with cross-entropy over all items; validate every epoch; keep the best."""
-    check_model_name(model)
-    given = {  # config field -> (option name, value or None when not given)
-        "epochs": ("epochs", epochs), "lr": ("lr", lr), "weight_decay": ("weight-decay", weight_decay),
-        "clip_norm": ("clip-norm", clip_norm), "dropout": ("dropout", dropout), "dim": ("dim", dim),
-        "layers": ("layers", layers), "heads": ("heads", heads), "patience": ("patience", patience),
-        "modalities": ("modalities", modalities), "aggregator": ("aggregator", aggregator), "fusion": ("fusion", fusion),
-        "invasive": ("invasive", invasive or None), "pos_emb": ("no-pos-emb", no_pos_emb or None),
-        "type_emb": ("no-type-emb", no_type_emb or None), "graph_variant": ("no-codes", no_codes or None),
-        "feed_forward": ("feed-forward", feed_forward or None), "variant": ("variant", variant),
-        "attention_dropout": ("attention-dropout", attention_dropout),
-    }
-    for field in fields_not_read(model):
-        option, value = given[field]
-        if value is not None:
-            raise MmsrError(f"--{option}: not used by model {model}")
-    if aggregator is not None:
-        for name in ("fusion", "invasive", "attention_dropout") if check_aggregator(aggregator) != "han" else ():
-            if given[name][1] is not None:
-                raise MmsrError(f"--{name.replace('_', '-')}: only used by --aggregator han, not {aggregator}")
-    if fusion is not None and fusion not in FUSION_MODES:
-        raise MmsrError(f"--fusion: expected one of {', '.join(FUSION_MODES)}, got {fusion!r}")
-    names = parse_list(modalities, "--modalities")
-    drop = check_drop_options(drop_modality, drop_ratio)
-    if len(set(names)) != len(names):
-        raise MmsrError(f"--modalities: a modality is named twice in {modalities}")
-
-    defaults_t, defaults_m = TrainConfig(), ModelConfig()
-    tc = TrainConfig(
-        model=model,
-        run_name=run_name or "",
-        epochs=epochs if epochs is not None else defaults_t.epochs,
-        batch_size=batch_size,
-        lr=lr if lr is not None else defaults_t.lr,
-        weight_decay=weight_decay if weight_decay is not None else defaults_t.weight_decay,
-        clip_norm=clip_norm if clip_norm is not None else defaults_t.clip_norm,
-        patience=patience if patience is not None else defaults_t.patience,
-        seed=seed,
-        device=device,
-        max_steps=max_steps,
-        metric=metric,
-        drop_modality=drop[0] if drop else "",
-        drop_ratio=drop[1] if drop else 0.0,
-    ).validate()
-    mc = ModelConfig(
-        model=model,
-        dim=dim if dim is not None else defaults_m.dim,
-        layers=layers if layers is not None else defaults_m.layers,
-        heads=heads if heads is not None else defaults_m.heads,
-        dropout=dropout if dropout is not None else defaults_m.dropout,
-        modalities=tuple(names),
-        aggregator=aggregator or defaults_m.aggregator,
-        fusion=fusion or defaults_m.fusion,
-        invasive=invasive,
-        pos_emb=not no_pos_emb,
-        type_emb=not no_type_emb,
-        graph_variant="items" if no_codes else "codes",
-        feed_forward=feed_forward,
-        variant=variant or defaults_m.variant,
-        attention_dropout=attention_dropout if attention_dropout is not None else defaults_m.attention_dropout,
+    tc, mc = train_configs(
+        model, run_name=run_name, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        clip_norm=clip_norm, patience=patience, seed=seed, device=device, max_steps=max_steps, metric=metric,
+        drop_modality=drop_modality, drop_ratio=drop_ratio, dropout=dropout, dim=dim, layers=layers, heads=heads,
+        modalities=modalities, aggregator=aggregator, fusion=fusion, invasive=invasive or None,
+        pos_emb=False if no_pos_emb else None, type_emb=False if no_type_emb else None,
+        graph_variant="items" if no_codes else None, feed_forward=feed_forward or None, variant=variant,
+        attention_dropout=attention_dropout,
     )
-    ds = DatasetDir.open(workdir, dataset)
-    result = train(ds, tc, mc, resume=resume, tensorboard=tensorboard)
+    result = train(DatasetDir.open(workdir, dataset), tc, mc, resume=resume, tensorboard=tensorboard)
     if launched_main():  # under torchrun: rank 0 only
         console.print(result.summary(tc.metric), markup=False, highlight=False, soft_wrap=True)

@@ -2,17 +2,18 @@
 
 The registry maps a model name (``mmsr train --model NAME``) to ``"module:Class"``; modules are
 imported only when their model is built, so a broken or heavy model module never slows down or
-breaks the others. Adding a model is one class (``Class(config, info)``, a
-:class:`~mmsr_cli.models.base.Recommender`) plus one line here.
+breaks the others. Adding a model is one file (a :class:`~mmsr_cli.models.base.Recommender`
+built as ``Class(config, info)`` from its own ``config_class``) plus one line here
+(docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import fields
 
-from .. import contracts as C
 from ..errors import MmsrError
-from .base import DatasetInfo, ModelConfig, Recommender
+from .base import SHARED_RANGES, DatasetInfo, ModelConfig, Recommender
 
 REGISTRY: dict[str, str] = {
     "mmsr": "mmsr_cli.models.mmsr:MMSR",
@@ -31,31 +32,19 @@ REGISTRY: dict[str, str] = {
 }
 
 
-# Config fields (ModelConfig / TrainConfig) that a model does not read: `mmsr train` refuses them
-# for it, and `mmsr report` knows a run without such an option did not leave it at a default.
-MMSR_ONLY_FIELDS = (
-    "aggregator", "fusion", "invasive", "pos_emb", "type_emb", "graph_variant", "feed_forward", "variant", "attention_dropout",
-)
-_FIELDS_NOT_READ: dict[str, tuple[str, ...]] = {
-    "pop": ("epochs", "lr", "weight_decay", "clip_norm", "dropout", "dim", "layers", "heads", "patience", "modalities"),
-    "gru4rec": ("heads", "modalities"),
-    "sasrec": ("modalities",),
-    "sasrecf": (),
-    "srgnn": ("heads", "dropout", "modalities"),
-    "gru4recf": ("heads",),
-    "nova": (),
-    "difsr": (),
-    "trans2d": (),
-    "mmsr": ("heads",),
-    "mmgcn": ("heads", "dropout"),
-    "mgat": ("heads", "dropout"),
-    "bm3": ("heads",),
-}
+# What a model without parameters (``trainable = False``: Pop) does not read of TrainConfig.
+TRAINING_FIELDS = ("epochs", "lr", "weight_decay", "clip_norm", "patience")
 
 
 def fields_not_read(name: str) -> tuple[str, ...]:
-    """The ModelConfig / TrainConfig fields model ``name`` ignores."""
-    return _FIELDS_NOT_READ[check_model_name(name)] + (() if name == "mmsr" else MMSR_ONLY_FIELDS)
+    """The ModelConfig / TrainConfig fields model ``name`` ignores: the model options outside its
+    ``config_class`` (and the training options, for a model without parameters). `mmsr train`
+    refuses them for it; `mmsr report` knows a run without such an option did not leave it at a
+    default."""
+    cls = model_class(name)
+    read = set(cls.config_class.option_names())
+    options = [f.name for f in fields(ModelConfig) if f.name not in ("model", "max_len")]
+    return (() if cls.trainable else TRAINING_FIELDS) + tuple(f for f in options if f not in read)
 
 
 def model_names() -> list[str]:
@@ -79,19 +68,16 @@ def model_class(name: str) -> type[Recommender]:
 
 
 def build_model(config: ModelConfig, info: DatasetInfo) -> Recommender:
-    """A freshly initialised model of ``config.model`` for the dataset described by ``info``."""
-    return model_class(config.model)(config, info)
+    """A freshly initialised model of ``config.model`` for the dataset described by ``info``,
+    built from its own typed config (the fields of ``config`` it reads)."""
+    cls = model_class(config.model)
+    return cls(cls.config_class.from_record(config), info)
 
 
 def check_model_config(cfg: ModelConfig) -> ModelConfig:
-    """The ranges of the shared fields and the model's own rules (one line naming the option)."""
-    for name, rng in (("dim", C.RANGE_DIM), ("layers", C.RANGE_LAYERS), ("heads", C.RANGE_HEADS),
-                      ("dropout", C.RANGE_DROPOUT), ("attention_dropout", C.RANGE_DROPOUT)):
+    """The ranges of the shared fields and the model's own rules (its config's ``validate``), in
+    one line naming the option."""
+    for name, rng in SHARED_RANGES.items():
         rng.check(f"--{name.replace('_', '-')}", getattr(cfg, name))
-    if cfg.model in ("sasrec", "sasrecf") and cfg.dim % cfg.heads:
-        raise MmsrError(f"--heads: {cfg.heads} does not divide --dim {cfg.dim}")
-    if cfg.model == "mmsr":
-        from .mmsr import check_variant  # the lazy registry: MMSR's module only for MMSR
-
-        check_variant(cfg)
+    model_class(cfg.model).config_class.from_record(cfg).validate()
     return cfg

@@ -9,12 +9,14 @@ models in the harness.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import nn
+
+from .. import contracts as C
 
 
 @dataclass
@@ -45,7 +47,8 @@ class DatasetInfo:
 
 @dataclass
 class ModelConfig:
-    """Hyper-parameters shared by the models; each model reads the fields it uses."""
+    """A run's model options as config.json records them: every option of every model (a model
+    reads the fields of its own :class:`ModelOptions`; the others keep their defaults)."""
 
     model: str = "mmsr"
     dim: int = 128  # paper: embedding size 128 for all models
@@ -73,6 +76,37 @@ class ModelConfig:
     attention_dropout: float = 0.0
 
 
+# The options ModelOptions.validate checks when a model has them: one line naming the option.
+SHARED_RANGES = {"dim": C.RANGE_DIM, "layers": C.RANGE_LAYERS, "heads": C.RANGE_HEADS, "dropout": C.RANGE_DROPOUT,
+                 "attention_dropout": C.RANGE_DROPOUT}
+
+
+@dataclass
+class ModelOptions:
+    """A model's own typed config: the `mmsr train` options it reads, as fields with documented
+    defaults, and their checks (:meth:`validate`). A model class names it in ``config_class`` and
+    is built from it; the options it does not read follow from its fields (models.fields_not_read).
+    """
+
+    model: str = ""  # the model's registry name (not an option)
+
+    def validate(self) -> "ModelOptions":
+        """The ranges of the options the model has; a model adds its own rules."""
+        for name, rng in SHARED_RANGES.items():
+            if hasattr(self, name):
+                rng.check(f"--{name.replace('_', '-')}", getattr(self, name))
+        return self
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.name != "model")
+
+    @classmethod
+    def from_record(cls, config: "ModelConfig | ModelOptions") -> "ModelOptions":
+        """The model's options out of a run's ModelConfig (or another model's options)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+
 class SplitData(Protocol):
     """One split (train/valid/test) as the harness sees it."""
 
@@ -92,6 +126,10 @@ class Recommender(nn.Module):
     #: whether the model reads the modality codes of items itself (SASRecF, NOVA, ...: the harness
     #: loads codes:<m> for it; robustness replaces them through :meth:`set_item_codes`)
     reads_codes: ClassVar[bool] = False
+    #: the model's typed config (the options it reads); see ModelOptions
+    config_class: ClassVar[type[ModelOptions]] = ModelOptions
+    #: False for a model without parameters (Pop): the training options mean nothing to it
+    trainable: ClassVar[bool] = True
     #: `mmsr tune`: the model's own options to search, beyond the paper's shared ranges
     #: (space.PAPER_SPACE); option -> space.Range, a tuple of choices, or a fixed value
     search_space: ClassVar[dict] = {}

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch_geometric.nn import LGConv
 from torch_geometric.utils import degree
 
-from .base import DatasetInfo, ModelConfig
-from .common import UserItemGraphModel
+from .base import DatasetInfo
+from .common import Regularised, UserItemGraphModel, WithModalities
+
+
+@dataclass
+class BM3Config(Regularised, WithModalities):
+    """BM3's options: width, LightGCN layers, the target views' dropout, the feature modalities."""
 
 
 class BM3(UserItemGraphModel):
@@ -30,7 +36,9 @@ class BM3(UserItemGraphModel):
     to ``--weight-decay``; the features stay fixed.
     """
 
-    def __init__(self, config: ModelConfig, info: DatasetInfo):
+    config_class = BM3Config
+
+    def __init__(self, config: BM3Config, info: DatasetInfo):
         super().__init__(config, info)
         self.view_dropout = config.dropout
         self.user_emb = nn.Embedding(self.n_users, config.dim)

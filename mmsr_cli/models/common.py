@@ -11,6 +11,7 @@ whatever the batch's width, which lets them run per length group (:func:`by_leng
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -19,14 +20,44 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MmsrError
-from .base import DatasetInfo, ModelConfig, Recommender, code_embedding_table
+from .base import DatasetInfo, ModelOptions, Recommender, code_embedding_table
 from .layers import CsrGraph
+
+
+# ----------------------------------------------------------------------------------------------
+# The options models share; each model's own config (in its file) combines them.
+
+
+@dataclass
+class WidthDepth(ModelOptions):
+    dim: int = 128  # embedding size (the paper: 128 for every model)
+    layers: int = 2  # graph layers / transformer blocks / GRU layers
+
+
+@dataclass
+class Regularised(WidthDepth):
+    dropout: float = 0.3  # dropout ratio
+
+
+@dataclass
+class Attentive(Regularised):
+    heads: int = 2  # attention heads; they split dim evenly
+
+    def validate(self) -> "Attentive":
+        super().validate()
+        check_heads(self.dim, self.heads)
+        return self
+
+
+@dataclass
+class WithModalities(ModelOptions):
+    modalities: tuple[str, ...] = ()  # the modalities read; empty: every one the dataset has
 
 
 class ItemTable(Recommender):
     """Item-ID embeddings with a padding row ``n_items``; scoring uses rows 0..n_items-1."""
 
-    def __init__(self, config: ModelConfig, info: DatasetInfo):
+    def __init__(self, config: WidthDepth, info: DatasetInfo):
         super().__init__()
         self.n_items = info.n_items
         self.dim = config.dim
@@ -203,7 +234,7 @@ class UserItemGraphModel(Recommender):
 
     input_kind = "user-item"  # the training user-item pairs and the items' features (inputs.py)
 
-    def __init__(self, config: ModelConfig, info: DatasetInfo):
+    def __init__(self, config: WidthDepth, info: DatasetInfo):
         super().__init__()
         name = config.model
         if info.train_interactions is None:
@@ -303,7 +334,7 @@ class ModalityGraphs(UserItemGraphModel):
     squash: ClassVar[bool] = False
     layer: ClassVar[type[nn.Module]]
 
-    def __init__(self, config: ModelConfig, info: DatasetInfo):
+    def __init__(self, config: WidthDepth, info: DatasetInfo):
         super().__init__(config, info)
         self.id_emb = nn.Embedding(self.n_nodes, config.dim)  # shared ID embedding of users and items
         nn.init.xavier_normal_(self.id_emb.weight)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MmsrError
-from .base import DatasetInfo, ModelConfig
-from .common import ItemTable, ModalityCodeChannels, SideInfoLayer, by_length_groups, causal_allowed, check_heads, trimmed_history
+from .base import DatasetInfo
+from .common import (Attentive, ItemTable, ModalityCodeChannels, SideInfoLayer, WithModalities, by_length_groups, causal_allowed, check_heads, trimmed_history)
 
 
 class DecoupledAttention(nn.Module):
@@ -84,6 +85,11 @@ class DecoupledAttention(nn.Module):
         return self.out((probs @ v).transpose(1, 2).reshape(B, L, D))
 
 
+@dataclass
+class DIFSRConfig(Attentive, WithModalities):
+    """DIF-SR's options: width, layers, heads, dropout, and the side-information modalities."""
+
+
 class DIFSR(ModalityCodeChannels, ItemTable):
     """DIF-SR (Xie et al., SIGIR 2022: "Decoupled Side Information Fusion for Sequential
     Recommendation"; paper ref. [49]).
@@ -107,7 +113,9 @@ class DIFSR(ModalityCodeChannels, ItemTable):
 
     ATTRIBUTE_LOSS_WEIGHT = 1.0
 
-    def __init__(self, config: ModelConfig, info: DatasetInfo, fusion: str = "gate"):
+    config_class = DIFSRConfig
+
+    def __init__(self, config: DIFSRConfig, info: DatasetInfo, fusion: str = "gate"):
         super().__init__(config, info)
         check_heads(config.dim, config.heads)
         code_dims = self.init_code_channels(info, "difsr")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import DatasetInfo, ModelConfig
-from .common import ItemTable, by_length_groups
+from .base import DatasetInfo
+from .common import ItemTable, Regularised, by_length_groups
+
+
+@dataclass
+class GRU4RecConfig(Regularised):
+    """GRU4Rec's options: embedding and GRU width, stacked GRU layers, dropout on the input and the output."""
 
 
 class GRU4Rec(ItemTable):
@@ -21,7 +27,9 @@ class GRU4Rec(ItemTable):
     per-step bookkeeping dominated (docs/benchmarks.md, train).
     """
 
-    def __init__(self, config: ModelConfig, info: DatasetInfo):
+    config_class = GRU4RecConfig
+
+    def __init__(self, config: GRU4RecConfig, info: DatasetInfo):
         super().__init__(config, info)
         self.emb_dropout = nn.Dropout(config.dropout)
         self.gru = nn.GRU(

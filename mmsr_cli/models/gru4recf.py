@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import DatasetInfo, ModelConfig
-from .common import ItemTable, ModalityCodeChannels, by_length_groups, trimmed_history
+from .base import DatasetInfo
+from .common import ItemTable, ModalityCodeChannels, Regularised, WithModalities, by_length_groups, trimmed_history
+
+
+@dataclass
+class GRU4RecFConfig(Regularised, WithModalities):
+    """GRU4Rec^F's options: GRU4Rec's and the modalities of its channel GRUs."""
 
 
 class GRU4RecF(ModalityCodeChannels, ItemTable):
@@ -22,7 +28,9 @@ class GRU4RecF(ModalityCodeChannels, ItemTable):
     channel is a zero input to its GRU at that step; dropout is on the item-ID input, as in RecBole.
     """
 
-    def __init__(self, config: ModelConfig, info: DatasetInfo):
+    config_class = GRU4RecFConfig
+
+    def __init__(self, config: GRU4RecFConfig, info: DatasetInfo):
         super().__init__(config, info)
         code_dims = self.init_code_channels(info, "gru4recf")
         gru_dropout = config.dropout if config.layers > 1 else 0.0

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch_geometric.utils import degree, softmax
 
-from .common import ModalityGraphs
+from .common import ModalityGraphs, WidthDepth, WithModalities
 from .layers import Aggregate, CsrGraph, EdgeDot
 
 
@@ -59,6 +60,11 @@ class MGATLayer(nn.Module):
         return F.leaky_relu(self.fuse(h) + F.leaky_relu(self.own(x)) + id_emb)
 
 
+@dataclass
+class MGATConfig(WidthDepth, WithModalities):
+    """MGAT's options: width, layers per modality graph, the feature modalities (no dropout)."""
+
+
 class MGAT(ModalityGraphs):
     """MGAT (Tao et al., IP&M 2020): MMGCN's per-modality graphs with gated attention.
 
@@ -73,6 +79,8 @@ class MGAT(ModalityGraphs):
     inside, 64 out). Dense inputs: the raw extract-features vectors. ``dropout`` is not used
     (the authors' dropout is commented out).
     """
+
+    config_class = MGATConfig
 
     layer = MGATLayer
     squash = True

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch_geometric.nn import SimpleConv
 
-from .common import ModalityGraphs
+from .common import ModalityGraphs, WidthDepth, WithModalities
 
 
 class MMGCNLayer(nn.Module):
@@ -35,6 +36,11 @@ class MMGCNLayer(nn.Module):
         return F.leaky_relu(self.combine(torch.cat([h, x_hat], dim=-1)))
 
 
+@dataclass
+class MMGCNConfig(WidthDepth, WithModalities):
+    """MMGCN's options: width, layers per modality graph, the feature modalities (no dropout)."""
+
+
 class MMGCN(ModalityGraphs):
     """MMGCN (Wei et al., ACM MM 2019): one GCN per modality over the same user-item graph.
 
@@ -45,6 +51,8 @@ class MMGCN(ModalityGraphs):
     over modalities of its last layer's output, and scores are inner products. Dense inputs: the
     raw extract-features vectors. ``dropout`` is not used (MMGCN has none).
     """
+
+    config_class = MMGCNConfig
 
     layer = MMGCNLayer
 

@@ -39,22 +39,57 @@ applications (their loop reuses one aggregator).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import scatter
 
+from .. import contracts as C
 from ..errors import MmsrError
 from .aggregators import BatchGraph, build_layers, check_aggregator
-from .base import DatasetInfo, ModalityInfo, ModelConfig, Recommender, code_embedding_table
+from .base import DatasetInfo, ModalityInfo, Recommender, code_embedding_table
+from .common import Regularised, WithModalities
 from .han_authors import AuthorsHANLayer
-from .layers import AUTHORS_PLAN, Dropout, HANLayer, LayerPlan, RelationEdges, TypeIndex, rows_of
+from .layers import AUTHORS_PLAN, FUSION_MODES, Dropout, HANLayer, LayerPlan, RelationEdges, TypeIndex, rows_of
 
 VARIANTS = ("paper", "authors")
 
 
-def select_modalities(config: ModelConfig, info: DatasetInfo) -> list[ModalityInfo]:
+@dataclass
+class MMSRConfig(Regularised, WithModalities):
+    """MMSR's options: the shared width, layers and dropout, its modalities, and the ablations and
+    extensions of sections 5.2-5.3 (checked together by :meth:`validate`)."""
+
+    fusion: str = "adaptive"  # adaptive | hohe | heho | synchronous | ho | he (layers.FUSION_MODES)
+    invasive: bool = False  # phase 2 values from the intermediate state instead of h^(l)
+    pos_emb: bool = True  # position embeddings of the nodes
+    type_emb: bool = True  # node-type embeddings
+    graph_variant: str = "codes"  # codes | items (--no-codes: one modality node per item)
+    # propagation layers (paper section 5.2, Table 3): "han" = HAN-GNN (layers.py; fusion and
+    # invasive apply to it only), or a standard PyG aggregator (aggregators.AGGREGATOR_NAMES)
+    aggregator: str = "han"
+    # not in the paper (docs/benchmarks.md, "Does MMSR beat SASRec?"): a residual ReLU
+    # feed-forward block h + W2 relu(W1 h) after each propagation layer
+    feed_forward: bool = False
+    # the HAN-GNN as the paper writes it ("paper", layers.HANLayer) or as the authors' public
+    # code runs it ("authors", han_authors.AuthorsHANLayer; their init, dropouts and shared layer)
+    variant: str = "paper"
+    attention_dropout: float = 0.0  # on the attention weights after each softmax (0 = off)
+
+    def validate(self) -> "MMSRConfig":
+        super().validate()
+        check_variant(self)
+        check_aggregator(self.aggregator)
+        if self.fusion not in FUSION_MODES:
+            raise MmsrError(f"--fusion: expected one of {', '.join(FUSION_MODES)}, got {self.fusion!r}")
+        if self.graph_variant not in C.GRAPH_VARIANTS:
+            raise MmsrError(f"graph variant {self.graph_variant!r} is unknown (expected {', '.join(C.GRAPH_VARIANTS)})")
+        return self
+
+
+def select_modalities(config: MMSRConfig, info: DatasetInfo) -> list[ModalityInfo]:
     """The modalities the model has node types for, in batch node-type order."""
     if not config.modalities:
         return list(info.modalities)
@@ -66,7 +101,7 @@ def select_modalities(config: ModelConfig, info: DatasetInfo) -> list[ModalityIn
     return [by_name[name] for name in config.modalities]
 
 
-def check_variant(config: ModelConfig) -> None:
+def check_variant(config: MMSRConfig) -> None:
     """The authors' variant is their one layer kind: no ablation or extension of the paper's."""
     if config.variant not in VARIANTS:
         raise MmsrError(f"--variant: expected one of {', '.join(VARIANTS)}, got {config.variant!r}")
@@ -75,8 +110,8 @@ def check_variant(config: ModelConfig) -> None:
     if config.variant == "authors":
         used = [
             option for option, changed in (
-                ("--aggregator", config.aggregator != ModelConfig.aggregator),
-                ("--fusion", config.fusion != ModelConfig.fusion),
+                ("--aggregator", config.aggregator != MMSRConfig.aggregator),
+                ("--fusion", config.fusion != MMSRConfig.fusion),
                 ("--invasive", config.invasive),
                 ("--feed-forward", config.feed_forward),
             ) if changed
@@ -88,7 +123,7 @@ def check_variant(config: ModelConfig) -> None:
 class NodeEncoder(nn.Module):
     """Section 4.2: e~_n = W [e_n; e_n^ty; e_n^po], e^po the mean over the node's positions."""
 
-    def __init__(self, config: ModelConfig, info: DatasetInfo, modalities: list[ModalityInfo]):
+    def __init__(self, config: MMSRConfig, info: DatasetInfo, modalities: list[ModalityInfo]):
         super().__init__()
         d = config.dim
         self.item_embedding = nn.Embedding(info.n_items, d)
@@ -189,8 +224,9 @@ class MMSR(Recommender):
 
     input_kind = "graph"
     search_space = {"fusion": ("adaptive", "hohe", "heho", "synchronous")}  # `mmsr tune`, besides space.PAPER_SPACE
+    config_class = MMSRConfig
 
-    def __init__(self, config: ModelConfig, info: DatasetInfo):
+    def __init__(self, config: MMSRConfig, info: DatasetInfo):
         super().__init__()
         self.config = config
         self.modalities = select_modalities(config, info)
@@ -207,8 +243,8 @@ class MMSR(Recommender):
             )
         else:  # section 5.2: a standard aggregator in place of HAN-GNN
             used = [option for option, changed in (
-                ("--fusion", config.fusion != ModelConfig.fusion), ("--invasive", config.invasive),
-                ("--attention-dropout", config.attention_dropout != ModelConfig.attention_dropout),
+                ("--fusion", config.fusion != MMSRConfig.fusion), ("--invasive", config.invasive),
+                ("--attention-dropout", config.attention_dropout != MMSRConfig.attention_dropout),
             ) if changed]
             if used:
                 raise MmsrError(f"{', '.join(used)}: only used by --aggregator han, not {config.aggregator}")

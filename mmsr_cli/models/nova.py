@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MmsrError
-from .base import DatasetInfo, ModelConfig
-from .common import ItemTable, ModalityCodeChannels, SideInfoLayer, by_length_groups, causal_allowed, check_heads, trimmed_history
+from .base import DatasetInfo
+from .common import (Attentive, ItemTable, ModalityCodeChannels, SideInfoLayer, WithModalities, by_length_groups, causal_allowed, check_heads, trimmed_history)
 
 
 class NonInvasiveAttention(nn.Module):
@@ -48,6 +49,11 @@ class NonInvasiveAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
 
+@dataclass
+class NOVAConfig(Attentive, WithModalities):
+    """NOVA's options: width, layers, heads, dropout, and the side-information modalities."""
+
+
 class NOVA(ModalityCodeChannels, ItemTable):
     """NOVA (Liu et al., AAAI 2021: "Noninvasive Self-attention for Side Information Fusion in
     Sequential Recommendation"; paper ref. [28]).
@@ -61,7 +67,9 @@ class NOVA(ModalityCodeChannels, ItemTable):
     shared next-item harness); the non-invasive layer is the paper's.
     """
 
-    def __init__(self, config: ModelConfig, info: DatasetInfo):
+    config_class = NOVAConfig
+
+    def __init__(self, config: NOVAConfig, info: DatasetInfo):
         super().__init__(config, info)
         check_heads(config.dim, config.heads)
         code_dims = self.init_code_channels(info, "nova")

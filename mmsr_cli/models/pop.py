@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..errors import MmsrError
-from .base import DatasetInfo, ModelConfig, Recommender
+from .base import DatasetInfo, ModelOptions, Recommender
 
 
 class Pop(Recommender):
@@ -17,7 +17,9 @@ class Pop(Recommender):
     which makes its cross-entropy a meaningful reference value.
     """
 
-    def __init__(self, config: ModelConfig, info: DatasetInfo):
+    trainable = False  # no parameters: one pass gives its fixed result; no training option applies
+
+    def __init__(self, config: ModelOptions, info: DatasetInfo):
         super().__init__()
         if info.item_popularity is None:
             raise MmsrError("model pop: the dataset info has no training-target counts")

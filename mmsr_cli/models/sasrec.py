@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MmsrError
-from .base import DatasetInfo, ModelConfig
-from .common import ItemTable, by_length_groups, causal_allowed, check_heads
+from .base import DatasetInfo
+from .common import Attentive, ItemTable, by_length_groups, causal_allowed, check_heads
 
 
 class CausalSelfAttention(nn.Module):
@@ -59,6 +60,11 @@ class TransformerBlock(nn.Module):
         return x * keep  # padding positions stay zero
 
 
+@dataclass
+class SASRecConfig(Attentive):
+    """SASRec's options: width, transformer blocks, heads, dropout."""
+
+
 class SASRec(ItemTable):
     """SASRec (Kang & McAuley, ICDM 2018; paper ref. [22]).
 
@@ -68,7 +74,9 @@ class SASRec(ItemTable):
     does for every model (not the original's sampled binary cross-entropy).
     """
 
-    def __init__(self, config: ModelConfig, info: DatasetInfo):
+    config_class = SASRecConfig
+
+    def __init__(self, config: SASRecConfig, info: DatasetInfo):
         super().__init__(config, info)
         self.max_len = info.max_len
         self.pos_emb = nn.Embedding(info.max_len, config.dim)

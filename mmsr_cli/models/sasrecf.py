@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import DatasetInfo, ModelConfig
-from .common import ModalityCodeChannels
+from .base import DatasetInfo
+from .common import Attentive, ModalityCodeChannels, WithModalities
 from .sasrec import SASRec
+
+
+@dataclass
+class SASRecFConfig(Attentive, WithModalities):
+    """SASRec^F's options: SASRec's and the modalities whose codes are fused in."""
 
 
 class SASRecF(ModalityCodeChannels, SASRec):
@@ -24,7 +30,9 @@ class SASRecF(ModalityCodeChannels, SASRec):
     against the item-ID table (Eq. 7) like the other models.
     """
 
-    def __init__(self, config: ModelConfig, info: DatasetInfo):
+    config_class = SASRecFConfig
+
+    def __init__(self, config: SASRecFConfig, info: DatasetInfo):
         super().__init__(config, info)
         code_dims = self.init_code_channels(info, "sasrecf")
         self.fuse = nn.Linear(config.dim + sum(code_dims), config.dim)  # W of Eq. 3

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import DatasetInfo, ModelConfig
-from .common import ItemTable, by_length_groups, trimmed_history
+from .base import DatasetInfo
+from .common import ItemTable, WidthDepth, by_length_groups, trimmed_history
 
 
 @dataclass
@@ -77,6 +77,11 @@ class GatedGraphLayer(nn.Module):
         return (1 - z) * v + z * candidate  # Eq. 5
 
 
+@dataclass
+class SRGNNConfig(WidthDepth):
+    """SR-GNN's options: width and gated graph layers (no dropout, no heads)."""
+
+
 class SRGNN(ItemTable):
     """SR-GNN: session graph -> ``layers`` GGNN steps -> attention readout (SR-GNN's "Learning Item
     Embeddings on Session Graphs" and "Generating Session Embeddings").
@@ -87,7 +92,9 @@ class SRGNN(ItemTable):
     and the user vector ``s_h = W_3 [s_l; s_g]`` (Eq. 7). The original has no dropout.
     """
 
-    def __init__(self, config: ModelConfig, info: DatasetInfo):
+    config_class = SRGNNConfig
+
+    def __init__(self, config: SRGNNConfig, info: DatasetInfo):
         super().__init__(config, info)
         d = config.dim
         self.steps = nn.ModuleList(GatedGraphLayer(d) for _ in range(config.layers))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import torch
 from torch import nn
 
 from ..errors import MmsrError
-from .base import DatasetInfo, ModelConfig
-from .common import ItemTable, ModalityCodeChannels, by_length_groups, check_heads, trimmed_history
+from .base import DatasetInfo
+from .common import (Attentive, ItemTable, ModalityCodeChannels, WithModalities, by_length_groups, check_heads, trimmed_history)
 
 
 class Linear2D(nn.Module):
@@ -104,6 +105,11 @@ class Trans2DLayer(nn.Module):
         return x * available.unsqueeze(-1).to(x.dtype)
 
 
+@dataclass
+class Trans2DConfig(Attentive, WithModalities):
+    """Trans2D's options: width, layers, heads, dropout, and the modality channels."""
+
+
 class Trans2D(ModalityCodeChannels, ItemTable):
     """Trans2D (Singer et al., WSDM 2022: "Sequential Modeling with Multiple Attributes for
     Watchlist Recommendation in E-Commerce"; paper ref. [40]): holistic fusion.
@@ -116,7 +122,9 @@ class Trans2D(ModalityCodeChannels, ItemTable):
     (missing channels zero), mapped to d.
     """
 
-    def __init__(self, config: ModelConfig, info: DatasetInfo):
+    config_class = Trans2DConfig
+
+    def __init__(self, config: Trans2DConfig, info: DatasetInfo):
         super().__init__(config, info)
         check_heads(config.dim, config.heads)
         code_dims = self.init_code_channels(info, "trans2d")
