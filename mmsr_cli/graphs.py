@@ -412,14 +412,8 @@ def iter_msgraphs(
         yield _build_chunk(np.asarray(hist[e0:e1], dtype=np.int64), hist_ptr[s0 : s1 + 1] - e0, codes, n_codes, n_items)
 
 
-def build_msgraphs(
-    hist: np.ndarray,
-    hist_ptr: np.ndarray,
-    item_codes: Sequence[np.ndarray],
-    n_items: int,
-    *,
-    chunk_entries: int = CHUNK_ENTRIES,
-) -> GraphArrays:
+def build_msgraphs(hist: np.ndarray, hist_ptr: np.ndarray, item_codes: Sequence[np.ndarray], n_items: int, *,
+                   chunk_entries: int = CHUNK_ENTRIES) -> GraphArrays:
     """MSGraphs of all samples: ``hist`` are the flat histories (oldest first), ``hist_ptr`` [S+1]
     their offsets, ``item_codes`` one ``[n_items, k]`` array per modality (-1 = no code).
 

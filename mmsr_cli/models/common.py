@@ -154,6 +154,20 @@ class SideInfoLayer(nn.Module):
         return self.ffn(r) * keep
 
 
+class SideInfoInput:
+    """NOVA's and DIF-SR's layer input: the trimmed history and its item-ID embeddings alone
+    (LayerNorm, dropout; padding rows zero), the side information entering the attention instead.
+    For models with ``item_emb``, ``input_norm``, ``emb_dropout``, ``max_len`` and ``n_items``."""
+
+    def id_input(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(history [B, L], is_item [B, L], keep [B, L, 1], R_0 [B, L, d])."""
+        history, is_item = trimmed_history(batch, self.n_items)
+        if history.shape[1] > self.max_len:
+            raise MmsrError(f"history length {history.shape[1]} exceeds the model's max_len {self.max_len}")
+        keep = is_item.unsqueeze(-1).to(self.item_emb.weight.dtype)
+        return history, is_item, keep, self.emb_dropout(self.input_norm(self.item_emb(history))) * keep
+
+
 class ModalityCodeChannels:
     """Mixin: modality channels of items from their modality codes (SASRecF, GRU4RecF, NOVA, ...).
 

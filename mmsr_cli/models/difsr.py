@@ -11,7 +11,10 @@ from torch import nn
 
 from ..errors import MmsrError
 from .base import DatasetInfo
-from .common import (Attentive, ItemTable, ModalityCodeChannels, SideInfoLayer, WithModalities, by_length_groups, causal_allowed, check_heads, trimmed_history)
+from .common import (
+    Attentive, ItemTable, ModalityCodeChannels, SideInfoInput,
+    SideInfoLayer, WithModalities, by_length_groups, causal_allowed, check_heads,
+)
 
 
 class DecoupledAttention(nn.Module):
@@ -90,7 +93,7 @@ class DIFSRConfig(Attentive, WithModalities):
     """DIF-SR's options: width, layers, heads, dropout, and the side-information modalities."""
 
 
-class DIFSR(ModalityCodeChannels, ItemTable):
+class DIFSR(SideInfoInput, ModalityCodeChannels, ItemTable):
     """DIF-SR (Xie et al., SIGIR 2022: "Decoupled Side Information Fusion for Sequential
     Recommendation"; paper ref. [49]).
 
@@ -149,14 +152,10 @@ class DIFSR(ModalityCodeChannels, ItemTable):
         return sides, masks
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        history, is_item = trimmed_history(batch, self.n_items)
-        if history.shape[1] > self.max_len:
-            raise MmsrError(f"history length {history.shape[1]} exceeds the model's max_len {self.max_len}")
+        history, is_item, keep, r = self.id_input(batch)  # r: item IDs only
         L = history.shape[1]
-        keep = is_item.unsqueeze(-1).to(self.item_emb.weight.dtype)
         sides, side_masks = self.side_sources(history)
         side_masks = [m & is_item for m in side_masks]
-        r = self.emb_dropout(self.input_norm(self.item_emb(history))) * keep  # item IDs only
 
         def encode(rows: torch.Tensor, steps: int) -> torch.Tensor:
             cut = slice(L - steps, L)

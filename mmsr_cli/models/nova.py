@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MmsrError
 from .base import DatasetInfo
-from .common import (Attentive, ItemTable, ModalityCodeChannels, SideInfoLayer, WithModalities, by_length_groups, causal_allowed, check_heads, trimmed_history)
+from .common import (
+    Attentive, ItemTable, ModalityCodeChannels, SideInfoInput,
+    SideInfoLayer, WithModalities, by_length_groups, causal_allowed, check_heads,
+)
 
 
 class NonInvasiveAttention(nn.Module):
@@ -54,7 +56,7 @@ class NOVAConfig(Attentive, WithModalities):
     """NOVA's options: width, layers, heads, dropout, and the side-information modalities."""
 
 
-class NOVA(ModalityCodeChannels, ItemTable):
+class NOVA(SideInfoInput, ModalityCodeChannels, ItemTable):
     """NOVA (Liu et al., AAAI 2021: "Noninvasive Self-attention for Side Information Fusion in
     Sequential Recommendation"; paper ref. [28]).
 
@@ -100,13 +102,9 @@ class NOVA(ModalityCodeChannels, ItemTable):
         return torch.stack(side, dim=2), torch.stack(mask, dim=2)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        history, is_item = trimmed_history(batch, self.n_items)
-        if history.shape[1] > self.max_len:
-            raise MmsrError(f"history length {history.shape[1]} exceeds the model's max_len {self.max_len}")
+        history, is_item, keep, r = self.id_input(batch)  # R_0: item IDs only
         L = history.shape[1]
-        keep = is_item.unsqueeze(-1).to(self.item_emb.weight.dtype)
         side, side_mask = self.side_information(history)
-        r = self.emb_dropout(self.input_norm(self.item_emb(history))) * keep  # R_0: item IDs only
 
         def encode(rows: torch.Tensor, steps: int) -> torch.Tensor:
             cut = slice(L - steps, L)
