@@ -8,7 +8,9 @@ from torch import nn
 
 from ..errors import MmsrError
 from .base import DatasetInfo
-from .common import (Attentive, ItemTable, ModalityCodeChannels, WithModalities, by_length_groups, check_heads, trimmed_history)
+from .common import (
+    Attentive, ItemTable, ModalityCodeChannels, WithModalities, by_length_groups, check_heads, trimmed_history,
+)
 
 
 class Linear2D(nn.Module):
