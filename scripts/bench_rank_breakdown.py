@@ -3,7 +3,7 @@
     python scripts/bench_rank_breakdown.py --workdir W --dataset beauty --runs mmsr-bench-s0,sasrec-bench-s0 [--split test]
 
 For each run, every sample of the split is ranked exactly as `mmsr evaluate` ranks it (full
-ranking over all items, ties counted against the model: ``evaluation.pessimistic_ranks``), and
+ranking over all items, ties counted against the model: ``metrics.pessimistic_ranks``), and
 HR@10 / MRR@10 / NDCG@10 (%) are reported per bucket of history length (1-2, 3-4, 5-8, 9-16,
 17+ items; empty groups are left out) and per kind of target: a *repeat* (the target already occurs in the history) or a new
 item. The "all" row equals the run's `mmsr evaluate` result. Prints a Markdown table.

@@ -351,8 +351,8 @@ def test_training_hands_freed_heap_back_every_few_steps_and_after_validation(cli
 
     assert runtime.release_freed_memory() is (platform.libc_ver()[0] == "glibc")
     calls = []
-    monkeypatch.setattr(runtime, "TRIM_EVERY_STEPS", 3)
-    monkeypatch.setattr(runtime, "release_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(training, "TRIM_EVERY_STEPS", 3)  # the loop's own names (training imports them)
+    monkeypatch.setattr(training, "release_freed_memory", lambda: calls.append(1) or True)
     ds = make_toy(tmp_path)
     r = train(cli, ds, "--model", "sasrec", *FAST, "--batch-size", "16", "--epochs", "2", "--patience", "0", "--max-steps", "7")
     assert r.exit_code == 0, r.stderr
