@@ -357,3 +357,22 @@ def test_training_hands_freed_heap_back_every_few_steps_and_after_validation(cli
     r = train(cli, ds, "--model", "sasrec", *FAST, "--batch-size", "16", "--epochs", "2", "--patience", "0", "--max-steps", "7")
     assert r.exit_code == 0, r.stderr
     assert len(calls) == 2 * (7 // 3 + 1)  # per epoch: after steps 3 and 6, and after validation
+
+
+def test_a_script_gets_the_train_commands_checks_and_run_names(tmp_path):
+    """runs.train_configs holds `mmsr train`'s option checks and defaults, and default_run_name
+    its naming, so a script calling the library builds the same runs."""
+    from mmsr_cli.errors import MmsrError
+
+    for model, given, message in (("gru4rec", {"heads": 2}, "--heads: not used by model gru4rec"),
+                                  ("sasrec", {"graph_variant": "items"}, "--no-codes: not used by model sasrec"),
+                                  ("mmsr", {"aggregator": "gcn", "fusion": "hohe"}, "--fusion: only used by --aggregator han"),
+                                  ("mmsr", {"fusion": "sideways"}, "--fusion: expected one of"),
+                                  ("mmsr", {"modalities": "image,image"}, "--modalities: a modality is named twice")):
+        with pytest.raises(MmsrError, match=message):
+            runs.train_configs(model, **given)
+    tc, mc = runs.train_configs("mmsr", aggregator="gcn", modalities="image, text", dim=64, epochs=None)
+    assert (tc.model, tc.epochs, mc.model, mc.dim, mc.modalities) == ("mmsr", 50, "mmsr", 64, ("image", "text"))
+    ds = make_toy(tmp_path)
+    assert runs.default_run_name(ds, tc, mc) == "mmsr-gcn-loo-s0"
+    assert runs.default_run_name(ds, tc, runs.train_configs("mmsr")[1]) == "mmsr-loo-s0"
