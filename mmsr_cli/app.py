@@ -215,16 +215,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
-    from . import commands  # noqa: F401  (registers the commands; inside main's Ctrl-C handling)
-
     # A log line that cannot be written (disk full, read-only logs/) must not print a traceback
     # in the middle of the output; the stage's own writes report the problem in one line.
     logging.raiseExceptions = False
 
     # Library deprecation chatter (PyG's use of torch.jit.script, torch's sparse-CSR notice) says
-    # nothing a user of the CLI can act on; it would bury the one-line summaries.
+    # nothing a user of the CLI can act on; it would bury the one-line summaries. Set before the
+    # commands are imported: they import the library, and PyG warns as it is imported.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.script.*")
     warnings.filterwarnings("ignore", message=r"Sparse invariant checks are implicitly disabled")
+
+    from . import commands  # noqa: F401  (registers the commands; inside main's Ctrl-C handling)
 
     cmd = typer.main.get_command(app)
     try:
