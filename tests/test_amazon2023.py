@@ -300,3 +300,61 @@ def test_hub_fixture_to_one_trained_epoch(cli, hub, tmp_path, one_thread):
     assert tuple(feats.shape) == (12, 16)  # the SigLIP head's pooled output, one row per item
     history = json.loads(ds.path("runs/mmsr-official-s0/history.json").read_text())
     assert [h["epoch"] for h in history] == [1]
+
+
+_GOOD_SPLIT = b"user_id,parent_asin,rating,timestamp\nU1,B1,5.0,17\nU1,B2,5.0,18\n"
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"user_id,parent_asin,rating,timestamp\nU1\x01x,B1,5.0,17\n", "field 'user_id' has a control character (U+0001)"),
+    (b"user_id,parent_asin,rating,timestamp\nU1,B\x7f1,5.0,17\n", "field 'parent_asin' has a control character (U+007F)"),
+    (b"user_id,parent_asin,rating,timestamp\nU1, B1,5.0,17\n", "field 'parent_asin' has leading or trailing whitespace"),
+    (b"user_id,parent_asin,rating,timestamp\n\"U1 \",B1,5.0,17\n", "field 'user_id' has leading or trailing whitespace"),
+    (b"user_id,parent_asin,rating,timestamp\n,B1,5.0,17\n", "field 'user_id' is empty"),
+    (b"user_id,parent_asin,rating,timestamp\nU1,   ,5.0,17\n", "field 'parent_asin' is empty"),
+    (b"user_id,rating,timestamp\nU1,5.0,17\n", "header line lacks column(s) parent_asin"),
+    (b"U1,B1,5.0,17\n", "header line lacks column(s) user_id, parent_asin, timestamp"),
+    (b"", "empty file; expected a header line"),
+    (b"user_id,parent_asin,rating,timestamp\nU1,B1\n", "expected user_id,parent_asin,rating,timestamp; got 2 field(s)"),
+], ids=["control-user", "control-item", "space-item", "space-user", "empty-user", "blank-item", "missing-column",
+        "no-header", "empty-file", "short-row"])
+def test_official_split_ids_and_columns_are_checked(cli, hub, tmp_path, content, expected):
+    """The official split CSVs go through the id checks of every source (issue 21): an id with a
+    control character or surrounding whitespace, an empty id, a missing column are one line
+    naming the file and line, not ids silently stripped or columns taken by position."""
+    parts = benchmark_files("All_Beauty", "last_out")
+    hub.files.update({rel: _GOOD_SPLIT for rel in parts})
+    hub.files[parts[1]] = content  # the valid split file
+    name = "amazon2023-All_Beauty"
+    r = cli(["download", "--workdir", tmp_path, "--dataset", name, "--benchmark", "last_out", "--no-images"])
+    assert r.exit_code == 0, r.stderr
+    ds = DatasetDir.open(tmp_path, name)
+    line = one_error_line(cli(["preprocess", "--workdir", tmp_path, "--dataset", name, "--split", "official"]))
+    assert parts[1].split("/")[-1] in line and expected in line, line
+    assert not ds.path("samples_train.parquet").exists()
+
+
+def test_official_split_columns_by_name_and_long_history(cli, hub, tmp_path):
+    """Columns are read by their header names (another order reads the same), and a history
+    field longer than csv's default field limit (131,072 characters) is read, not a traceback."""
+    parts = benchmark_files("All_Beauty", "last_out_w_his")
+    long_history = " ".join(f"B{i:09d}" for i in range(20000))  # ~220,000 characters
+    rows = {"train": "U1,B1,5.0,17,\nU2,B1,5.0,17,\nU2,B2,5.0,18,B1\n", "valid": "U1,B2,5.0,18,B1\n",
+            "test": f"U1,B3,5.0,19,{long_history}\nU2,B3,5.0,19,B1 B2\n"}
+    for rel, part in zip(parts, ("train", "valid", "test")):
+        header = "user_id,parent_asin,rating,timestamp,history\n"
+        body = rows[part]
+        if part == "valid":  # another column order
+            header = "timestamp,rating,parent_asin,user_id,history\n"
+            body = "18,5.0,B2,U1,B1\n"
+        hub.files[rel] = (header + body).encode()
+    name = "amazon2023-All_Beauty"
+    r = cli(["download", "--workdir", tmp_path, "--dataset", name, "--benchmark", "last_out_w_his", "--no-images"])
+    assert r.exit_code == 0, r.stderr
+    r = cli(["preprocess", "--workdir", tmp_path, "--dataset", name, "--split", "official", "--core", "0"])
+    assert r.exit_code == 0, r.stderr
+    ds = DatasetDir.open(tmp_path, name)
+    users = pq.read_table(ds.path(C.USERS)).column("user_id").to_pylist()
+    item_id = pq.read_table(ds.path(C.ITEMS)).column("item_id").to_pylist()
+    valid = pq.read_table(ds.path(C.samples_file("valid"))).to_pylist()
+    assert [(users[s["user_idx"]], item_id[s["target"]]) for s in valid] == [("U1", "B2")]

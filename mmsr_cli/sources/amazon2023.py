@@ -32,7 +32,7 @@ from ..errors import MmsrError
 from .base import DownloadResult, Source
 from .fetch import fetch_images
 from .records import ItemMeta, LogBuilder, OnBytes, RawLog, check_int64, clean_list, clean_text, iter_lines, \
-    jsonl_records, read_review_log
+    jsonl_records, read_review_log, required_id
 
 REPO_ID = "McAuley-Lab/Amazon-Reviews-2023"
 DATASET_PREFIX = "amazon2023-"
@@ -218,9 +218,36 @@ def read_reviews(path: Path, on_bytes: OnBytes | None = None) -> RawLog:
                            to_time=_millis, allow_literal=False, ts_per_second=1000)
 
 
+#: columns of the official split files that are read, found by name in their header line
+OFFICIAL_COLUMNS = ("user_id", "parent_asin", "timestamp")
+
+
+def _csv_fields(line: str, where: str) -> list[str]:
+    if len(line) > csv.field_size_limit():  # a long history column: the line is in memory already
+        csv.field_size_limit(len(line))
+    try:
+        return next(csv.reader([line]))
+    except csv.Error as e:  # a field over csv's size limit, a stray quote in strict mode, ...
+        raise MmsrError(f"{where}: not a readable CSV line ({e})") from None
+
+
+def _official_header(fields: list[str], where: str) -> dict[str, int]:
+    """Column name -> index of the read columns, from a split file's header line."""
+    names = [f.strip() for f in fields]
+    missing = [c for c in OFFICIAL_COLUMNS if c not in names]
+    if missing:
+        raise MmsrError(
+            f"{where}: header line lacks column(s) {', '.join(missing)} (expected "
+            f"user_id,parent_asin,rating,timestamp[,history]), got {','.join(fields)[:80]!r}"
+        )
+    return {c: names.index(c) for c in OFFICIAL_COLUMNS}
+
+
 def read_official(paths: list[Path], on_bytes: OnBytes | None = None) -> RawLog:
     """The three split files of one official split; the frame gains ``split`` (0, 1, 2).
 
+    Columns are found by name in each file's header line; ids go through the checks of every
+    source (records.required_id: no empty ids, control characters or surrounding whitespace).
     Histories are not read from the ``history`` column of the ``*_w_his`` files: they are the
     user's earlier rows in time order, which is what the release wrote there.
     """
@@ -230,22 +257,23 @@ def read_official(paths: list[Path], on_bytes: OnBytes | None = None) -> RawLog:
     for split_idx, path in enumerate(paths):
         progress = None if on_bytes is None else (lambda done, offset=offset: on_bytes(offset + done))
         offset += path.stat().st_size
+        columns: dict[str, int] | None = None
         for lineno, line in iter_lines(path, progress):
             if not line.strip():
                 continue
-            fields = next(csv.reader([line]))
-            if lineno == 1 and fields[:2] == ["user_id", "parent_asin"]:
-                continue  # header
             where = f"{path}:{lineno}"
-            if len(fields) < 4:
+            fields = _csv_fields(line, where)
+            if columns is None:
+                columns = _official_header(fields, where)
+                continue
+            if len(fields) <= max(columns.values()):
                 raise MmsrError(f"{where}: expected user_id,parent_asin,rating,timestamp; got {len(fields)} field(s)")
-            user, item = fields[0].strip(), fields[1].strip()
-            if not user:
-                raise MmsrError(f"{where}: field 'user_id' is empty")
-            if not item:
-                raise MmsrError(f"{where}: field 'parent_asin' is empty")
-            rows.add(user, item, _millis(fields[3].strip(), where))
+            record = {name: fields[i] for name, i in columns.items()}
+            user, item = required_id(record, "user_id", where), required_id(record, "parent_asin", where)
+            rows.add(user, item, _millis(record["timestamp"].strip(), where))
             split_col.append(split_idx)
+        if columns is None:
+            raise MmsrError(f"{path}: empty file; expected a header line user_id,parent_asin,rating,timestamp and rows")
     return rows.log(1000, split=np.asarray(split_col, dtype=np.int8))
 
 
