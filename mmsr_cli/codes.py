@@ -26,7 +26,8 @@ from torch import nn
 from . import contracts as C
 from .errors import MmsrError
 from .models.base import ModalityInfo
-from .workdir import DatasetDir, commit_atomic, parquet_writer, read_parquet, torch_writer, upstream, validate_modality_name
+from .workdir import (DatasetDir, check_regular_file, commit_atomic, parquet_writer, read_parquet, torch_writer, upstream,
+                      validate_modality_name)
 
 CODES_MODES = ("clusters", "items")  # manifest option codes_mode: shared codes, or one per item
 FINITE_CHUNK = 65_536  # rows checked for NaN/inf at once: a bounded mask, whatever the catalogue
@@ -40,6 +41,7 @@ def available_modalities(ds: DatasetDir) -> list[str]:
 
 
 def _load_centres_file(path) -> dict:
+    check_regular_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors differ between torch versions
@@ -256,6 +258,7 @@ def kmeans_sample(n_present: int, kmeans_items: int, seed: int) -> np.ndarray | 
 
 def load_features(ds: DatasetDir, name: str):
     path = ds.path(C.features_tensor_file(name))
+    check_regular_file(path)
     try:
         # memory-mapped: the features are read from the page cache, not copied into the process
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

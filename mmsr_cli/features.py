@@ -39,7 +39,9 @@ from .workdir import (
     DatasetDir,
     atomic_path,
     commit_atomic,
+    check_regular_file,
     parquet_writer,
+    read_file_text,
     read_parquet,
     torch_writer,
     upstream,
@@ -176,6 +178,7 @@ def _load_chunk(path: Path, n: int):
     """A saved chunk, or None when it is unreadable, of another size or fails its checksum
     (a damaged chunk is recomputed, never used)."""
     try:
+        check_regular_file(path)
         obj = torch.load(path, map_location="cpu", weights_only=True)
         feats, missing, reasons = obj["features"], obj["missing"].numpy(), obj["reasons"]
         if obj["sha256"] != _chunk_sha256(feats, missing, reasons):
@@ -213,7 +216,7 @@ def run(ds: DatasetDir, opts: FeatureOptions, *, on_chunk: Callable[[int], None]
     key_file = partial / "options.json"
     if partial.exists():
         try:
-            old = json.loads(key_file.read_text())
+            old = json.loads(read_file_text(key_file))
         except (OSError, json.JSONDecodeError):
             old = None
         if old != key:

@@ -46,7 +46,7 @@ from .runs import (NOT_EXPERIMENT, compare_runs, describe_experiment, experiment
                    with_config_defaults)
 from .significance import (ALPHA, MARK, Arm, PairTest, default_pairs, fmt_p, parse_pairs, read_ranks, run_tests,
                            significant_cells)
-from .workdir import DatasetDir, bytes_writer, commit_atomic
+from .workdir import DatasetDir, bytes_writer, commit_atomic, read_file_text
 
 SHOWN = METRIC_NAMES  # hr, mrr, ndcg @5/10/20
 
@@ -74,7 +74,7 @@ class RunFiles:
 
 def _read_json(path: Path, what: str):
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_file_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MmsrError(f"{path}: not valid JSON ({e}); {what}") from e
     except OSError as e:

@@ -31,7 +31,7 @@ from . import contracts as C
 from .errors import MmsrError
 from .metrics import metrics_from_ranks
 from .runs import experiment_key, run_dir
-from .workdir import write_bytes_atomic
+from .workdir import read_file_text, write_bytes_atomic
 
 ALPHA = 0.05
 MARK = "*"
@@ -164,7 +164,7 @@ def run_experiment(ds, run: str) -> str | None:
     """The experiment key (config minus seed) of a run of ``ds``, from its config.json; None when
     that cannot be read (evaluating the run then says why)."""
     try:
-        return experiment_key(json.loads((run_dir(ds, run) / C.RUN_CONFIG).read_text()))
+        return experiment_key(json.loads(read_file_text(run_dir(ds, run) / C.RUN_CONFIG)))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, MmsrError):
         return None
 

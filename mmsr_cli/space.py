@@ -22,6 +22,7 @@ from .errors import MmsrError
 from .models import check_model_config, fields_not_read, model_class
 from .models.base import ModelConfig
 from .runs import TrainConfig
+from .workdir import read_file_text
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def read_space_file(path: Path, model: str, base: dict[str, Param]) -> dict[str,
     options keep theirs; with ``replace = true`` at the top the file's entries are the whole space.
     Errors name the file and the field."""
     try:
-        data = tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(read_file_text(Path(path)))
     except FileNotFoundError:
         raise MmsrError(f"{path}: file not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

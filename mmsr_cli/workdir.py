@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -77,7 +78,32 @@ def validate_modality_name(name: str) -> str:
 # Hashing and atomic writes
 
 
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def check_regular_file(path: Path) -> None:
+    """Refuse, before it is opened, a path that exists but is no regular file: opening a FIFO
+    for reading waits for a writer forever, a device or socket holds no mmsr data, a directory
+    is no file. Every reader of a file mmsr or the user wrote goes through here (hashes,
+    Parquet, JSON and TOML files, checkpoints). A missing file is left to the caller's message."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        raise MmsrError(f"{path}: is {kind}, expected a regular file; remove or replace it")
+
+
+def read_file_text(path: Path) -> str:
+    """``path.read_text()`` after :func:`check_regular_file` (UTF-8; decoding errors propagate)."""
+    check_regular_file(path)
+    return Path(path).read_bytes().decode("utf-8")
+
+
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    check_regular_file(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while True:
@@ -316,6 +342,7 @@ def read_parquet(path: Path, schema: pa.Schema | None = None, later: tuple[str, 
     written before they existed, are filled with nulls."""
     if not path.exists():
         raise MmsrError(f"{path}: file not found")
+    check_regular_file(path)
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
@@ -385,6 +412,23 @@ def library_versions() -> dict[str, str]:
 # Dataset folder
 
 
+def _check_manifest(manifest, path: Path, hint: str) -> None:
+    """A manifest of this mmsr's format: a manifest written by another version of mmsr (or edited
+    by hand) is one line naming the file and field, not a KeyError deep in a stage."""
+    if not isinstance(manifest, dict):
+        raise MmsrError(f"{path}: corrupt manifest (expected a JSON object); {hint}")
+    version = manifest.get("manifest_version")
+    if version != MANIFEST_VERSION:
+        raise MmsrError(f"{path}: manifest_version {version!r}, this mmsr reads version {MANIFEST_VERSION} "
+                        f"(written by another mmsr version); {hint}")
+    for key, kind in (("outputs", dict), ("inputs", dict), ("options", dict), ("counts", dict), ("fingerprint", str)):
+        value = manifest.get(key, None if key in ("outputs", "fingerprint") else {})
+        ok = isinstance(value, kind) and (kind is not dict or key in ("options", "counts") or all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()))
+        if not ok:
+            raise MmsrError(f"{path}: field '{key}' is missing or malformed; {hint}")
+
+
 @dataclass
 class DatasetDir:
     workdir: Path
@@ -422,9 +466,11 @@ class DatasetDir:
         if not p.exists():
             return None
         try:
-            return json.loads(p.read_text())
+            manifest = json.loads(read_file_text(p))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MmsrError(f"{p}: corrupt manifest ({e}); re-run `{stage_command(stage, self.name)}`") from e
+        _check_manifest(manifest, p, f"re-run `{stage_command(stage, self.name)}`")
+        return manifest
 
     def stages(self, prefix: str) -> list[str]:
         """Stages with a manifest whose name starts with ``prefix`` (e.g. all ``codes:*``)."""
