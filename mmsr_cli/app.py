@@ -31,7 +31,8 @@ except ImportError:  # pragma: no cover - older typer uses the click package
 from . import __version__
 from . import contracts as C
 from .entry import INTERRUPTED
-from .errors import MmsrError, Range, parse_list  # noqa: F401  (parse_list: for the commands)
+from .errors import (MmsrError, Range, allocator_failure, out_of_memory_message,  # noqa: F401  (parse_list: for the commands)
+                     parse_list)
 from .runtime import console  # noqa: F401  (the commands print through the library's console)
 
 app = typer.Typer(
@@ -72,7 +73,9 @@ def _load_config(ctx: typer.Context, param: object, value: Optional[Path]) -> Op
     if value is None:
         return None
     try:
-        data = tomllib.loads(Path(value).read_text())
+        from .workdir import read_file_text
+
+        data = tomllib.loads(read_file_text(Path(value)))
     except FileNotFoundError:
         raise typer.BadParameter(f"{value}: file not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -184,34 +187,45 @@ def _error_line(message: str) -> None:
 
 # OSErrors that say something about the machine (space, permissions, read-only mounts) rather
 # than about mmsr: reported as user errors, in one line naming the file.
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+# A path that is not what it should be (a directory or a dangling or looping link where a file
+# belongs, a name too long) is the user's file system too: the same one line naming the path.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR,
+                       errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.ENXIO, errno.ENOENT, errno.EIO}
 
 
 class _Interrupted(BaseException):
-    """SIGINT during a command. Not a KeyboardInterrupt: typer turns that into a returned exit
-    status, which the console script reported as a silent success (exit 0)."""
+    """SIGINT or SIGTERM during a command. Not a KeyboardInterrupt: typer turns that into a
+    returned exit status, which the console script reported as a silent success (exit 0)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _raise_interrupted(signum, frame) -> None:
-    raise _Interrupted
+    raise _Interrupted(signum)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: one line on stderr and a non-zero exit for every failure."""
-    # Only where Python's own Ctrl-C handler is active (not when SIGINT is ignored, e.g. `nohup`).
-    catch = threading.current_thread() is threading.main_thread() and (
-        signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    )
-    if catch:
-        signal.signal(signal.SIGINT, _raise_interrupted)
+    """Console-script entry point: one line on stderr and a non-zero exit for every failure.
+
+    Ctrl-C (SIGINT) and SIGTERM (`kill`, `timeout`, a scheduler stopping the job) end the command
+    the same way: the temporaries of the writes in progress are removed on the way out, one line,
+    exit 128 + the signal number (130, 143)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    # Only where the signal has its default meaning (not when it is ignored, e.g. SIGINT under `nohup`).
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    caught = [s for s, default in defaults.items() if main_thread and signal.getsignal(s) is default]
+    for signum in caught:
+        signal.signal(signum, _raise_interrupted)
     try:
         _main(argv)
-    except _Interrupted:
+    except _Interrupted as e:
         _error_line(INTERRUPTED)
-        sys.exit(130)
+        sys.exit(128 + e.signum)
     finally:
-        if catch:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum in caught:
+            signal.signal(signum, defaults[signum])
 
 
 def _main(argv: list[str] | None) -> None:
@@ -225,7 +239,12 @@ def _main(argv: list[str] | None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.script.*")
     warnings.filterwarnings("ignore", message=r"Sparse invariant checks are implicitly disabled")
 
-    from . import commands  # noqa: F401  (registers the commands; inside main's Ctrl-C handling)
+    try:
+        from . import commands  # noqa: F401  (registers the commands; inside main's Ctrl-C handling)
+    except (ImportError, MemoryError) as e:  # torch's libraries not mapped under a memory limit
+        if allocator_failure(e) is None:
+            raise
+        _out_of_memory(e)
 
     cmd = typer.main.get_command(app)
     try:
@@ -239,6 +258,8 @@ def _main(argv: list[str] | None) -> None:
         _error_line(f"mmsr: error: {e.format_message()}")
         sys.exit(e.exit_code)
     except MmsrError as e:
+        if allocator_failure(e.__cause__) is not None:  # a reader that called it an unreadable file
+            _out_of_memory(e.__cause__)
         _error_line(f"mmsr: error: {e}")
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
@@ -246,7 +267,11 @@ def _main(argv: list[str] | None) -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(141)
+    except MemoryError as e:
+        _out_of_memory(e)
     except OSError as e:
+        if allocator_failure(e) is not None:
+            _out_of_memory(e)
         if e.errno not in _ENVIRONMENT_ERRNOS:
             _internal_error(e)
         # The machine, not mmsr: a full disk, a read-only or foreign folder. Every output is
@@ -255,7 +280,15 @@ def _main(argv: list[str] | None) -> None:
         _error_line(f"mmsr: error: {where}{e.strerror or e}")
         sys.exit(MmsrError.exit_code)
     except Exception as e:  # a bug: keep the traceback for the report, show one line
+        if allocator_failure(e) is not None:  # torch's allocator, std::bad_alloc, a failed mmap
+            _out_of_memory(e)
         _internal_error(e)
+
+
+def _out_of_memory(e: BaseException) -> None:
+    """The machine, not mmsr: an allocation was refused. One line naming what ran out, exit 2."""
+    _error_line(f"mmsr: error: {out_of_memory_message(allocator_failure(e))}")
+    sys.exit(MmsrError.exit_code)
 
 
 def _internal_error(e: BaseException) -> None:

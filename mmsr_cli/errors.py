@@ -2,6 +2,8 @@
 files read back (run configs) go through before their values reach any constructor."""
 
 import dataclasses
+import errno
+import re
 import typing
 
 
@@ -81,3 +83,61 @@ def parse_list(value: str | None, option: str) -> list[str]:
     if any(not v for v in items):
         raise MmsrError(f"{option}: empty entry in {value!r}")
     return items
+
+
+# ----------------------------------------------------------------------------------------------
+# Allocator failures: memory, not mmsr
+
+# How the libraries say that an allocation was refused: torch's CPU allocator ("DefaultCPUAllocator:
+# can't allocate memory"), C++'s std::bad_alloc, CUDA's "out of memory", the loader's failed mmap of
+# a shared library ("failed to map segment from shared object") and strerror(ENOMEM).
+_OOM_MARKERS = ("can't allocate memory", "bad_alloc", "out of memory", "cannot allocate memory",
+                "failed to map segment")
+
+
+def allocator_failure(exc: BaseException | None) -> BaseException | None:
+    """The refused allocation in ``exc`` or the exceptions it was raised from (a reader that turned
+    it into "not a readable file"), or None: MemoryError (numpy's and pyarrow's included), OSError
+    ENOMEM, and the RuntimeError/ImportError/OSError texts of :data:`_OOM_MARKERS`."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+            return exc
+        if isinstance(exc, (RuntimeError, ImportError, OSError)) and not isinstance(exc, MmsrError):
+            text = str(exc).lower()
+            if any(marker in text for marker in _OOM_MARKERS):
+                return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def out_of_memory_message(exc: BaseException) -> str:
+    """One line saying what ran out (GPU memory, the address-space limit, the machine's memory),
+    how much was asked for when the library says so, and what is free now."""
+    import resource
+
+    text = " ".join(str(exc).split())
+    asked = re.search(r"(?:tried to allocate|allocate) (\d+(?:\.\d+)?) ?(bytes|[KMG]iB)", text)
+    size = ""
+    if asked:
+        scale = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[asked.group(2)]
+        size = f" ({_gib(float(asked.group(1)) * scale)} asked for)"
+    if "cuda" in text.lower() or type(exc).__name__ == "OutOfMemoryError":
+        return f"out of GPU memory{size}; lower --batch-size or use --device cpu"
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    try:  # importing psutil can itself fail when memory has run out: the line then goes without it
+        import psutil
+
+        vm = psutil.virtual_memory()
+        free = f"; {_gib(vm.available)} of {_gib(vm.total)} available now"
+    except (ImportError, MemoryError, OSError):
+        free = ""
+    if limit != resource.RLIM_INFINITY:
+        return (f"out of memory: an allocation{size} passed the address-space limit of {_gib(limit)} "
+                f"(ulimit -v){free}; raise the limit or lower --batch-size")
+    return f"out of memory: an allocation{size} was refused{free}; free memory or lower --batch-size"

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import contracts as C
-from . import distributed
+from . import distributed, memory
 from . import robustness as R
 from .data import prefetched
 from .errors import MmsrError
@@ -42,7 +42,8 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 @torch.no_grad()
 def evaluate_split(model, split, batch_size: int, device: torch.device, progress=None, observe=None,
-                   ranks: list | None = None, on_scores=None, selection: Selection = Selection()) -> dict[str, float]:
+                   ranks: list | None = None, on_scores=None, selection: Selection = Selection(),
+                   micro_batch: int | None = None) -> dict[str, float]:
     """Mean metrics of ``model`` over every sample of ``split`` (full ranking; see module doc).
 
     Returns the metrics plus ``n`` (number of samples). ``observe(model)`` runs after each batch
@@ -51,8 +52,15 @@ def evaluate_split(model, split, batch_size: int, device: torch.device, progress
     ``ranks``, a list, receives each batch's target ranks (CPU int64, sample order; one process);
     ``on_scores(scores, targets)`` sees each batch's score matrix (popularity.BeyondAccuracy);
     ``selection`` the metrics and cut-offs (metrics.py; default HR, MRR, NDCG @5/10/20).
+    Batches are scored ``micro_batch`` samples at a time where a batch of ``batch_size`` would
+    pass the memory budget (memory.py; measured here when not given).
     """
     keep_freed_memory()
+    if micro_batch is None:
+        scoring = memory.measure(model, split.collate, memory.history_lengths(split), len(split), device, training=False)
+        memory.check_fits(scoring, f"--batch-size {batch_size}", "scoring")
+        micro_batch = scoring.micro_batch(batch_size) if scoring is not None else batch_size
+    batch_size = min(batch_size, micro_batch)
     was_training = model.training
     model.eval()
     acc = MetricAccumulator(selection.ks, selection.metrics)

@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from . import contracts as C
+from . import memory
 from .errors import MmsrError
 from .evaluation import to_device
 from .runs import LoadedRun
@@ -103,7 +104,16 @@ def recommend(ds: DatasetDir, run: LoadedRun, opts: RecommendOptions, device: to
     k = min(opts.top_k, info.n_items)
     out_user, out_rank, out_item, out_score = [], [], [], []
     model = run.model.to(device).eval()
-    batches = run.bundle.kind.history_batches(info, seqs.flat, seqs.ptr, rows, opts.batch_size)
+    kind = run.bundle.kind
+
+    def collate(positions: np.ndarray) -> dict:
+        return next(iter(kind.history_batches(info, seqs.flat, seqs.ptr, rows[positions], len(positions))))[1]
+
+    # batches scored a micro-batch at a time where one would pass the memory budget (memory.py)
+    scoring = memory.measure(model, collate, (seqs.ptr[rows + 1] - seqs.ptr[rows]), len(rows), device, training=False)
+    memory.check_fits(scoring, f"--batch-size {opts.batch_size}", "scoring")
+    batch_size = scoring.micro_batch(opts.batch_size) if scoring is not None else opts.batch_size
+    batches = kind.history_batches(info, seqs.flat, seqs.ptr, rows, batch_size)
     for batch_rows, batch in batches:
         scores = model.score(to_device(batch, device)).float()
         if opts.exclude_seen:

@@ -33,7 +33,7 @@ from .models.aggregators import check_aggregator
 from .models.base import ModelConfig, Recommender
 from .models.layers import FUSION_MODES
 from .robustness import apply_drop, check_drop_options
-from .workdir import DatasetDir, write_torch_atomic
+from .workdir import DatasetDir, check_regular_file, read_file_text, write_torch_atomic
 
 # Options that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = ("epochs", "device")
@@ -184,7 +184,7 @@ def read_run_config(path: Path) -> dict:
     if not path.exists():
         raise MmsrError(f"{path}: run config not found; run `mmsr train` first or check --run")
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(read_file_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MmsrError(f"{path}: not a valid run config ({type(e).__name__}: {e})") from e
     if not isinstance(cfg, dict):
@@ -236,6 +236,7 @@ def save_torch_atomic(path: Path, obj: Any) -> None:
 def load_torch(path: Path) -> Any:
     if not path.exists():
         raise MmsrError(f"{path}: checkpoint not found")
+    check_regular_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file or foreign pickle: one line, not a traceback

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import contracts as C
-from . import distributed
+from . import distributed, memory
 from .data import prefetched
 from .errors import MmsrError
 from .evaluation import evaluate_split, to_device
@@ -65,6 +65,16 @@ from .runs import (
 from .runtime import TRIM_EVERY_STEPS, keep_freed_memory, progress, release_freed_memory, resolve_device, set_seed
 from .tensorboard_log import GateStats, RunWriter
 from .workdir import DatasetDir, atomic_path, write_bytes_atomic, write_json_atomic, writer_lock
+
+
+def _size_options(tc: TrainConfig, mc: ModelConfig) -> str:
+    """The options that set a training step's memory, as given (for the one-line refusal)."""
+    shown = f"--batch-size {tc.batch_size} --dim {mc.dim} --layers {mc.layers}"
+    if mc.model == "mmsr":
+        return f"{shown} --aggregator {mc.aggregator} --max-len {mc.max_len}"
+    return f"{shown} --heads {mc.heads} --max-len {mc.max_len}"
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -222,6 +232,15 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool, on
     set_seed(tc.seed)
     model = build_model(mc, bundle.info).to(device)
     trainable = _has_parameters(model)
+    # Micro-batches where a batch's forward/backward would pass the memory budget (memory.py),
+    # and a configuration whose single sample cannot fit refused before anything is written.
+    step_memory = memory.measure(model, train_split.collate, memory.history_lengths(train_split), len(train_split),
+                                 device, training=True)
+    memory.check_fits(step_memory, _size_options(tc, mc))
+    micro = step_memory.micro_batch(tc.batch_size) if step_memory is not None else tc.batch_size
+    score_memory = memory.measure(model, valid_split.collate, memory.history_lengths(valid_split), len(valid_split),
+                                  device, training=False)
+    valid_micro = score_memory.micro_batch(tc.batch_size) if score_memory is not None else tc.batch_size
     # Pop and other parameter-free models: one pass gives their (fixed) result.
     epochs = tc.epochs if trainable else 1
     optimizer = (
@@ -267,6 +286,10 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool, on
         on_epoch(row)
     step = distributed.wrap(TrainStep(model), device)  # DDP under torchrun (not for Pop)
     log.info("train %s on %s: %s %s (device %s)", run, ds.name, tc, mc, device)
+    if micro < tc.batch_size or valid_micro < tc.batch_size:
+        log.info("memory: batches of %d split into micro-batches of %d (training) and %d (validation): %.0f MiB "
+                 "of saved activations per sample, budget %d MiB", tc.batch_size, micro, valid_micro,
+                 step_memory.per_sample / 2**20, memory.STEP_BUDGET_BYTES >> 20)
 
     n_batches = math.ceil(len(train_split) / tc.batch_size)
     if tc.max_steps:
@@ -287,28 +310,40 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool, on
             step.train()
             gates = GateStats()
             loss_sum, steps = torch.zeros((), dtype=torch.float64, device=device), 0
-            shares, batch_indices = [], []
+            parts, part_indices = [], []  # (weight in the batch's mean loss, first part, last part)
             for b in range(n_batches):
                 global_batch = order[b * tc.batch_size : (b + 1) * tc.batch_size]
                 idx = distributed.shard(global_batch)  # the whole batch in one process
-                shares.append(len(idx) / len(global_batch))  # this rank's weight in the batch's mean loss
-                batch_indices.append(idx if len(idx) else global_batch[:1])  # fewer samples than ranks: a zero-weight step keeps DDP in sync
-            for share, (_, batch) in zip(shares, prefetched(train_split, batch_indices)):
+                share = len(idx) / len(global_batch)  # this rank's weight in the batch's mean loss
+                idx = idx if len(idx) else global_batch[:1]  # fewer samples than ranks: a zero-weight step keeps DDP in sync
+                pieces = memory.micro_batches(idx, micro)  # [idx] unless the batch passes the memory budget
+                for k, piece in enumerate(pieces):
+                    weight = share if len(pieces) == 1 else share * len(piece) / len(idx)
+                    parts.append((weight, k == 0, k == len(pieces) - 1))
+                    part_indices.append(piece)
+            for (weight, first, last), (_, batch) in zip(parts, prefetched(train_split, part_indices)):
                 batch = to_device(batch, device)
                 if optimizer is None:
                     with torch.no_grad():
-                        loss = step(batch) * share
+                        loss = step(batch) * weight
                 else:
-                    loss = step(batch) * share
-                    optimizer.zero_grad(set_to_none=True)
-                    # DDP averages gradients over the W ranks: W * share recovers the batch mean
-                    (loss * distributed.world_size()).backward()
-                    if tc.clip_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
-                    optimizer.step()
+                    if first:
+                        optimizer.zero_grad(set_to_none=True)
+                    loss = step(batch) * weight
+                    # DDP averages gradients over the W ranks: W * share recovers the batch mean;
+                    # micro-batches add their parts of it into the same gradients
+                    with step.no_sync() if not last and hasattr(step, "no_sync") else contextlib.nullcontext():
+                        (loss * distributed.world_size()).backward()
+                    if last:
+                        if tc.clip_norm > 0:
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
+                        optimizer.step()
+                batch_loss = loss.detach() if first else batch_loss + loss.detach()
+                if not last:
+                    continue
                 if tb.writer is not None:
                     gates.add(model)
-                loss_sum += loss.detach()
+                loss_sum += batch_loss
                 steps += 1
                 if steps % TRIM_EVERY_STEPS == 0:
                     release_freed_memory()
@@ -317,7 +352,8 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool, on
             if not math.isfinite(mean_loss):
                 raise MmsrError(f"--lr {tc.lr}: training loss became {mean_loss} in epoch {epoch}; lower the learning rate")
             t1 = time.perf_counter()
-            valid = evaluate_split(model, valid_split, tc.batch_size, device, lambda n: bar.advance(task, 1))
+            valid = evaluate_split(model, valid_split, tc.batch_size, device, lambda n: bar.advance(task, 1),
+                                   micro_batch=valid_micro)
             valid.pop("n")
             release_freed_memory()
             t2 = time.perf_counter()
