@@ -21,6 +21,7 @@ Only the train and valid splits are read: trials are chosen, pruned and ranked o
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
@@ -41,7 +42,7 @@ from .models import fields_not_read
 from .runs import TrainConfig, default_run_name, read_run_config
 from . import space as S
 from .training import train
-from .workdir import DatasetDir, write_bytes_atomic
+from .workdir import DatasetDir, full_disk_as_error, write_bytes_atomic
 
 HEARTBEAT_SECONDS = 10  # a running trial records a heartbeat this often
 GRACE_SECONDS = 30  # ... and is taken as dead (killed) when silent this long
@@ -217,8 +218,8 @@ def tune(
     on_trial: Callable[[TrialRow], None] | None = None,
 ) -> TuneResult:
     """Run the study until it has ``trials`` finished trials (or ``timeout`` seconds have passed:
-    no trial starts after that), then write the best options; see the module docstring."""
-    optuna = _optuna()
+    no trial starts after that), then write the best options; see the module docstring. A full
+    disk (however SQLite words it) is the one-line error; a storage it left half set up is removed."""
     C.RANGE_TRIALS.check("--trials", trials)
     S.check_space(settings.space, settings.model, where="--space")
     if not S.searched(settings.space):
@@ -227,7 +228,26 @@ def tune(
                                  patience=settings.patience, seed=settings.seed, metric=settings.metric, device=device)
     load_dataset(ds, base_mc)  # a missing or stale stage is one error now, not one per trial
     name = study_name or default_study_name(ds, settings.model, settings.seed)
+    storage = ds.path(C.TUNE_STORAGE)
+    created = [p for p in (storage.parent, storage, storage.with_suffix(".lock")) if not p.exists()]
+    opened: list[bool] = []
+    try:
+        # SQLite says "database or disk is full" without an errno: the free space tells (workdir)
+        with full_disk_as_error(storage):
+            return _tune(ds, settings, trials, name, timeout, device, on_trial, opened)
+    except MmsrError as e:
+        if "no space left on device" in str(e) and not opened:  # a storage it could not even set up: removed
+            for path in reversed(created):
+                with contextlib.suppress(OSError):
+                    path.rmdir() if path.is_dir() else path.unlink()
+        raise
+
+
+def _tune(ds: DatasetDir, settings: TuneSettings, trials: int, name: str, timeout: float | None, device: str,
+          on_trial: Callable[[TrialRow], None] | None, opened: list[bool]) -> TuneResult:
+    optuna = _optuna()
     study, lock = open_study(ds, name, settings)
+    opened.append(True)
     t0 = time.perf_counter()
     deadline = None if timeout is None else t0 + timeout
 

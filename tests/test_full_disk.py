@@ -79,6 +79,7 @@ STAGES = [
     ("evaluate", ["--run", "m", "--split", "valid"]),
     ("recommend", ["--run", "m", "--users", "u1", "--output", "{wd}/recs.parquet"]),
     ("report", ["--output", "{wd}/report.md"]),
+    ("tune", ["--model", "sasrec", "--trials", "1", "--epochs", "1", "--device", "cpu"]),
 ]
 
 
