@@ -268,7 +268,7 @@ def test_runs_trained_before_codes_were_recorded_take_them_from_the_manifests(cl
     (ds / C.MANIFESTS_DIR).mkdir()
 
     def manifest(modality: str, fingerprint: str, c: int = 20) -> None:
-        record = {"stage": f"codes:{modality}", "fingerprint": fingerprint,
+        record = {"manifest_version": 1, "stage": f"codes:{modality}", "fingerprint": fingerprint, "outputs": {},
                   "options": {"codes_mode": "clusters", "clusters": c, "top_k": 2, "ae_dim": 128, "seed": 0}}
         (ds / C.MANIFESTS_DIR / f"codes__{modality}.json").write_text(json.dumps(record))
 

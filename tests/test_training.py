@@ -124,7 +124,7 @@ def test_best_is_chosen_on_validation_and_test_is_never_read(toy, monkeypatch):
     scripted = iter([0.1, 0.5, 0.3, 0.2, 0.9, 0.9])  # 0.9 would win if training did not stop
     snapshots, opened = [], []
 
-    def fake_evaluate(model, split, batch_size, device, progress=None):
+    def fake_evaluate(model, split, batch_size, device, progress=None, micro_batch=None):
         snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         value = next(scripted)
         return {**{m: 0.0 for m in metrics.METRIC_NAMES}, "ndcg@10": value, "n": len(split)}
