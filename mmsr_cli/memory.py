@@ -49,8 +49,10 @@ class StepMemory:
         return self.fixed + self.per_sample * n
 
     def micro_batch(self, batch_size: int) -> int:
-        """The most samples (at most ``batch_size``, at least 1) whose step fits the budget."""
-        budget = STEP_BUDGET_BYTES
+        """The most samples (at most ``batch_size``, at least 1) whose step fits the budget, less
+        what the model's parameters take beyond it (SASRec at dim 1024, 16 layers: 1.6 GB with
+        gradients and Adam's moments), but at least an eighth of it."""
+        budget = max(STEP_BUDGET_BYTES - self.model_bytes, STEP_BUDGET_BYTES / 8)
         if self.bytes_for(batch_size) <= budget or self.per_sample <= 0:
             return batch_size
         return int(max(1, min(batch_size, (budget - self.fixed) // self.per_sample)))
