@@ -34,6 +34,7 @@ from .entry import INTERRUPTED
 from .errors import (MmsrError, Range, allocator_failure, out_of_memory_message,  # noqa: F401  (parse_list: for the commands)
                      parse_list)
 from .runtime import console  # noqa: F401  (the commands print through the library's console)
+from .workdir import read_file_text
 
 app = typer.Typer(
     name="mmsr",
@@ -73,8 +74,6 @@ def _load_config(ctx: typer.Context, param: object, value: Optional[Path]) -> Op
     if value is None:
         return None
     try:
-        from .workdir import read_file_text
-
         data = tomllib.loads(read_file_text(Path(value)))
     except FileNotFoundError:
         raise typer.BadParameter(f"{value}: file not found") from None

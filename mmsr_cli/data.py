@@ -19,6 +19,11 @@ from .errors import MmsrError
 from .workdir import DatasetDir, read_parquet
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated batch's tensors on ``device`` (copies overlap compute where the memory is pinned)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def pad_histories(flat: np.ndarray, ptr: np.ndarray, rows: np.ndarray, max_len: int, pad_id: int):
     """Left-padded ``[len(rows), max_len]`` matrix of histories ``flat[ptr[r]:ptr[r+1]]``.
 

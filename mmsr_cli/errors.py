@@ -4,6 +4,7 @@ files read back (run configs) go through before their values reach any construct
 import dataclasses
 import errno
 import re
+import resource
 import typing
 
 
@@ -119,8 +120,6 @@ def _gib(n: float) -> str:
 def out_of_memory_message(exc: BaseException) -> str:
     """One line saying what ran out (GPU memory, the address-space limit, the machine's memory),
     how much was asked for when the library says so, and what is free now."""
-    import resource
-
     text = " ".join(str(exc).split())
     asked = re.search(r"(?:tried to allocate|allocate) (\d+(?:\.\d+)?) ?(bytes|[KMG]iB)", text)
     size = ""

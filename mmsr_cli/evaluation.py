@@ -17,7 +17,7 @@ import torch
 from . import contracts as C
 from . import distributed, memory
 from . import robustness as R
-from .data import prefetched
+from .data import prefetched, to_device
 from .errors import MmsrError
 from .metrics import MetricAccumulator, Selection
 from .popularity import BeyondAccuracy, item_popularity
@@ -34,10 +34,6 @@ SCORE_CHUNK_ELEMENTS = 1 << 24
 def batches(n: int, batch_size: int) -> Iterable[np.ndarray]:
     for start in range(0, n, batch_size):
         yield np.arange(start, min(n, start + batch_size), dtype=np.int64)
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -57,7 +53,7 @@ def evaluate_split(model, split, batch_size: int, device: torch.device, progress
     """
     keep_freed_memory()
     if micro_batch is None:
-        scoring = memory.measure(model, split.collate, memory.history_lengths(split), len(split), device, training=False)
+        scoring = memory.measure(model, split.collate, memory.history_lengths(split), len(split), device)
         memory.check_fits(scoring, f"--batch-size {batch_size}", "scoring")
         micro_batch = scoring.micro_batch(batch_size) if scoring is not None else batch_size
     batch_size = min(batch_size, micro_batch)

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import psutil
 import torch
 
+from .data import to_device
 from .errors import MmsrError
 
 #: estimated bytes of saved activations one forward/backward may hold. On the synthetic set a
@@ -68,10 +70,10 @@ def history_lengths(split) -> np.ndarray | None:
     return None
 
 
-def _saved_bytes(model: torch.nn.Module, batch: dict, training: bool) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves in the model's loss on ``batch``."""
-    from .training import TrainStep
-
+def _saved_bytes(model: torch.nn.Module, batch: dict, loss: Callable[[dict], torch.Tensor] | None) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in ``loss`` on ``batch`` (the
+    model's scores when None)."""
+    training = loss is not None
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     sizes: dict = {}
 
@@ -89,7 +91,7 @@ def _saved_bytes(model: torch.nn.Module, batch: dict, training: bool) -> int:
     model.train(training)
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = TrainStep(model)(batch) if training else model.score(batch)
+            out = loss(batch) if training else model.score(batch)
         del out
     finally:
         model.train(was_training)
@@ -97,11 +99,12 @@ def _saved_bytes(model: torch.nn.Module, batch: dict, training: bool) -> int:
 
 
 def measure(model: torch.nn.Module, collate: Callable[[np.ndarray], dict], lengths: np.ndarray | None,
-            n_samples: int, device: torch.device, training: bool) -> StepMemory | None:
-    """The saved activation bytes of ``model``'s loss (``training``) or scores per sample of the
-    split's mix; None for a model without trainable parameters (Pop) or an empty split."""
-    from .evaluation import to_device
-
+            n_samples: int, device: torch.device, loss: Callable[[dict], torch.Tensor] | None = None,
+            ) -> StepMemory | None:
+    """The saved activation bytes per sample of the split's mix of ``loss`` (a training step,
+    e.g. training.TrainStep(model): its backward's memory), or of ``model``'s scores when None;
+    None for a model without trainable parameters (Pop) or an empty split."""
+    training = loss is not None
     if n_samples == 0 or not any(p.requires_grad for p in model.parameters()):
         return None
     order = np.arange(n_samples) if lengths is None else np.argsort(lengths, kind="stable")
@@ -113,8 +116,8 @@ def measure(model: torch.nn.Module, collate: Callable[[np.ndarray], dict], lengt
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
-        s1 = _saved_bytes(model, to_device(collate(spread(k1)), device), training)
-        s2 = _saved_bytes(model, to_device(collate(spread(k2)), device), training) if k2 > k1 else s1
+        s1 = _saved_bytes(model, to_device(collate(spread(k1)), device), loss)
+        s2 = _saved_bytes(model, to_device(collate(spread(k2)), device), loss) if k2 > k1 else s1
     finally:  # the probe's dropout draws must not shift the run's random numbers
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
@@ -127,8 +130,6 @@ def measure(model: torch.nn.Module, collate: Callable[[np.ndarray], dict], lengt
 
 
 def available_bytes() -> int:
-    import psutil
-
     return int(psutil.virtual_memory().available)
 
 

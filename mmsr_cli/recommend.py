@@ -19,8 +19,8 @@ import torch
 
 from . import contracts as C
 from . import memory
+from .data import to_device
 from .errors import MmsrError
-from .evaluation import to_device
 from .runs import LoadedRun
 from .workdir import DatasetDir, read_parquet
 
@@ -110,7 +110,7 @@ def recommend(ds: DatasetDir, run: LoadedRun, opts: RecommendOptions, device: to
         return next(iter(kind.history_batches(info, seqs.flat, seqs.ptr, rows[positions], len(positions))))[1]
 
     # batches scored a micro-batch at a time where one would pass the memory budget (memory.py)
-    scoring = memory.measure(model, collate, (seqs.ptr[rows + 1] - seqs.ptr[rows]), len(rows), device, training=False)
+    scoring = memory.measure(model, collate, (seqs.ptr[rows + 1] - seqs.ptr[rows]), len(rows), device)
     memory.check_fits(scoring, f"--batch-size {opts.batch_size}", "scoring")
     batch_size = scoring.micro_batch(opts.batch_size) if scoring is not None else opts.batch_size
     batches = kind.history_batches(info, seqs.flat, seqs.ptr, rows, batch_size)

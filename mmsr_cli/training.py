@@ -44,9 +44,9 @@ import torch.nn.functional as F
 
 from . import contracts as C
 from . import distributed, memory
-from .data import prefetched
+from .data import prefetched, to_device
 from .errors import MmsrError
-from .evaluation import evaluate_split, to_device
+from .evaluation import evaluate_split
 from .inputs import load_dataset
 from .metrics import METRIC_NAMES
 from .models import build_model, check_model_config
@@ -235,11 +235,11 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool, on
     # Micro-batches where a batch's forward/backward would pass the memory budget (memory.py),
     # and a configuration whose single sample cannot fit refused before anything is written.
     step_memory = memory.measure(model, train_split.collate, memory.history_lengths(train_split), len(train_split),
-                                 device, training=True)
+                                 device, loss=TrainStep(model))
     memory.check_fits(step_memory, _size_options(tc, mc))
     micro = step_memory.micro_batch(tc.batch_size) if step_memory is not None else tc.batch_size
     score_memory = memory.measure(model, valid_split.collate, memory.history_lengths(valid_split), len(valid_split),
-                                  device, training=False)
+                                  device)
     valid_micro = score_memory.micro_batch(tc.batch_size) if score_memory is not None else tc.batch_size
     # Pop and other parameter-free models: one pass gives their (fixed) result.
     epochs = tc.epochs if trainable else 1

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import mmsr_cli.models.layers as layers_module
-from mmsr_cli.evaluation import to_device
+from mmsr_cli.data import to_device
 from mmsr_cli.runs import load_run
 from mmsr_cli.workdir import DatasetDir
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmsr_cli.evaluation import to_device
+from mmsr_cli.data import to_device
 from mmsr_cli.metrics import pessimistic_ranks
 from mmsr_cli.runs import load_run
 from mmsr_cli.workdir import DatasetDir

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import torch
 
 from mmsr_cli import contracts as C
-from mmsr_cli.evaluation import batches, to_device
+from mmsr_cli.data import to_device
+from mmsr_cli.evaluation import batches
 from mmsr_cli.metrics import pessimistic_ranks
 from mmsr_cli.runs import load_run
 from mmsr_cli.workdir import DatasetDir

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmsr_cli.evaluation import to_device
+from mmsr_cli.data import to_device
 from mmsr_cli.runs import load_run
 from test_layers import RICH_EDGES, RICH_NODE_TYPE, graph_inputs, setup_layer
 from test_training import make_coded_toy, train

@@ -88,7 +88,7 @@ def test_train_resume_evaluate_recommend_on_cuda(coded, cuda_device, model):
 def test_han_attention_forward_and_backward_match_the_cpu(coded, cuda_device):
     """The MMSR model (sparse CSR attention, every HAN piece of the adaptive fusion) on one batch:
     scores, loss and every parameter's gradient on the device equal the CPU's."""
-    from mmsr_cli.evaluation import to_device
+    from mmsr_cli.data import to_device
     from mmsr_cli.runs import load_run
     from mmsr_cli.training import TrainStep
 
