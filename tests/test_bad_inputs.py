@@ -952,7 +952,7 @@ def test_run_config_fields_are_typed_where_read(cli, work, command, section, fie
         ('[preprocess]\ncore = "five"\n', "Invalid value for '--core'"),
         ("[preprocess]\ncore = true\n", "run.toml: 'core' takes a value, not true"),
         ("[preprocess]\nmax-len = 0\n", "--max-len: must be an integer in 1..1000, got 0"),
-        (None, "run.toml: cannot read (Is a directory)"),
+        (None, "run.toml: is a directory, expected a regular file"),
     ],
     ids=["syntax", "latin1", "not-a-table", "unknown-key", "unknown-table", "unknown-top-level-key", "wrong-type", "bool-for-int", "out-of-range", "directory"],
 )

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mmsr_cli import contracts as C
+from mmsr_cli import memory
 from mmsr_cli import inputs
 from mmsr_cli import training
 from mmsr_cli.metrics import pessimistic_ranks
@@ -358,6 +359,7 @@ def test_the_training_loop_adds_the_auxiliary_loss(cli, featured, monkeypatch):
         return torch.tensor(100.0)
 
     monkeypatch.setattr(BM3, "auxiliary_loss", constant)
+    monkeypatch.setattr(memory, "measure", lambda *a, **k: None)  # no memory probe: only the steps call it
     r = train(cli, featured, "--model", "bm3", "--run-name", "aux", "--epochs", "1", *FAST)
     assert r.exit_code == 0, r.stderr
     history = json.loads((run_folder(featured, "aux") / "history.json").read_text())
