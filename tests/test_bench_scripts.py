@@ -185,3 +185,24 @@ def test_scale_log_is_a_5_core_log_of_beautys_size(tmp_path):
     assert len(np.unique(users)) == 22_363 and len(np.unique(items)) == 12_101
     assert np.bincount(users).min() >= 5 and np.bincount(items).min() >= 5
     assert np.any(np.diff(users) < 0)
+
+
+def test_rank_breakdown_seen_successor_is_a_training_samples_last_item_and_target(tmp_path):
+    """scripts/bench_rank_breakdown.py: a (last item, target) step counts as seen only where a
+    training sample has that last history item and that target, not where the two merely meet in
+    one training history."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmsr_cli import contracts as C
+
+    class Samples:  # the one DatasetDir method the function reads
+        def path(self, name):
+            return tmp_path / name
+
+    path = tmp_path / C.samples_file("train")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"history": [[1], [1, 2], [5, 3]], "target": [2, 3, 4]}), path)
+    bench = load_script("bench_rank_breakdown")
+    seen = bench.seen_successors(Samples(), np.array([1, 2, 3, 2, 1, 4]), np.array([2, 4, 4, 3, 3, 2]))
+    assert seen.tolist() == [True, False, True, True, False, False]
