@@ -166,8 +166,8 @@ def pytest_configure(config) -> None:
 # 2-core machine): scripts/test.sh runs the suite on two pytest-xdist workers, each taking whole
 # files (--dist loadfile) in collection order, so these start first and the cheap files fill in
 # at the end, and the two workers finish about together.
-HEAVY_FIRST = ["test_bench_scripts.py", "test_distributed.py", "test_interruption.py", "test_sweep.py",
-               "test_determinism.py", "test_tune.py", "test_hostile_images.py", "test_recommend.py",
+HEAVY_FIRST = ["test_memory.py", "test_bench_scripts.py", "test_distributed.py", "test_interruption.py",
+               "test_sweep.py", "test_determinism.py", "test_tune.py", "test_hostile_images.py", "test_recommend.py",
                "test_locks.py", "test_bad_inputs.py", "test_synthetic.py", "test_fuzz.py", "test_report.py",
                "test_training.py"]
 
