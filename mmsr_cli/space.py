@@ -55,6 +55,7 @@ PAPER_SPACE: dict[str, Param] = {
 TRAIN_OPTIONS = ("lr", "weight_decay", "clip_norm", "batch_size")
 MODEL_OPTIONS = (
     "dim", "layers", "heads", "dropout", "fusion", "aggregator", "feed_forward", "invasive", "variant", "attention_dropout",
+    "readout",
 )
 
 

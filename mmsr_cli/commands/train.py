@@ -64,6 +64,11 @@ def train_command(
     attention_dropout: Annotated[
         Optional[float], ranged("--attention-dropout", rng=C.RANGE_DROPOUT, help="MMSR: dropout on the attention weights [default: 0].")
     ] = None,
+    readout: Annotated[
+        Optional[str],
+        typer.Option("--readout", help="MMSR's user vector: last (last pooling, paper 4.4) or attention (SR-GNN's "
+                     "soft attention over the item nodes; not in the paper) [default: last]."),
+    ] = None,
     max_steps: Annotated[int, ranged("--max-steps", rng=C.RANGE_MAX_STEPS, help="At most N training batches per epoch (smoke runs); 0 = all.")] = 0,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the run from its last.pt if present.")] = True,
     tensorboard: Annotated[
@@ -91,7 +96,7 @@ def train_command(
         modalities=modalities, aggregator=aggregator, fusion=fusion, invasive=invasive or None,
         pos_emb=False if no_pos_emb else None, type_emb=False if no_type_emb else None,
         graph_variant="items" if no_codes else None, feed_forward=feed_forward or None, variant=variant,
-        attention_dropout=attention_dropout,
+        attention_dropout=attention_dropout, readout=readout,
     )
     result = train(DatasetDir.open(workdir, dataset), tc, mc, resume=resume, tensorboard=tensorboard)
     if launched_main():  # under torchrun: rank 0 only

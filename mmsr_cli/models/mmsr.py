@@ -55,6 +55,7 @@ from .han_authors import AuthorsHANLayer
 from .layers import AUTHORS_PLAN, FUSION_MODES, Dropout, HANLayer, LayerPlan, RelationEdges, TypeIndex, rows_of
 
 VARIANTS = ("paper", "authors")
+READOUTS = ("last", "attention")  # --readout: last pooling (section 4.4), or AttentionReadout (not in the paper)
 
 
 @dataclass
@@ -77,10 +78,15 @@ class MMSRConfig(Regularised, WithModalities):
     # code runs it ("authors", han_authors.AuthorsHANLayer; their init, dropouts and shared layer)
     variant: str = "paper"
     attention_dropout: float = 0.0  # on the attention weights after each softmax (0 = off)
+    # the user vector: "last" = last pooling (section 4.4); "attention" (not in the paper; see
+    # AttentionReadout) reads every item node of the graph, not only the last
+    readout: str = "last"
 
     def validate(self) -> "MMSRConfig":
         super().validate()
         check_variant(self)
+        if self.readout not in READOUTS:
+            raise MmsrError(f"--readout: expected one of {', '.join(READOUTS)}, got {self.readout!r}")
         check_aggregator(self.aggregator)
         if self.fusion not in FUSION_MODES:
             raise MmsrError(f"--fusion: expected one of {', '.join(FUSION_MODES)}, got {self.fusion!r}")
@@ -219,6 +225,30 @@ class FeedForward(nn.Module):
         return h + self.net(h)
 
 
+class AttentionReadout(nn.Module):
+    """``--readout attention`` (not in the paper): SR-GNN's session readout over the item nodes.
+
+    alpha_i = q . sigmoid(W1 h_last + W2 h_i), s = sum_i alpha_i h_i over the graph's item nodes,
+    user = W3 [h_last; s] (Wu et al., AAAI 2019, Eq. 6-7). Last pooling scores from the last item's
+    node alone, which on Amazon Beauty learns that item's successors and generalises less than
+    SASRec to steps unseen in training (docs/benchmarks.md); this readout lets every item of the
+    history reach the user vector directly.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.last = nn.Linear(dim, dim, bias=False)  # W1
+        self.node = nn.Linear(dim, dim)  # W2 (its bias is SR-GNN's c)
+        self.query = nn.Linear(dim, 1, bias=False)  # q
+        self.merge = nn.Linear(2 * dim, dim, bias=False)  # W3
+
+    def forward(self, h_items: Tensor, graph: Tensor, h_last: Tensor) -> Tensor:
+        """``h_items`` [M, d] item nodes of ``graph`` [M] (sample index), ``h_last`` [B, d] -> [B, d]."""
+        alpha = self.query(torch.sigmoid(self.last(h_last)[graph] + self.node(h_items)))  # [M, 1]
+        pooled = h_last.new_zeros(h_last.shape).index_add_(0, graph, alpha * h_items)
+        return self.merge(torch.cat([h_last, pooled], dim=1))
+
+
 class MMSR(Recommender):
     """Multi-modality enriched sequential recommender over MSGraphs (HAN-GNN + last pooling)."""
 
@@ -252,6 +282,7 @@ class MMSR(Recommender):
         self.feed_forward = (
             nn.ModuleList(FeedForward(config.dim) for _ in range(config.layers)) if config.feed_forward else None
         )
+        self.readout = AttentionReadout(config.dim) if config.readout == "attention" else None
         if config.variant == "authors":
             self.encoder.reset_parameters_uniform(self.modalities)
             self.layers[0].reset_parameters_uniform()
@@ -272,6 +303,11 @@ class MMSR(Recommender):
         return h if inverse is None else h[inverse]
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        if self.readout is not None:  # every item node is read: no restricted layer plans
+            h, inverse = self._propagate(batch)
+            h = h if inverse is None else h[inverse]  # batch node order
+            items = torch.nonzero(batch["node_type"] == 0).squeeze(1)
+            return self.readout(h[items], batch["node_graph"][items], h[batch["last_node"]])
         if not self.every_node and self.config.aggregator == "han":
             h, _ = self._propagate(batch, pooled=True)
             return h  # the pooled rows, in sample order
