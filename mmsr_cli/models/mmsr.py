@@ -304,8 +304,7 @@ class MMSR(Recommender):
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         if self.readout is not None:  # every item node is read: no restricted layer plans
-            h, inverse = self._propagate(batch)
-            h = h if inverse is None else h[inverse]  # batch node order
+            h = self.node_states(batch)
             items = torch.nonzero(batch["node_type"] == 0).squeeze(1)
             return self.readout(h[items], batch["node_graph"][items], h[batch["last_node"]])
         if not self.every_node and self.config.aggregator == "han":
