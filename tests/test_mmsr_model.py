@@ -112,16 +112,22 @@ def test_last_pooling_picks_the_last_item_node():
     assert batch["last_node"].tolist() == [2, 7]
 
 
-@pytest.mark.parametrize("variant", ["paper", "authors"])
-def test_attention_readout_by_hand(variant):
+@pytest.mark.parametrize("variant,readout", [("paper", "attention"), ("authors", "attention"),
+                                             ("paper", "residual"), ("authors", "residual")])
+def test_attention_readout_by_hand(variant, readout):
     """--readout attention (not in the paper; SR-GNN's Eq. 6-7): per sample, alpha_i = q .
     sigmoid(W1 h_last + W2 h_i) over its item nodes, s = sum alpha_i h_i, user = W3 [h_last; s],
-    from the same final node states as last pooling; code nodes are not read."""
+    from the same final node states as last pooling; code nodes are not read. --readout residual:
+    user = h_last + W3 [h_last; s], which is last pooling at initialisation (W3 = 0)."""
     m = model(ModelConfig(dim=D, layers=1 if variant == "authors" else 2, dropout=0.0, variant=variant,
-                          readout="attention"))
+                          readout=readout))
     batch = collate([SAMPLE_A, SAMPLE_B])
     states = m.node_states(batch)
     r = m.readout
+    if readout == "residual":
+        torch.testing.assert_close(m(batch), states[batch["last_node"]], rtol=0, atol=0)
+        with torch.no_grad():
+            r.merge.weight.normal_()
     expected = []
     for g, last in enumerate(batch["last_node"].tolist()):
         h_last = states[last]
@@ -130,13 +136,13 @@ def test_attention_readout_by_hand(variant):
         for v in items:
             alpha = r.query.weight[0] @ torch.sigmoid(r.last.weight @ h_last + r.node.weight @ states[v] + r.node.bias)
             pooled = pooled + alpha * states[v]
-        expected.append(r.merge.weight @ torch.cat([h_last, pooled]))
+        expected.append(r.merge.weight @ torch.cat([h_last, pooled]) + (h_last if readout == "residual" else 0))
     torch.testing.assert_close(m(batch), torch.stack(expected), rtol=1e-5, atol=1e-6)
     assert [len([v for v in range(9) if batch["node_graph"][v] == g and batch["node_type"][v] == 0]) for g in (0, 1)] == [3, 2]
     from mmsr_cli.models import check_model_config
     from mmsr_cli.runs import train_configs
 
-    with pytest.raises(MmsrError, match="--readout: expected one of last, attention, got 'mean'"):
+    with pytest.raises(MmsrError, match="--readout: expected one of last, attention, residual, got 'mean'"):
         check_model_config(train_configs("mmsr", readout="mean")[1])
     with pytest.raises(MmsrError, match="--readout: not used by model sasrec"):
         train_configs("sasrec", readout="attention")

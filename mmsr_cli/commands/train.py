@@ -67,7 +67,8 @@ def train_command(
     readout: Annotated[
         Optional[str],
         typer.Option("--readout", help="MMSR's user vector: last (last pooling, paper 4.4) or attention (SR-GNN's "
-                     "soft attention over the item nodes; not in the paper) [default: last]."),
+                     "soft attention over the item nodes; not in the paper) or residual (last pooling plus that "
+                     "readout, which starts at zero; not in the paper) [default: last]."),
     ] = None,
     max_steps: Annotated[int, ranged("--max-steps", rng=C.RANGE_MAX_STEPS, help="At most N training batches per epoch (smoke runs); 0 = all.")] = 0,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the run from its last.pt if present.")] = True,

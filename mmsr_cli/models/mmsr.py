@@ -55,7 +55,9 @@ from .han_authors import AuthorsHANLayer
 from .layers import AUTHORS_PLAN, FUSION_MODES, Dropout, HANLayer, LayerPlan, RelationEdges, TypeIndex, rows_of
 
 VARIANTS = ("paper", "authors")
-READOUTS = ("last", "attention")  # --readout: last pooling (section 4.4), or AttentionReadout (not in the paper)
+# --readout: last pooling (section 4.4), or AttentionReadout (not in the paper) replacing it
+# ("attention") or added to it ("residual")
+READOUTS = ("last", "attention", "residual")
 
 
 @dataclass
@@ -78,8 +80,8 @@ class MMSRConfig(Regularised, WithModalities):
     # code runs it ("authors", han_authors.AuthorsHANLayer; their init, dropouts and shared layer)
     variant: str = "paper"
     attention_dropout: float = 0.0  # on the attention weights after each softmax (0 = off)
-    # the user vector: "last" = last pooling (section 4.4); "attention" (not in the paper; see
-    # AttentionReadout) reads every item node of the graph, not only the last
+    # the user vector: "last" = last pooling (section 4.4); "attention" and "residual" (not in the
+    # paper; see AttentionReadout) read every item node of the graph, not only the last
     readout: str = "last"
 
     def validate(self) -> "MMSRConfig":
@@ -233,20 +235,28 @@ class AttentionReadout(nn.Module):
     node alone, which on Amazon Beauty learns that item's successors and generalises less than
     SASRec to steps unseen in training (docs/benchmarks.md); this readout lets every item of the
     history reach the user vector directly.
+
+    With ``residual`` (``--readout residual``) the user vector is h_last + W3 [h_last; s] with W3
+    zero at initialisation: training starts from last pooling, whose successor memory the plain
+    readout loses on steps seen in training, and adds the history only as far as it helps.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, residual: bool = False):
         super().__init__()
+        self.residual = residual
         self.last = nn.Linear(dim, dim, bias=False)  # W1
         self.node = nn.Linear(dim, dim)  # W2 (its bias is SR-GNN's c)
         self.query = nn.Linear(dim, 1, bias=False)  # q
         self.merge = nn.Linear(2 * dim, dim, bias=False)  # W3
+        if residual:
+            nn.init.zeros_(self.merge.weight)
 
     def forward(self, h_items: Tensor, graph: Tensor, h_last: Tensor) -> Tensor:
         """``h_items`` [M, d] item nodes of ``graph`` [M] (sample index), ``h_last`` [B, d] -> [B, d]."""
         alpha = self.query(torch.sigmoid(self.last(h_last)[graph] + self.node(h_items)))  # [M, 1]
         pooled = h_last.new_zeros(h_last.shape).index_add_(0, graph, alpha * h_items)
-        return self.merge(torch.cat([h_last, pooled], dim=1))
+        merged = self.merge(torch.cat([h_last, pooled], dim=1))
+        return h_last + merged if self.residual else merged
 
 
 class MMSR(Recommender):
@@ -282,7 +292,9 @@ class MMSR(Recommender):
         self.feed_forward = (
             nn.ModuleList(FeedForward(config.dim) for _ in range(config.layers)) if config.feed_forward else None
         )
-        self.readout = AttentionReadout(config.dim) if config.readout == "attention" else None
+        self.readout = (
+            AttentionReadout(config.dim, residual=config.readout == "residual") if config.readout != "last" else None
+        )
         if config.variant == "authors":
             self.encoder.reset_parameters_uniform(self.modalities)
             self.layers[0].reset_parameters_uniform()
