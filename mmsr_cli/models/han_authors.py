@@ -29,15 +29,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.utils import softmax as pyg_softmax
 
-from .layers import CsrGraph, HomogeneousAttention, LayerPlan, RelationEdges, TypedLinear, TypeIndex, EdgeDot, aggregate, rows_of
+from .layers import CsrGraph, HomogeneousAttention, LayerPlan, RelationEdges, TypedLinear, TypeIndex, EdgeDot, aggregate, rows_of, scatter_softmax
 
 AUTHORS_SLOPE = 0.1  # their ``alpha`` for the LeakyReLU of the scores
 
 
 def _softmax(scores: Tensor, graph: CsrGraph) -> Tensor:
-    return pyg_softmax(F.leaky_relu(scores, AUTHORS_SLOPE), graph.row, num_nodes=graph.n_rows)
+    return scatter_softmax(F.leaky_relu(scores, AUTHORS_SLOPE), graph.row, graph.n_rows)
 
 
 class PathGate(nn.Module):

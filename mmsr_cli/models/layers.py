@@ -34,7 +34,6 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.utils import softmax as pyg_softmax
 
 from ..contracts import REL_BI, REL_HETERO, REL_IN, REL_OUT, REL_SELF  # noqa: F401  (edge_rel ids)
 
@@ -396,9 +395,34 @@ class HeterogeneousAttention(nn.Module):
         return EdgeDot.apply(k, q, edges.he) * self.scale
 
 
+def _along_rows(index: Tensor, like: Tensor) -> Tensor:
+    """``index`` [E] broadcast to ``like``'s shape [E, ...] (one row per entry)."""
+    return index.view(-1, *([1] * (like.dim() - 1))).expand_as(like)
+
+
+def scatter_softmax(src: Tensor, index: Tensor, n: int) -> Tensor:
+    """softmax of ``src`` [E, ...] within each group of equal ``index`` [E] (n groups): PyG's
+    ``utils.softmax`` for an index, the same operations in the same order, in torch alone.
+    Importing torch_geometric costs about 2 s of CPU per process (it imports torch._dynamo), which
+    every `mmsr` command paid for this one function; PyG stays for the aggregators that use it."""
+    size = (n, *src.shape[1:])
+    peak = src.new_zeros(size).scatter_reduce_(0, _along_rows(index, src), src.detach(), "amax", include_self=False)
+    out = (src - peak.index_select(0, index)).exp()
+    total = src.new_zeros(size).scatter_add_(0, _along_rows(index, out), out) + 1e-16
+    return out / total.index_select(0, index)
+
+
+def scatter_mean(src: Tensor, index: Tensor, n: int) -> Tensor:
+    """The mean of the rows of ``src`` [E, d] per ``index`` [E] into n rows (0 where none), as
+    PyG's ``scatter(..., reduce="mean")`` computes it."""
+    count = src.new_zeros(n).scatter_add_(0, index, src.new_ones(index.shape[0])).clamp(min=1)
+    total = src.new_zeros((n, *src.shape[1:])).scatter_add_(0, _along_rows(index, src), src)
+    return total / count.view(-1, *([1] * (src.dim() - 1)))
+
+
 def neighbourhood_softmax(scores: Tensor, graph: CsrGraph) -> Tensor:
     """sft(e_ij | N_i) of Eq. 11: softmax of LeakyReLU(e_ij) over the edges into each target i."""
-    return pyg_softmax(F.leaky_relu(scores, ATTENTION_SLOPE), graph.row, num_nodes=graph.n_rows)
+    return scatter_softmax(F.leaky_relu(scores, ATTENTION_SLOPE), graph.row, graph.n_rows)
 
 
 def aggregate(alpha: Tensor, values: Tensor, graph: CsrGraph) -> Tensor:

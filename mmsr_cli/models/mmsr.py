@@ -44,7 +44,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.utils import scatter
 
 from .. import contracts as C
 from ..errors import MmsrError
@@ -52,7 +51,7 @@ from .aggregators import BatchGraph, build_layers, check_aggregator
 from .base import DatasetInfo, ModalityInfo, Recommender, code_embedding_table
 from .common import Regularised, WithModalities
 from .han_authors import AuthorsHANLayer
-from .layers import AUTHORS_PLAN, FUSION_MODES, Dropout, HANLayer, LayerPlan, RelationEdges, TypeIndex, rows_of
+from .layers import AUTHORS_PLAN, FUSION_MODES, Dropout, HANLayer, LayerPlan, RelationEdges, TypeIndex, rows_of, scatter_mean
 
 VARIANTS = ("paper", "authors")
 # --readout: last pooling (section 4.4), or AttentionReadout (not in the paper) replacing it
@@ -191,7 +190,7 @@ class NodeEncoder(nn.Module):
             h = h + F.linear(self.type_embedding.weight, next(blocks))[node_type]
         if self.position_embedding is not None:  # mean of the (projected) position embeddings of each node
             positions = F.linear(self.position_embedding.weight, next(blocks))[pos_index]
-            h = h + scatter(positions, pos_node, 0, node_type.shape[0], "mean")
+            h = h + scatter_mean(positions, pos_node, node_type.shape[0])
         return h if self.merge.bias is None else h + self.merge.bias
 
     def projected_content(self, node_ref: Tensor, types: TypeIndex, weight: Tensor) -> Tensor:
