@@ -212,3 +212,22 @@ def test_side_channels_start_at_the_scale_of_items_and_positions():
     maps = difsr.layers[0].attn.attention_maps(r, sides, masks).detach()  # item, position, code
     spread = maps.flatten(0, -2).std(dim=0)
     assert spread.max() / spread.min() < 3.0, spread
+
+
+@pytest.mark.parametrize("name", ["sasrec", "sasrecf"])
+def test_scoring_computes_the_last_blocks_last_position_alone_with_the_same_result(name):
+    """When scoring, the last transformer block computes the last position's query alone (keys
+    and values of every position): the same user vectors as every position through every block
+    (train mode without dropout), and the full path really is a different computation."""
+    model = make(name, [image_modality()] if name == "sasrecf" else (), dropout=0.0)
+    assert len(model.blocks) == 2
+    b = batch([[1, 2, 3], [4], [5, 6, 7, 8, 9], [3, 3]])
+    with torch.no_grad():
+        full = model.train()(b)
+        calls = []
+        block = model.blocks[-1].attn
+        hook = block.register_forward_hook(lambda module, args, out: calls.append(out.shape[1]))
+        scored = model.eval()(b)
+        hook.remove()
+    torch.testing.assert_close(scored, full, rtol=1e-5, atol=1e-6)
+    assert calls and set(calls) == {1}  # the last block's attention returned one position per row

@@ -29,9 +29,13 @@ class CausalSelfAttention(nn.Module):
         """[B, L, D]; with ``last_only`` the last position's output alone [B, 1, D] (its query
         against every key)."""
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        if last_only:
-            q, allowed = q[:, :, -1:], allowed[:, -1:]
+        if last_only:  # keys and values of every position, the query of the last one alone
+            weight, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, -1:], weight[:D], bias[:D]).view(B, 1, 1, self.heads, D // self.heads)
+            kv = F.linear(x, weight[D:], bias[D:]).view(B, L, 2, self.heads, D // self.heads)
+            q, (k, v), allowed = q.permute(2, 0, 3, 1, 4)[0], kv.permute(2, 0, 3, 1, 4), allowed[:, -1:]
+        else:
+            q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed[:, None], dropout_p=self.dropout if self.training else 0.0
         )
