@@ -334,3 +334,24 @@ def test_random_init_image_weights_are_reproducible():
     torch.manual_seed(3)
     TorchvisionImage("resnet18", "none", torch.device("cpu"), torch.float32)
     assert torch.equal(torch.rand(1), expected)
+
+
+def test_image_encoder_runs_channels_last_with_the_features_of_the_plain_layout():
+    """The torchvision encoder holds weights and inputs in channels-last layout (faster convolutions):
+    its features equal the same network's in the default NCHW layout, up to float rounding."""
+    import copy
+
+    import torch
+
+    from mmsr_cli.encoders.torchvision_image import TorchvisionImage
+
+    enc = TorchvisionImage("resnet18", "none", torch.device("cpu"), torch.float32)
+    assert enc.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not enc.net.conv1.weight.is_contiguous()
+    images = list(torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    plain = copy.deepcopy(enc.net).to(memory_format=torch.contiguous_format)
+    with torch.inference_mode():
+        expected = plain(torch.stack(images))
+    got = enc.encode(images)
+    assert got.shape == (3, 512)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -82,7 +82,9 @@ class TorchvisionImage(ImageEncoder):
         self.dim = _drop_final_linear(net, model)
         self.transform = default.transforms()  # ImageNet resize/crop/normalise of this architecture
         self.short_side = min(getattr(self.transform, "resize_size", None) or [256])
-        self.net = net.eval().to(device)
+        # channels-last (NHWC) activations: oneDNN's and cuDNN's faster convolution layout; a
+        # ResNet-50 batch of 32 on 2 CPU cores took 2.2-2.4 s against 3.2-3.6 s in NCHW
+        self.net = net.eval().to(device, memory_format=torch.channels_last)
         self.device = device
         self.dtype = dtype
 
@@ -91,7 +93,7 @@ class TorchvisionImage(ImageEncoder):
         return prepare_item_image(rel, root, self.short_side, self.transform)
 
     def encode(self, images: list):
-        x = torch.stack(images).to(self.device)
+        x = torch.stack(images).to(self.device, memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(self.device, self.dtype):
             out = self.net(x)
         return out.to(torch.float32).flatten(1).cpu()
