@@ -195,3 +195,25 @@ def test_a_space_can_pin_the_authors_variant_and_is_checked_as_a_whole(tmp_path)
     path.write_text('variant = "authors"\nfusion = "adaptive"\nattention-dropout = [0.0, 0.2]\n')
     space = read_space_file(path, "mmsr", model_space("mmsr"))
     assert space["variant"] == "authors" and space["attention_dropout"] == Choice((0.0, 0.2))
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name, model", [("tune-beauty-cpu", "sasrec"), ("tune-beauty-cpu", "sasrecf"),
+                                         ("tune-beauty-cpu", "mmsr"), ("tune-beauty-cpu-mmsr-authors", "mmsr")])
+def test_shipped_beauty_spaces_search_the_same_ranges_for_every_model(name, model):
+    """configs/tune-beauty-cpu*.toml (the CPU-sized Beauty tuning of docs/benchmarks.md) load for
+    the models they are for, replace the models' own spaces, and search the same options over the
+    same ranges for every model, so that equal trial counts are equal budgets."""
+    from mmsr_cli.space import fixed, read_space_file, searched
+
+    space = read_space_file(CONFIGS / f"{name}.toml", model, model_space(model))
+    assert searched(space) == {
+        "lr": Range(3e-4, 1e-2, log=True), "weight_decay": Choice((0.0, 1e-6, 1e-5, 1e-4)),
+        "dropout": Range(0.1, 0.5, step=0.1), "layers": Choice((1, 2)),
+    }
+    expected = {"batch_size": 512}
+    if name.endswith("mmsr-authors"):
+        expected.update(variant="authors", attention_dropout=0.2)
+    assert fixed(space) == expected
