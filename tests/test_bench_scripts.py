@@ -206,3 +206,30 @@ def test_rank_breakdown_seen_successor_is_a_training_samples_last_item_and_targe
     bench = load_script("bench_rank_breakdown")
     seen = bench.seen_successors(Samples(), np.array([1, 2, 3, 2, 1, 4]), np.array([2, 4, 4, 3, 3, 2]))
     assert seen.tolist() == [True, False, True, True, False, False]
+
+
+def test_step_ab_imports_the_old_checkout_apart_and_it_computes_the_same_model(tmp_path):
+    """scripts/bench_step_ab.py times an older checkout's MMSR beside the current one in one
+    process: the copy is a separate package (its classes, not the current ones, even through the
+    relative imports between model files), and given the same weights it computes the same loss."""
+    import sys
+
+    from mmsr_cli.models.mmsr import MMSR
+    from test_mmsr_model import SAMPLE_A, SAMPLE_B, collate, info, model
+
+    script = load_script("bench_step_ab")
+    try:
+        old_class = script.old_mmsr_class(Path(__file__).resolve().parents[1], tmp_path)
+        assert old_class is not MMSR and old_class.__module__ == "mmsr_old.models.mmsr"
+        assert sys.modules["mmsr_old.models.layers"].HANLayer is not sys.modules["mmsr_cli.models.layers"].HANLayer
+        new = model()
+        old = old_class(new.config, info()).eval()
+        assert not any(isinstance(m, type(new.layers[0])) for m in old.modules())
+        old.load_state_dict(new.state_dict())
+        batch = collate([SAMPLE_A, SAMPLE_B])
+        with torch.no_grad():
+            torch.testing.assert_close(old(batch), new(batch), rtol=0, atol=0)
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [n for n in sys.modules if n == "mmsr_old" or n.startswith("mmsr_old.")]:
+            del sys.modules[name]

@@ -87,14 +87,14 @@ class AuthorsHANLayer(nn.Module):
 
     def _forward_rows(self, h: Tensor, plan: LayerPlan) -> Tensor:
         n, rows = h.shape[0], plan.inputs
-        q = rows_of(self.query(h[rows], plan.types_of(rows)), rows, n)
+        q = rows_of(self.query(h.index_select(0, rows), plan.types_of(rows)), rows, n)
         he = plan.he_edges.he  # phase 1 of he->ho at the out rows and their sequence neighbours
-        h_he = aggregate(self.attention_dropout(_softmax(EdgeDot.apply(q[plan.he_rows], q, he), he)), q, he)
+        h_he = aggregate(self.attention_dropout(_softmax(EdgeDot.apply(q.index_select(0, plan.he_rows), q, he), he)), q, he)
         h_he_all = rows_of(h_he, plan.he_rows, n)
         ho, he_out = plan.out_edges.ho, plan.out_edges.he
-        ho_alpha = _softmax(self.homogeneous(h_he[plan.out_in_he], plan.out_edges, h_he_all), ho)
+        ho_alpha = _softmax(self.homogeneous(h_he.index_select(0, plan.out_in_he), plan.out_edges, h_he_all), ho)
         out_heho = aggregate(self.attention_dropout(ho_alpha), q, ho)
-        he_alpha = _softmax(EdgeDot.apply(q[plan.out], q, he_out), he_out)
+        he_alpha = _softmax(EdgeDot.apply(q.index_select(0, plan.out), q, he_out), he_out)
         out_hohe = aggregate(self.attention_dropout(he_alpha), q, he_out)  # item 5
         out, beta = self.gate(out_hohe, out_heho)
         self.last_gate = beta.detach()

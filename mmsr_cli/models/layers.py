@@ -191,7 +191,7 @@ class _HomogeneousScores(torch.autograd.Function):
         scores = x.new_empty(edges.ho_rel.shape[0])
         for r, (at, graph) in enumerate(edges.ho_by_relation):
             if at.numel():
-                scores[at] = _sampled_dot(x * relation_vectors[r], y, graph)
+                scores.index_copy_(0, at, _sampled_dot(x * relation_vectors[r], y, graph))
         return scores
 
     @staticmethod
@@ -201,7 +201,7 @@ class _HomogeneousScores(torch.autograd.Function):
         for r, (at, graph) in enumerate(ctx.edges.ho_by_relation):
             if not at.numel():
                 continue
-            g = grad[at]
+            g = grad.index_select(0, at)
             to_target = graph.matrix(g) @ y  # row i: sum_j g_ij y_j
             grad_a[r] = (to_target * x).sum(0)
             grad_x += to_target * relation_vectors[r]
@@ -358,14 +358,14 @@ class TypedLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x: Tensor, types: TypeIndex) -> Tensor:
-        xs = x if types.order is None else x[types.order]
+        xs = x if types.order is None else x.index_select(0, types.order)
         parts = [
             chunk @ self.weight[t]
             for t, chunk in enumerate(torch.split(xs, types.counts))
             if chunk.shape[0]
         ]
         out = torch.cat(parts) if parts else x.new_zeros(0, self.weight.shape[2])
-        return out if types.inverse is None else out[types.inverse]
+        return out if types.inverse is None else out.index_select(0, types.inverse)
 
 
 class HomogeneousAttention(nn.Module):
@@ -536,22 +536,22 @@ class HANLayer(nn.Module):
             return linear(x, plan.types_of(rows))
 
         fusion = self.fusion
-        v = place(project(self.value, h[plan.v_rows], plan.v_rows), plan.v_rows)
+        v = place(project(self.value, h.index_select(0, plan.v_rows), plan.v_rows), plan.v_rows)
         out_hohe = out_heho = h_ho = h_he = None
         if plan.ho_rows is not None:  # phase 1 of hohe at ho_rows: [len(ho_rows), d]
-            h_ho = self._homogeneous(v[plan.ho_rows], v, plan.ho_edges, v_source=v)
+            h_ho = self._homogeneous(v.index_select(0, plan.ho_rows), v, plan.ho_edges, v_source=v)
         if plan.he_rows is not None:  # phase 1 of heho at he_rows
-            q = place(project(self.query, h[plan.q_rows], plan.q_rows), plan.q_rows)
-            h_he = self._heterogeneous(project(self.key, h[plan.he_rows], plan.he_rows), q, v, plan.he_edges)
+            q = place(project(self.query, h.index_select(0, plan.q_rows), plan.q_rows), plan.q_rows)
+            h_he = self._heterogeneous(project(self.key, h.index_select(0, plan.he_rows), plan.he_rows), q, v, plan.he_edges)
         if fusion in ("adaptive", "hohe"):  # phase 2 at the out rows, from h^ho at ho_rows
             q_ho = place(project(self.query, h_ho, plan.ho_rows), plan.ho_rows)
-            k_ho = project(self.key, h_ho[plan.out_in_ho], plan.out)
+            k_ho = project(self.key, h_ho.index_select(0, plan.out_in_ho), plan.out)
             values = place(project(self.value, h_ho, plan.ho_rows), plan.ho_rows) if self.invasive else v
             out_hohe = self._heterogeneous(k_ho, q_ho, values, plan.out_edges)
         if fusion in ("adaptive", "heho"):  # phase 2 at the out rows, from h^he at he_rows
             v_he = place(project(self.value, h_he, plan.he_rows), plan.he_rows)
             values = v_he if self.invasive else v
-            out_heho = self._homogeneous(v_he[plan.out], values, plan.out_edges, v_source=v_he)
+            out_heho = self._homogeneous(v_he.index_select(0, plan.out), values, plan.out_edges, v_source=v_he)
         return self._fuse(out_hohe, out_heho, h_ho, h_he)
 
     def _fuse(self, out_hohe: Tensor | None, out_heho: Tensor | None, h_ho: Tensor | None, h_he: Tensor | None) -> Tensor:

@@ -187,9 +187,9 @@ class NodeEncoder(nn.Module):
         blocks = iter(self.merge.weight.split(d, dim=1))
         h = self.projected_content(node_ref, types, next(blocks))
         if self.type_embedding is not None:
-            h = h + F.linear(self.type_embedding.weight, next(blocks))[node_type]
+            h = h + F.linear(self.type_embedding.weight, next(blocks)).index_select(0, node_type)
         if self.position_embedding is not None:  # mean of the (projected) position embeddings of each node
-            positions = F.linear(self.position_embedding.weight, next(blocks))[pos_index]
+            positions = F.linear(self.position_embedding.weight, next(blocks)).index_select(0, pos_index)
             h = h + scatter_mean(positions, pos_node, node_type.shape[0])
         return h if self.merge.bias is None else h + self.merge.bias
 
@@ -204,7 +204,7 @@ class NodeEncoder(nn.Module):
                 content = self.item_embedding(rows)
             else:
                 content = self.code_projections[t - 1](self.code_embeddings[t - 1](rows))
-            parts.append(F.linear(content, weight)[where])
+            parts.append(F.linear(content, weight).index_select(0, where))
         if not parts:
             return weight.new_zeros(0, weight.shape[0])
         return torch.cat(parts)
@@ -311,7 +311,7 @@ class MMSR(Recommender):
     def node_states(self, batch: dict[str, Tensor]) -> Tensor:
         """h^(L) [N, d] of every node, in the batch's node order."""
         h, inverse = self._propagate(batch)
-        return h if inverse is None else h[inverse]
+        return h if inverse is None else h.index_select(0, inverse)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         if self.readout is not None:  # every item node is read: no restricted layer plans
@@ -325,7 +325,7 @@ class MMSR(Recommender):
         last = batch["last_node"]
         if inverse is not None:  # position of each batch node in the type-sorted order
             last = inverse[last]
-        return h[last]  # last pooling (section 4.4): P = h^(L) of the last history item
+        return h.index_select(0, last)  # last pooling (section 4.4): P = h^(L) of the last history item
 
     def _propagate(self, batch: dict[str, Tensor], pooled: bool = False) -> tuple[Tensor, Tensor | None]:
         """h^(L) of every node (type-sorted order, with the inverse permutation), or with
