@@ -22,6 +22,10 @@ Choices the paper leaves open (documented here, tested in tests/test_layers.py):
   stably without them, full-dataset training has not been checked yet);
 * the gate MLP is Linear(2d, d) -> tanh -> Linear(d, 2), and beta is the softmax of its two
   scores so that Eq. 17 is a convex combination of the two paths.
+
+Rows are gathered with ``index_select`` here and in the MMSR model, never ``x[idx]``: the latter's
+backward is an accumulating ``index_put_`` that sorts its indices on CPU, 2.5x the time of
+``index_select``'s ``index_add_`` (docs/benchmarks.md, "Gathers by index_select").
 """
 
 from __future__ import annotations
