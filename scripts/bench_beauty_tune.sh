@@ -9,7 +9,8 @@
 # until it has TRIALS (default 12) finished trials, with the Table-2 epoch budget (--epochs 10
 # --patience 3); its log is WORKDIR/DATASET/logs/tune-STUDY.log. Studies live in the dataset's
 # tune/studies.sqlite3, so running the script again resumes them where they stopped (a killed
-# trial is not counted); a study that has its trials returns at once with its table. Each study's
+# trial is queued again and continues from its last.pt); a study that has its trials returns at
+# once with its table. Each study's
 # best options are written to WORKDIR/DATASET/tune/STUDY.toml for `mmsr train --config`.
 set -euo pipefail
 WORKDIR=${1:?usage: bench_beauty_tune.sh WORKDIR DATASET "MODEL ..." [TRIALS] [SEED]}
