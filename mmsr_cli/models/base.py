@@ -74,8 +74,8 @@ class ModelConfig:
     variant: str = "paper"
     # dropout on MMSR's attention weights after each softmax (the authors' dropout_atten; 0 = off)
     attention_dropout: float = 0.0
-    # MMSR's user vector: "last" = last pooling (section 4.4), or "attention" (not in the paper):
-    # SR-GNN's soft attention over the graph's item nodes with the last one as query
+    # MMSR's user vector: "last" = last pooling (section 4.4), or "attention" / "residual" (not in
+    # the paper): SR-GNN's soft attention over the graph's item nodes instead of / beside last pooling
     readout: str = "last"
 
 

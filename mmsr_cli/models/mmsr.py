@@ -252,7 +252,7 @@ class AttentionReadout(nn.Module):
 
     def forward(self, h_items: Tensor, graph: Tensor, h_last: Tensor) -> Tensor:
         """``h_items`` [M, d] item nodes of ``graph`` [M] (sample index), ``h_last`` [B, d] -> [B, d]."""
-        alpha = self.query(torch.sigmoid(self.last(h_last)[graph] + self.node(h_items)))  # [M, 1]
+        alpha = self.query(torch.sigmoid(self.last(h_last).index_select(0, graph) + self.node(h_items)))  # [M, 1]
         pooled = h_last.new_zeros(h_last.shape).index_add_(0, graph, alpha * h_items)
         merged = self.merge(torch.cat([h_last, pooled], dim=1))
         return h_last + merged if self.residual else merged
@@ -317,7 +317,7 @@ class MMSR(Recommender):
         if self.readout is not None:  # every item node is read: no restricted layer plans
             h = self.node_states(batch)
             items = torch.nonzero(batch["node_type"] == 0).squeeze(1)
-            return self.readout(h[items], batch["node_graph"][items], h[batch["last_node"]])
+            return self.readout(h.index_select(0, items), batch["node_graph"][items], h.index_select(0, batch["last_node"]))
         if not self.every_node and self.config.aggregator == "han":
             h, _ = self._propagate(batch, pooled=True)
             return h  # the pooled rows, in sample order
