@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmsr_cli import contracts as C
 from mmsr_cli.data import to_device
 from mmsr_cli.runs import load_run
 from test_layers import RICH_EDGES, RICH_NODE_TYPE, graph_inputs, setup_layer
@@ -194,7 +195,6 @@ def test_rank_breakdown_seen_successor_is_a_training_samples_last_item_and_targe
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mmsr_cli import contracts as C
 
     class Samples:  # the one DatasetDir method the function reads
         def path(self, name):
@@ -233,3 +233,50 @@ def test_step_ab_imports_the_old_checkout_apart_and_it_computes_the_same_model(t
         sys.path.remove(str(tmp_path))
         for name in [n for n in sys.modules if n == "mmsr_old" or n.startswith("mmsr_old.")]:
             del sys.modules[name]
+
+
+@pytest.mark.slow  # two trainings, two evaluations and the comparison in fresh processes
+def test_tuned_table_trains_each_best_config_tests_it_and_compares_with_p_values(tmp_path):
+    """scripts/bench_beauty_tuned.sh: every study's best config file trained with each seed and
+    tested, then one --compare with the paired tests; run again, it trains nothing and compares
+    the same runs; a study without its config file stops it before any training."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    ds = make_coded_toy(tmp_path)
+    tune = ds.path("tune")
+    tune.mkdir()
+    for study, model in (("base-cpu", "sasrec"), ("ours-cpu", "mmsr")):
+        (tune / f"{study}.toml").write_text(
+            f'dataset = "{ds.name}"\n\n[train]\nmodel = "{model}"\nepochs = 1\ndim = 8\nbatch-size = 64\n'
+            'lr = 0.003\ndevice = "cpu"\n')
+    script = SCRIPT.with_name("bench_beauty_tuned.sh")
+    env = {**os.environ, "MMSR": f"{sys.executable} -m mmsr_cli", "JOBS": "1",
+           "PYTHONPATH": f"{SCRIPT.parents[1]}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    args = ["bash", str(script), str(ds.workdir), ds.name, "base-cpu ours-cpu", "3"]
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = ds.path(C.RUNS_DIR)
+    for study, model in (("base-cpu", "sasrec"), ("ours-cpu", "mmsr")):
+        run = runs / f"{study}-tuned-s3"
+        config = json.loads((run / "config.json").read_text())
+        assert config["train"]["seed"] == 3 and config["model"]["model"] == model and config["model"]["dim"] == 8
+        assert json.loads((run / "metrics_test.json").read_text())["n"] > 0
+    compared = ds.path("logs/tuned-compare.txt").read_text()
+    assert r.stdout.endswith(compared)  # printed and kept
+    paired = compared.split("paired tests (p-values)")[1]
+    rows = [line.split("│")[1:4] for line in paired.splitlines() if line.startswith("│")]
+    assert [(a.split()[0], b.split()[0], metric.strip()) for a, b, metric in rows] == [
+        ("mmsr", "sasrec", f"{m}@{k}") for m in ("hr", "mrr", "ndcg") for k in (5, 10, 20)]
+    stamp = (runs / "base-cpu-tuned-s3" / "best.pt").stat().st_mtime_ns
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "tuned: base-cpu-tuned-s3 already tested" in again.stdout and "tuned: ours-cpu-tuned-s3 already tested" in again.stdout
+    assert (runs / "base-cpu-tuned-s3" / "best.pt").stat().st_mtime_ns == stamp
+    assert ds.path("logs/tuned-compare.txt").read_text() == compared
+    missing = subprocess.run(["bash", str(script), str(ds.workdir), ds.name, "base-cpu other-cpu"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"tuned: no {ds.path('tune/other-cpu.toml')}; run bench_beauty_tune.sh first"]
