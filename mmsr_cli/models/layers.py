@@ -348,8 +348,9 @@ class LayerPlan:
 
 def rows_of(x: Tensor, rows: Tensor, n: int) -> Tensor:
     """An [n, d] tensor holding ``x`` at ``rows``, zeros elsewhere: a plan's partial result in node
-    order, so that edges keep node ids (the zero rows are never read)."""
-    return x.new_zeros(n, x.shape[1]).index_copy(0, rows, x)
+    order, so that edges keep node ids (the zero rows are never read). In place into the fresh
+    zeros: the out-of-place ``index_copy`` first cloned the [n, d] zeros, a full copy per call."""
+    return x.new_zeros(n, x.shape[1]).index_copy_(0, rows, x)
 
 
 class TypedLinear(nn.Module):
