@@ -31,6 +31,15 @@ from .workdir import write_json_atomic
 SCORE_CHUNK_ELEMENTS = 1 << 24
 
 
+def _by_history_length(split, rows: np.ndarray) -> np.ndarray | None:
+    """The order of ``rows`` by history length (stable), so that each batch holds histories of
+    about one length: the sequence models cut each batch's padding to its longest history, and
+    on Amazon Beauty most histories are far shorter than the longest of a random batch. None
+    for a split without history lengths."""
+    lengths = memory.history_lengths(split)
+    return None if lengths is None else np.argsort(lengths[rows], kind="stable")
+
+
 def batches(n: int, batch_size: int) -> Iterable[np.ndarray]:
     for start in range(0, n, batch_size):
         yield np.arange(start, min(n, start + batch_size), dtype=np.int64)
@@ -61,6 +70,10 @@ def evaluate_split(model, split, batch_size: int, device: torch.device, progress
     model.eval()
     acc = MetricAccumulator(selection.ks, selection.metrics)
     rows = distributed.shard(np.arange(len(split), dtype=np.int64))  # all rows in one process
+    order = _by_history_length(split, rows)
+    if order is not None:
+        rows = rows[order]
+    first_rank = len(ranks) if ranks is not None else 0
     try:
         for idx, batch in prefetched(split, (rows[positions] for positions in batches(len(rows), batch_size))):
             batch = to_device(batch, device)
@@ -81,6 +94,11 @@ def evaluate_split(model, split, batch_size: int, device: torch.device, progress
                 progress(len(idx))
     finally:
         model.train(was_training)
+    if ranks is not None and order is not None and len(ranks) > first_rank:  # back to sample order
+        scored = torch.cat(ranks[first_rank:])
+        restored = torch.empty_like(scored)
+        restored[torch.from_numpy(order)] = scored
+        ranks[first_rank:] = [restored]
     acc.sums, acc.n = distributed.all_reduce_sums(acc.sums, acc.n, acc.names, device)
     return {**acc.result(), "n": acc.n}
 

@@ -126,6 +126,41 @@ def test_evaluation_scores_a_few_rows_at_a_time_with_the_same_metrics(monkeypatc
     assert got == pytest.approx(ranking_metrics(users @ items.T, targets))
 
 
+def test_evaluation_batches_samples_by_history_length_and_keeps_ranks_in_sample_order():
+    """Evaluation takes a split's samples shortest history first (the sequence models then pad
+    each batch to about one length); the metrics are the same and the stored per-sample ranks
+    stay in sample order."""
+    from mmsr_cli import evaluation
+
+    g = torch.Generator().manual_seed(1)
+    users = torch.randint(-2, 3, (9, 4), generator=g).float()
+    items = torch.randint(-2, 3, (7, 4), generator=g).float()
+    targets = torch.randint(0, 7, (9,), generator=g)
+    lengths = np.array([5, 1, 3, 1, 4, 2, 5, 1, 2])
+    batches_seen = []
+
+    class Split:
+        ptr = np.concatenate([[0], np.cumsum(lengths)])  # as SequenceSplit: history offsets
+
+        def __len__(self):
+            return 9
+
+        def collate(self, idx):
+            batches_seen.append(idx.tolist())
+            return {"target": targets[idx], "user_idx": torch.as_tensor(idx)}
+
+    class Model(torch.nn.Module):
+        def user_and_item_vectors(self, batch):
+            return users[batch["user_idx"]], items
+
+    ranks: list = [torch.tensor([99])]  # what the caller held before is left alone
+    got = evaluation.evaluate_split(Model(), Split(), 4, torch.device("cpu"), ranks=ranks)
+    assert batches_seen == [[1, 3, 7, 5], [8, 2, 4, 0], [6]]  # by length, ties in sample order
+    assert torch.equal(torch.cat(ranks), torch.cat([torch.tensor([99]), pessimistic_ranks(users @ items.T, targets)]))
+    assert got.pop("n") == 9
+    assert got == pytest.approx(ranking_metrics(users @ items.T, targets))
+
+
 # ----------------------------------------------------------------------------------------------
 # The registry and `mmsr evaluate --metrics/--topk`
 
