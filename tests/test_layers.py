@@ -110,14 +110,25 @@ def manual_aggregate(layer, score_state, value_state, edge_index, edge_rel, type
 
 
 def test_typed_linear_uses_each_nodes_type_weight_in_any_node_order():
+    """Forward and gradients (its own backward: products written into blocks) equal a per-node
+    loop, nodes sorted by type or not, with a type that has no node (its matrix: zero gradient)."""
     torch.manual_seed(0)
-    lin = TypedLinear(3, D, 5)
-    types = torch.tensor([2, 0, 1, 0, 2, 1])
-    x = torch.randn(6, D)
+    lin = TypedLinear(4, D, 5)
+    types = torch.tensor([2, 0, 1, 0, 2, 1])  # no node of type 3
+    x = torch.randn(6, D, requires_grad=True)
+    upstream = torch.randn(6, 5)
     expected = torch.stack([x[v] @ lin.weight[int(types[v])] for v in range(6)])
-    torch.testing.assert_close(lin(x, TypeIndex.build(types, 3)), expected)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), [x, lin.weight])
+    got = lin(x, TypeIndex.build(types, 4))
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(torch.autograd.grad((got * upstream).sum(), [x, lin.weight]), expected_grads):
+        torch.testing.assert_close(g, e)
+    assert float(expected_grads[1][3].abs().max()) == 0.0
     order = torch.argsort(types, stable=True)
-    torch.testing.assert_close(lin(x[order], TypeIndex.build(types[order], 3)), expected[order])
+    got = lin(x[order], TypeIndex.build(types[order], 4))
+    torch.testing.assert_close(got, expected[order])
+    for g, e in zip(torch.autograd.grad((got * upstream[order]).sum(), [x, lin.weight]), expected_grads):
+        torch.testing.assert_close(g, e)
 
 
 def test_homogeneous_scores_eq12_on_a_three_node_path():
