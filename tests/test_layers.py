@@ -124,6 +124,8 @@ def test_typed_linear_uses_each_nodes_type_weight_in_any_node_order():
     for g, e in zip(torch.autograd.grad((got * upstream).sum(), [x, lin.weight]), expected_grads):
         torch.testing.assert_close(g, e)
     assert float(expected_grads[1][3].abs().max()) == 0.0
+    with pytest.raises(ValueError, match="cover 5 rows, the input has 6"):  # never uninitialised rows
+        lin(x, TypeIndex(None, None, [2, 2, 1, 0]))
     order = torch.argsort(types, stable=True)
     got = lin(x[order], TypeIndex.build(types[order], 4))
     torch.testing.assert_close(got, expected[order])

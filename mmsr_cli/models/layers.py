@@ -376,6 +376,8 @@ class _TypedMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, counts: list[int]) -> Tensor:
+        if sum(counts) != x.shape[0]:  # rows left out would stay uninitialised in ``out``
+            raise ValueError(f"type counts {counts} cover {sum(counts)} rows, the input has {x.shape[0]}")
         ctx.save_for_backward(x, weight)
         ctx.counts = counts
         out = x.new_empty(x.shape[0], weight.shape[2])
