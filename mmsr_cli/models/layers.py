@@ -183,34 +183,40 @@ class _HomogeneousScores(torch.autograd.Function):
     the targets' rows and y the sources' (both W_V h; separate tensors when a layer computes some
     targets only, the same one otherwise, autograd then adding the two gradients).
 
-    One relation at a time, so no [N, 4, d] tensor of relation-scaled nodes is built (on CPU its
-    allocation, broadcast product and backward took most of the layer's time). The backward uses
-    that a_r scales columns: sum_j g_ij a_r (.) y_j = a_r (.) (G_r @ y).
+    All relations in one sampled product over the stacked graph (``RelationEdges.ho_stacked``,
+    row 4i + r holds target i's edges of relation r) with x_r = a_r (.) x stacked the same way:
+    no [E, d] tensor of edge vectors, and one sparse kernel per pass instead of one per relation.
+    The backward uses that a_r scales columns: with t[i, r] = sum_j g_ij y_j over relation r,
+    dx_i = sum_r a_r (.) t[i, r] and da_r = sum_i x_i (.) t[i, r].
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, relation_vectors: Tensor, edges: "RelationEdges") -> Tensor:
         ctx.save_for_backward(x, y, relation_vectors)
         ctx.edges = edges
-        scores = x.new_empty(edges.ho_rel.shape[0])
-        for r, (at, graph) in enumerate(edges.ho_by_relation):
-            if at.numel():
-                scores.index_copy_(0, at, _sampled_dot(x * relation_vectors[r], y, graph))
-        return scores
+        return _sampled_dot(_relation_scaled(x, relation_vectors), y, edges.ho_stacked)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, y, relation_vectors = ctx.saved_tensors
-        grad_x, grad_y, grad_a = torch.zeros_like(x), torch.zeros_like(y), torch.zeros_like(relation_vectors)
-        for r, (at, graph) in enumerate(ctx.edges.ho_by_relation):
-            if not at.numel():
-                continue
-            g = grad.index_select(0, at)
-            to_target = graph.matrix(g) @ y  # row i: sum_j g_ij y_j
-            grad_a[r] = (to_target * x).sum(0)
-            grad_x += to_target * relation_vectors[r]
-            grad_y += (graph.matrix_t(g) @ x) * relation_vectors[r]  # row j: sum_i g_ij x_i
+        stacked = ctx.edges.ho_stacked
+        grad_x = grad_y = grad_a = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+            t = (stacked.matrix(grad) @ y).view(x.shape[0], N_HOMOGENEOUS_RELATIONS, x.shape[1])
+            if ctx.needs_input_grad[0]:
+                grad_x = t[:, 0] * relation_vectors[0]
+                for r in range(1, N_HOMOGENEOUS_RELATIONS):
+                    grad_x.addcmul_(t[:, r], relation_vectors[r])
+            if ctx.needs_input_grad[2]:
+                grad_a = (t * x.unsqueeze(1)).sum(0)
+        if ctx.needs_input_grad[1]:  # row j: sum over edges (j -> i) of g_ij a_r (.) x_i
+            grad_y = stacked.matrix_t(grad) @ _relation_scaled(x, relation_vectors)
         return grad_x, grad_y, grad_a, None
+
+
+def _relation_scaled(x: Tensor, relation_vectors: Tensor) -> Tensor:
+    """[n * R, d]: row R i + r is a_r (.) x_i, the rows of the stacked graph's targets."""
+    return (x.unsqueeze(1) * relation_vectors).view(-1, x.shape[1])
 
 
 class RelationEdges:
@@ -243,14 +249,11 @@ class RelationEdges:
         self.he = graph
 
     @cached_property
-    def ho_by_relation(self) -> list[tuple[Tensor, CsrGraph]]:
-        """Eq. 12 one relation at a time: (positions in ho edge order, that relation's graph);
-        within a relation the edges stay sorted by (target, source), as a CSR graph needs."""
-        out = []
-        for r in range(N_HOMOGENEOUS_RELATIONS):
-            at = (self.ho_rel == r).nonzero().flatten()
-            out.append((at, CsrGraph(self.ho.row[at], self.ho.col[at], self.ho.n_rows, self.ho.n_cols)))
-        return out
+    def ho_stacked(self) -> CsrGraph:
+        """The homogeneous edges with target i of relation r at row R i + r (R relations): a valid
+        CSR graph in the same edge order, since edges are sorted by (target, relation, source)."""
+        ho = self.ho
+        return CsrGraph(ho.row * N_HOMOGENEOUS_RELATIONS + self.ho_rel, ho.col, ho.n_rows * N_HOMOGENEOUS_RELATIONS, ho.n_cols)
 
     @property
     def ho_index(self) -> Tensor:
