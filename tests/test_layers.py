@@ -393,3 +393,19 @@ def test_scatter_softmax_and_mean_equal_pyg_bit_for_bit(shape):
     mean = scatter_mean(x.detach(), index, 14)
     assert torch.equal(mean, scatter(x.detach(), index, 0, 14, "mean"))
     assert torch.equal(mean[5], torch.zeros(shape[1:])) and torch.equal(mean[13], torch.zeros(shape[1:]))
+
+
+def test_sparse_mm_equals_the_product_with_empty_rows_and_strided_operands():
+    """layers.sparse_mm (the CSR product written into a fresh, unfilled output) gives ``@``'s
+    result exactly: rows without edges are zeros, not the new buffer's contents, and a strided
+    dense operand (a column slice, as the stacked relations' backward passes) is read right."""
+    torch.manual_seed(0)
+    row, col = torch.tensor([0, 0, 2, 2, 2, 4]), torch.tensor([1, 3, 0, 2, 3, 4])
+    graph = layers.CsrGraph(row, col, 6, 5)  # rows 1, 3 and 5 have no edges
+    values = torch.randn(len(row))
+    wide = torch.randn(5, 14)
+    for dense in (wide[:, :7], wide[:, ::2], wide[:, :7].contiguous()):
+        matrix = graph.matrix(values)
+        out = layers.sparse_mm(matrix, dense)
+        assert out.is_contiguous() and torch.equal(out, matrix @ dense)
+        assert torch.equal(out[[1, 3, 5]], torch.zeros(3, 7))

@@ -137,6 +137,16 @@ def _offsets(sorted_ids: Tensor, n: int) -> Tensor:
     return crow
 
 
+def sparse_mm(matrix: Tensor, dense: Tensor) -> Tensor:
+    """``matrix @ dense`` for a sparse CSR ``matrix``. On CPU the product is written straight into
+    one fresh output: there ``@`` zero-fills an output, multiplies into a second one and copies
+    it over, twice the time of the product alone (docs/benchmarks.md, "Sparse products")."""
+    if matrix.device.type != "cpu":
+        return matrix @ dense
+    out = dense.new_empty(matrix.shape[0], dense.shape[1])
+    return torch.addmm(out, matrix, dense, beta=0.0, out=out)  # beta 0: out's contents are not read
+
+
 def _sampled_dot(x_row: Tensor, x_col: Tensor, graph: CsrGraph) -> Tensor:
     """[E]: x_row[row_k] . x_col[col_k], computed only at the edges (no [E, d] intermediate)."""
     return torch.sparse.sampled_addmm(graph.pattern(x_row), x_row, x_col.T, beta=0.0).values()
@@ -155,8 +165,8 @@ class EdgeDot(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x_row, x_col = ctx.saved_tensors
         g = ctx.graph
-        grad_row = g.matrix(grad) @ x_col if ctx.needs_input_grad[0] else None
-        grad_col = g.matrix_t(grad) @ x_row if ctx.needs_input_grad[1] else None
+        grad_row = sparse_mm(g.matrix(grad), x_col) if ctx.needs_input_grad[0] else None
+        grad_col = sparse_mm(g.matrix_t(grad), x_row) if ctx.needs_input_grad[1] else None
         return grad_row, grad_col, None
 
 
@@ -167,14 +177,14 @@ class Aggregate(torch.autograd.Function):
     def forward(ctx, alpha: Tensor, values: Tensor, graph: CsrGraph) -> Tensor:
         ctx.save_for_backward(alpha, values)
         ctx.graph = graph
-        return graph.matrix(alpha) @ values
+        return sparse_mm(graph.matrix(alpha), values)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         alpha, values = ctx.saved_tensors
         g = ctx.graph
         grad_alpha = _sampled_dot(grad, values, g) if ctx.needs_input_grad[0] else None
-        grad_values = g.matrix_t(alpha) @ grad if ctx.needs_input_grad[1] else None
+        grad_values = sparse_mm(g.matrix_t(alpha), grad) if ctx.needs_input_grad[1] else None
         return grad_alpha, grad_values, None
 
 
@@ -202,7 +212,7 @@ class _HomogeneousScores(torch.autograd.Function):
         stacked = ctx.edges.ho_stacked
         grad_x = grad_y = grad_a = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            t = (stacked.matrix(grad) @ y).view(x.shape[0], N_HOMOGENEOUS_RELATIONS, x.shape[1])
+            t = sparse_mm(stacked.matrix(grad), y).view(x.shape[0], N_HOMOGENEOUS_RELATIONS, x.shape[1])
             if ctx.needs_input_grad[0]:
                 grad_x = t[:, 0] * relation_vectors[0]
                 for r in range(1, N_HOMOGENEOUS_RELATIONS):
@@ -210,7 +220,7 @@ class _HomogeneousScores(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 grad_a = (t * x.unsqueeze(1)).sum(0)
         if ctx.needs_input_grad[1]:  # row j: sum over edges (j -> i) of g_ij a_r (.) x_i
-            grad_y = stacked.matrix_t(grad) @ _relation_scaled(x, relation_vectors)
+            grad_y = sparse_mm(stacked.matrix_t(grad), _relation_scaled(x, relation_vectors))
         return grad_x, grad_y, grad_a, None
 
 
