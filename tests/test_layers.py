@@ -339,12 +339,18 @@ def test_layer_plan_computes_some_rows_exactly(fusion, invasive):
                 assert (g is None or float(g.abs().max()) == 0) and (e is None or float(e.abs().max()) == 0)
             else:
                 torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
-        # rows of h outside plan.inputs do not matter
+        # rows of h outside plan.inputs are never read (rows_of leaves them unset): NaN there
+        # changes nothing, in the output or in the gradients of the rows that are read
         unread = torch.ones(len(node_type), dtype=torch.bool)
         unread[plan.inputs] = False
         changed = h.detach().clone()
-        changed[unread] += 100.0
-        torch.testing.assert_close(layer(changed, edges, types, plan), got.detach(), rtol=1e-12, atol=1e-12)
+        changed[unread] = float("nan")
+        changed.requires_grad_(True)
+        again = layer(changed, edges, types, plan)
+        torch.testing.assert_close(again, got.detach(), rtol=1e-12, atol=1e-12)
+        grad_h = torch.autograd.grad((again * weights).sum(), changed)[0]
+        torch.testing.assert_close(grad_h[~unread], grads[0][~unread], rtol=1e-12, atol=1e-12)
+        assert not bool(torch.isnan(grad_h).any())
     single = LayerPlan.build(edges, types, fusion, torch.tensor([6]))
     assert len(single.inputs) < len(node_type)  # a lone node reads less than the whole graph
 

@@ -492,3 +492,33 @@ def test_prefetched_prepares_each_batch_in_the_collating_thread():
     assert [b["doubled"].tolist() for _, b in out] == [[2, 4], [6]]
     assert [name.startswith("mmsr-collate") for name, _ in seen] == [True, True]
     assert [threads for _, threads in seen] == [1, 1]  # one intra-op thread beside the step's
+
+
+@pytest.mark.parametrize("config", [dict(layers=2), dict(layers=2, variant="authors"), dict(layers=3, fusion="heho")],
+                         ids=["paper", "authors", "heho-3"])
+def test_rows_a_plan_leaves_unset_are_never_read(config, monkeypatch):
+    """layers.rows_of leaves the rows outside a plan unset (no zero fill): with NaN written there
+    the pooled user vectors and every gradient are those of computing every node."""
+    from mmsr_cli.models import han_authors, layers, mmsr
+
+    def rows_of_nan(x, rows, n):
+        return x.new_full((n, x.shape[1]), float("nan")).index_copy_(0, rows, x)
+
+    for module in (layers, mmsr, han_authors):
+        monkeypatch.setattr(module, "rows_of", rows_of_nan)
+    m = model(ModelConfig(dim=D, dropout=0.0, **config)).double()
+    batch = collate([SAMPLE_B, SAMPLE_A, SAMPLE_A], targets=[4, 6, 1])
+    params = [p for p in m.parameters() if p.requires_grad]
+    pooled = m(batch)
+    m.every_node = True
+    every = m(batch)
+    torch.testing.assert_close(pooled, every, rtol=1e-10, atol=1e-12)
+    items = m.item_embeddings()
+    got = torch.autograd.grad(F.cross_entropy(pooled @ items.T, batch["target"]), params, allow_unused=True)
+    expected = torch.autograd.grad(F.cross_entropy(every @ items.T, batch["target"]), params, allow_unused=True)
+    for g, e in zip(got, expected):
+        if e is None or g is None:
+            assert (g is None or not bool(g.abs().sum())) and (e is None or not bool(e.abs().sum()))
+        else:
+            assert not bool(torch.isnan(g).any())
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
