@@ -7,7 +7,7 @@ concatenated, CSR offsets) and batches any list of sample indices into a left-pa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,7 +21,7 @@ from .workdir import DatasetDir, read_parquet
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """A collated batch's tensors on ``device`` (copies overlap compute where the memory is pinned)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def pad_histories(flat: np.ndarray, ptr: np.ndarray, rows: np.ndarray, max_len: int, pad_id: int):
@@ -91,29 +91,20 @@ class SequenceSplit:
         return np.bincount(self.target, minlength=self.n_items).astype(np.int64)
 
 
-def prefetched(split, index_batches: Iterable[np.ndarray],
-               prepare: Callable[[dict], dict] | None = None) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+def prefetched(split, index_batches: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
     """(indices, ``split.collate(indices)``) for each batch, the next batch collated in a
     background thread while the caller computes on this one: a DataLoader with one worker,
     without a worker process. Collating is NumPy and torch work that releases the GIL, so it
     runs beside the training step on a second core (MMSR's per-batch graph building, tens of
     milliseconds per batch of 512); no collate draws random numbers, so the batches are the
-    same as collated inline. ``prepare(batch)``, when given, runs there too (a model's per-batch
-    index structures: ``Recommender.prepare_batch``). The thread runs torch on one intra-op
-    thread, so that its sorts do not start a second OpenMP team beside the step's on the same
-    cores. An error in collate is raised where its batch is taken."""
-    def work(indices: np.ndarray) -> dict:
-        batch = split.collate(indices)
-        return batch if prepare is None else prepare(batch)
-
+    same as collated inline. An error in collate is raised where its batch is taken."""
     batches = iter(index_batches)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmsr-collate",
-                            initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmsr-collate") as pool:
         upcoming = next(batches, None)
-        pending = None if upcoming is None else pool.submit(work, upcoming)
+        pending = None if upcoming is None else pool.submit(split.collate, upcoming)
         while pending is not None:
             indices, batch = upcoming, pending.result()
             upcoming = next(batches, None)
-            pending = None if upcoming is None else pool.submit(work, upcoming)
+            pending = None if upcoming is None else pool.submit(split.collate, upcoming)
             yield indices, batch
 

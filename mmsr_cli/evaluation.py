@@ -75,8 +75,7 @@ def evaluate_split(model, split, batch_size: int, device: torch.device, progress
         rows = rows[order]
     first_rank = len(ranks) if ranks is not None else 0
     try:
-        prepare = model.prepare_batch if device.type == "cpu" and hasattr(model, "prepare_batch") else None
-        for idx, batch in prefetched(split, (rows[positions] for positions in batches(len(rows), batch_size)), prepare):
+        for idx, batch in prefetched(split, (rows[positions] for positions in batches(len(rows), batch_size))):
             batch = to_device(batch, device)
             users, items = model.user_and_item_vectors(batch)
             # the score matrix a few rows at a time: memory stays flat as the item count grows

@@ -285,7 +285,6 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool, on
     for row in history if on_epoch is not None else ():  # the epochs a resumed run already has
         on_epoch(row)
     step = distributed.wrap(TrainStep(model), device)  # DDP under torchrun (not for Pop)
-    prepare = model.prepare_batch if device.type == "cpu" else None  # on CUDA the forward builds them there
     log.info("train %s on %s: %s %s (device %s)", run, ds.name, tc, mc, device)
     if micro < tc.batch_size or valid_micro < tc.batch_size:
         log.info("memory: batches of %d split into micro-batches of %d (training) and %d (validation): %.0f MiB "
@@ -322,7 +321,7 @@ def _train(ds: DatasetDir, tc: TrainConfig, mc: ModelConfig, *, resume: bool, on
                     weight = share if len(pieces) == 1 else share * len(piece) / len(idx)
                     parts.append((weight, k == 0, k == len(pieces) - 1))
                     part_indices.append(piece)
-            for (weight, first, last), (_, batch) in zip(parts, prefetched(train_split, part_indices, prepare)):
+            for (weight, first, last), (_, batch) in zip(parts, prefetched(train_split, part_indices)):
                 batch = to_device(batch, device)
                 if optimizer is None:
                     with torch.no_grad():

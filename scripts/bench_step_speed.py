@@ -91,9 +91,7 @@ class Subject:
         """The steps on ``batches`` as `mmsr train` takes them: each next batch collated in the
         background thread (data.prefetched) while this one computes."""
         self.model.train()
-        prepare = getattr(self.model, "prepare_batch", None)  # as training passes it, where the code has it
-        prefetch = data.prefetched(self.train, batches, prepare) if prepare else data.prefetched(self.train, batches)
-        for _, batch in prefetch:
+        for _, batch in data.prefetched(self.train, batches):
             self.step_batch(batch)
 
     def step_batch(self, batch: dict) -> None:

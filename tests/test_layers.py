@@ -339,7 +339,7 @@ def test_layer_plan_computes_some_rows_exactly(fusion, invasive):
                 assert (g is None or float(g.abs().max()) == 0) and (e is None or float(e.abs().max()) == 0)
             else:
                 torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
-        # rows of h outside plan.inputs are never read (rows_of leaves them unset): NaN there
+        # rows of h outside plan.inputs are never read: NaN there
         # changes nothing, in the output or in the gradients of the rows that are read
         unread = torch.ones(len(node_type), dtype=torch.bool)
         unread[plan.inputs] = False

@@ -445,60 +445,12 @@ def test_forward_and_gradients_equal_the_plain_computation(fusion, invasive, lay
             torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("config", [
-    dict(layers=2, fusion="adaptive"), dict(layers=1, variant="authors"), dict(layers=2, aggregator="gcn"),
-    dict(layers=2, readout="residual"),
-], ids=["paper", "authors", "gcn", "residual"])
-def test_a_prepared_batch_gives_the_same_scores_and_gradients(config):
-    """prepare_batch (the index structures built ahead, in the collating thread) changes nothing:
-    scores and every gradient equal to the bit, in training (dropout on, same seed) and in
-    evaluation; a prepared batch whose plans do not fit the forward (every node computed for
-    the gate statistics) is rebuilt, not misread."""
-    m = model(ModelConfig(dim=D, dropout=0.3, **config))
-    batch = collate([SAMPLE_B, SAMPLE_A, SAMPLE_A], targets=[4, 6, 1])
-    prepared = m.prepare_batch(batch)
-    assert "structure" in prepared and "structure" not in batch  # the collated batch is not changed
-    for training in (True, False):
-        m.train(training)
-        results = []
-        for b in (batch, prepared):
-            torch.manual_seed(5)
-            loss = F.cross_entropy(m.score(b), b["target"])
-            results.append((loss.detach(), torch.autograd.grad(loss, [p for p in m.parameters() if p.requires_grad])))
-        (loss_a, grads_a), (loss_b, grads_b) = results
-        assert torch.equal(loss_a, loss_b)
-        assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
-    m.eval()
-    m.every_node = True
-    torch.testing.assert_close(m(prepared), m(batch), rtol=0, atol=0)
-
-
-def test_prefetched_prepares_each_batch_in_the_collating_thread():
-    import threading
-
-    from mmsr_cli.data import prefetched
-
-    class Split:
-        def collate(self, indices):
-            return {"x": torch.as_tensor(indices)}
-
-    seen = []
-
-    def prepare(batch):
-        seen.append((threading.current_thread().name, torch.get_num_threads()))
-        return {**batch, "doubled": batch["x"] * 2}
-
-    out = list(prefetched(Split(), [np.array([1, 2]), np.array([3])], prepare))
-    assert [b["doubled"].tolist() for _, b in out] == [[2, 4], [6]]
-    assert [name.startswith("mmsr-collate") for name, _ in seen] == [True, True]
-    assert [threads for _, threads in seen] == [1, 1]  # one intra-op thread beside the step's
-
-
 @pytest.mark.parametrize("config", [dict(layers=2), dict(layers=2, variant="authors"), dict(layers=3, fusion="heho")],
                          ids=["paper", "authors", "heho-3"])
 def test_rows_a_plan_leaves_unset_are_never_read(config, monkeypatch):
-    """layers.rows_of leaves the rows outside a plan unset (no zero fill): with NaN written there
-    the pooled user vectors and every gradient are those of computing every node."""
+    """The rows a layer plan does not compute (zeros from layers.rows_of) are never read: with NaN
+    written there instead, the pooled user vectors and every gradient are those of computing every
+    node."""
     from mmsr_cli.models import han_authors, layers, mmsr
 
     def rows_of_nan(x, rows, n):

@@ -161,13 +161,6 @@ class Recommender(nn.Module):
         """A model's own extra training objective, added to the harness's CE (None: none)."""
         return None
 
-    def prepare_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``batch`` with what the model derives from it alone built ahead (MMSR: its graphs'
-        index structures). Training and evaluation call it on CPU in the thread that collates the
-        next batch (data.prefetched), beside the step on this one; the forward must give the same
-        result with or without it. The default adds nothing."""
-        return batch
-
 
 def code_embedding_table(modality: ModalityInfo) -> nn.Embedding:
     """Code embeddings [n_codes, code_dim] initialised from the modality's centres.

@@ -53,23 +53,6 @@ from .common import Regularised, WithModalities
 from .han_authors import AuthorsHANLayer
 from .layers import AUTHORS_PLAN, FUSION_MODES, Dropout, HANLayer, LayerPlan, RelationEdges, TypeIndex, rows_of, scatter_mean
 
-STRUCTURE_KEY = "structure"  # the batch entry of MMSR.prepare_batch
-
-
-@dataclass
-class BatchStructure:
-    """What :meth:`MMSR.structure` builds for a batch (node order sorted by type)."""
-
-    pooled: bool
-    node_type: Tensor
-    node_ref: Tensor
-    pos_node: Tensor
-    inverse: Tensor | None
-    types: TypeIndex
-    edges: "RelationEdges | BatchGraph"
-    plans: list
-
-
 VARIANTS = ("paper", "authors")
 # --readout: last pooling (section 4.4), or AttentionReadout (not in the paper) replacing it
 # ("attention") or added to it ("residual")
@@ -344,10 +327,12 @@ class MMSR(Recommender):
             last = inverse[last]
         return h.index_select(0, last)  # last pooling (section 4.4): P = h^(L) of the last history item
 
-    def structure(self, batch: dict[str, Tensor], pooled: bool) -> "BatchStructure":
-        """The batch's index structures: nodes sorted by type, the edges as CSR graphs, and with
-        ``pooled`` the layer plans from the pooled rows back (built from the graph alone)."""
-        node_type, node_ref, pos_node = batch["node_type"], batch["node_ref"], batch["pos_node"]
+    def _propagate(self, batch: dict[str, Tensor], pooled: bool = False) -> tuple[Tensor, Tensor | None]:
+        """h^(L) of every node (type-sorted order, with the inverse permutation), or with
+        ``pooled`` h^(L) of the last item nodes only (sample order): each layer then computes the
+        rows the layers after it read (layers.LayerPlan), the same values for less work."""
+        node_type, node_ref = batch["node_type"], batch["node_ref"]
+        pos_index, pos_node = batch["pos_index"], batch["pos_node"]
         edge_index, edge_rel = batch["edge_index"], batch["edge_rel"]
         # Sort nodes by type once, so every type-specific projection is a contiguous slice.
         sorting = TypeIndex.build(node_type, self.n_types)
@@ -361,6 +346,7 @@ class MMSR(Recommender):
             edges = RelationEdges(edge_index, edge_rel, node_type.shape[0])
         else:
             edges = BatchGraph(edge_index, edge_rel, types.counts)
+
         plans: list[LayerPlan | None] = [None] * len(self.layers)
         if pooled:  # from the pooled rows back to the rows each earlier layer must compute
             rows = batch["last_node"] if inverse is None else inverse[batch["last_node"]]
@@ -368,23 +354,7 @@ class MMSR(Recommender):
                 kind = AUTHORS_PLAN if self.config.variant == "authors" else self.config.fusion
                 plans[i] = LayerPlan.build(edges, types, kind, rows)
                 rows = plans[i].inputs
-        return BatchStructure(pooled, node_type, node_ref, pos_node, inverse, types, edges, plans)
 
-    def prepare_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``batch`` with its :meth:`structure` built ahead, for the forward to take (run in the
-        collating thread, data.prefetched): the step then skips these sorts and index builds."""
-        pooled = self.readout is None and not self.every_node and self.config.aggregator == "han"
-        return {**batch, STRUCTURE_KEY: self.structure(batch, pooled)}
-
-    def _propagate(self, batch: dict[str, Tensor], pooled: bool = False) -> tuple[Tensor, Tensor | None]:
-        """h^(L) of every node (type-sorted order, with the inverse permutation), or with
-        ``pooled`` h^(L) of the last item nodes only (sample order): each layer then computes the
-        rows the layers after it read (layers.LayerPlan), the same values for less work."""
-        structure = batch.get(STRUCTURE_KEY)
-        if structure is None or structure.pooled != pooled:
-            structure = self.structure(batch, pooled)
-        node_type, node_ref, pos_node = structure.node_type, structure.node_ref, structure.pos_node
-        pos_index, inverse, types, edges, plans = batch["pos_index"], structure.inverse, structure.types, structure.edges, structure.plans
         h = self.encoder(node_type, node_ref, pos_index, pos_node, types)  # h^(0)
         authors = self.config.variant == "authors"
         if not authors:
