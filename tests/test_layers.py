@@ -302,7 +302,7 @@ def test_sparse_attention_kernels_have_exact_gradients():
     types = TypeIndex.build(node_type, 3)
     h = torch.randn(len(RICH_NODE_TYPE), 3, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: layer(x, edges, types), (h,))
-    # Eq. 12's scores, built one relation at a time, also in the relation vectors a_r
+    # Eq. 12's scores over the stacked relation graph, also in the relation vectors a_r
     a = layer.homogeneous.relation_vectors.detach().clone().requires_grad_(True)
     x, y = torch.randn_like(h, requires_grad=True), torch.randn_like(h, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, y, r: layers._HomogeneousScores.apply(x, y, r, edges), (x, y, a))

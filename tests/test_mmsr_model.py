@@ -424,8 +424,9 @@ def plain_forward(m: MMSR, batch) -> torch.Tensor:
     ("adaptive", False, 2, False), ("adaptive", True, 1, False), ("hohe", False, 2, True), ("heho", True, 2, False),
 ])
 def test_forward_and_gradients_equal_the_plain_computation(fusion, invasive, layers, feed_forward):
-    """The speed-ups (table algebra in the encoder, Eq. 12 per relation, typed products, the last
-    layer computed for the pooled nodes only) change nothing beyond float rounding: the user
+    """The speed-ups (table algebra in the encoder, Eq. 12 over the stacked relation graph, typed
+    products, the last layer computed for the pooled nodes only) change nothing beyond float
+    rounding: the user
     vectors, the loss and the gradient of every parameter equal the plain computation's."""
     m = model(ModelConfig(dim=D, layers=layers, dropout=0.0, fusion=fusion, invasive=invasive,
                           feed_forward=feed_forward)).double()
