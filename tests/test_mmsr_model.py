@@ -426,8 +426,8 @@ def plain_forward(m: MMSR, batch) -> torch.Tensor:
 def test_forward_and_gradients_equal_the_plain_computation(fusion, invasive, layers, feed_forward):
     """The speed-ups (table algebra in the encoder, Eq. 12 over the stacked relation graph, typed
     products, the last layer computed for the pooled nodes only) change nothing beyond float
-    rounding: the user
-    vectors, the loss and the gradient of every parameter equal the plain computation's."""
+    rounding: the user vectors, the loss and the gradient of every parameter equal the plain
+    computation's."""
     m = model(ModelConfig(dim=D, layers=layers, dropout=0.0, fusion=fusion, invasive=invasive,
                           feed_forward=feed_forward)).double()
     shifted = graph([0, 0, 1, 0, 1], [4, 9, 2, 4, 0], [[0, 2], [1], [0, 2], [], [1]],
