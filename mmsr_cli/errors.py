@@ -94,6 +94,7 @@ def parse_list(value: str | None, option: str) -> list[str]:
 # a shared library ("failed to map segment from shared object") and strerror(ENOMEM).
 _OOM_MARKERS = ("can't allocate memory", "bad_alloc", "out of memory", "cannot allocate memory",
                 "failed to map segment")
+_THREAD_NOT_STARTED = "can't start new thread"  # CPython's text when pthread_create fails
 
 
 def allocator_failure(exc: BaseException | None) -> BaseException | None:
@@ -108,6 +109,11 @@ def allocator_failure(exc: BaseException | None) -> BaseException | None:
         if isinstance(exc, (RuntimeError, ImportError, OSError)) and not isinstance(exc, MmsrError):
             text = str(exc).lower()
             if any(marker in text for marker in _OOM_MARKERS):
+                return exc
+            # a thread whose stack could not be mapped (TensorBoard's writer, the collating thread):
+            # under an address-space limit that is the refused allocation; without one it may be
+            # the thread limit, so it stays an internal error there
+            if _THREAD_NOT_STARTED in text and resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
                 return exc
         exc = exc.__cause__ or exc.__context__
     return None

@@ -128,3 +128,39 @@ def test_refused_allocation_is_one_line_exit_2(synthetic):
         assert "out of memory" in line and "address-space limit" in line, line
         seen += 1
     assert seen, "no cap made the allocation fail"
+
+
+THREAD_UNDER_CAP = r"""
+import resource, threading
+from mmsr_cli.errors import allocator_failure, out_of_memory_message
+size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (size + (2 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))
+try:  # an 8 MiB thread stack cannot be mapped within 2 MiB of headroom
+    threading.Thread(target=lambda: None).start()
+    print("started")
+except RuntimeError as e:
+    print(type(e).__name__, "|", e, "|", allocator_failure(e) is e, "|", out_of_memory_message(e))
+"""
+
+
+def test_a_thread_that_cannot_start_under_an_address_space_cap_is_out_of_memory():
+    """A thread whose stack the address-space limit refuses (TensorBoard's writer once hit this
+    in test_refused_allocation's `train`) is the refused allocation: the one-line out-of-memory
+    error naming the limit, not an internal error. Without a limit the same text may be the
+    thread limit and is not called memory."""
+    import os
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mmsr_cli.errors import allocator_failure
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run([sys.executable, "-c", THREAD_UNDER_CAP], env=env, capture_output=True, text=True, timeout=60)
+    kind, text, is_memory, line = (part.strip() for part in r.stdout.split("|"))
+    assert (kind, text, is_memory) == ("RuntimeError", "can't start new thread", "True"), r.stdout + r.stderr
+    assert line.startswith("out of memory:") and "address-space limit" in line, line
+    if resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY:  # this process: no cap
+        assert allocator_failure(RuntimeError("can't start new thread")) is None
