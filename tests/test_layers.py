@@ -415,3 +415,15 @@ def test_sparse_mm_equals_the_product_with_empty_rows_and_strided_operands():
         out = layers.sparse_mm(matrix, dense)
         assert out.is_contiguous() and torch.equal(out, matrix @ dense)
         assert torch.equal(out[[1, 3, 5]], torch.zeros(3, 7))
+
+
+def test_union_is_the_sorted_distinct_ids_of_its_parts():
+    """layers._union (the rows of a layer plan) gives torch.unique's answer: sorted, no repeats,
+    nothing outside the parts, with repeated and empty parts."""
+    generator = torch.Generator().manual_seed(0)
+    n = 50
+    parts = [torch.randint(0, n, (k,), generator=generator) for k in (30, 0, 7, 30)]
+    parts.append(parts[0][:5])
+    got = layers._union(n, *parts)
+    assert got.dtype == torch.long and torch.equal(got, torch.unique(torch.cat(parts)))
+    assert layers._union(n, torch.empty(0, dtype=torch.long)).numel() == 0
