@@ -427,3 +427,16 @@ def test_union_is_the_sorted_distinct_ids_of_its_parts():
     got = layers._union(n, *parts)
     assert got.dtype == torch.long and torch.equal(got, torch.unique(torch.cat(parts)))
     assert layers._union(n, torch.empty(0, dtype=torch.long)).numel() == 0
+
+
+def test_rows_of_and_take_rows_skip_copies_only_for_every_row_in_order():
+    """A plan's row set covering every node in order is the identity (no copy, x itself); every
+    row in another order (a batch of one-node graphs, whose pooled rows are in sample order) is
+    still a permutation."""
+    x = torch.arange(12.0).view(4, 3)
+    in_order, permuted = torch.arange(4), torch.tensor([2, 0, 3, 1])
+    assert layers.rows_of(x, in_order, 4) is x and layers.take_rows(x, in_order) is x
+    placed = layers.rows_of(x, permuted, 4)
+    assert torch.equal(placed[permuted], x)
+    assert torch.equal(layers.take_rows(x, permuted), x[permuted])
+    assert torch.equal(layers.rows_of(x[:2], torch.tensor([1, 3]), 4)[[0, 2]], torch.zeros(2, 3))

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import CsrGraph, HomogeneousAttention, LayerPlan, RelationEdges, TypedLinear, TypeIndex, EdgeDot, aggregate, rows_of, scatter_softmax
+from .layers import CsrGraph, HomogeneousAttention, LayerPlan, RelationEdges, TypedLinear, TypeIndex, EdgeDot, aggregate, rows_of, scatter_softmax, take_rows
 
 AUTHORS_SLOPE = 0.1  # their ``alpha`` for the LeakyReLU of the scores
 
@@ -87,7 +87,7 @@ class AuthorsHANLayer(nn.Module):
 
     def _forward_rows(self, h: Tensor, plan: LayerPlan) -> Tensor:
         n, rows = h.shape[0], plan.inputs
-        q = rows_of(self.query(h.index_select(0, rows), plan.types_of(rows)), rows, n)
+        q = rows_of(self.query(take_rows(h, rows), plan.types_of(rows)), rows, n)
         he = plan.he_edges.he  # phase 1 of he->ho at the out rows and their sequence neighbours
         h_he = aggregate(self.attention_dropout(_softmax(EdgeDot.apply(q.index_select(0, plan.he_rows), q, he), he)), q, he)
         h_he_all = rows_of(h_he, plan.he_rows, n)

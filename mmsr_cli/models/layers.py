@@ -366,10 +366,25 @@ class LayerPlan:
         return self._types[key]
 
 
+def every_row(rows: Tensor, n: int) -> bool:
+    """Whether ``rows`` is 0, 1, ..., n - 1: a plan's row set that covers every node in order (the
+    first layers of a deep plan), where gathering or placing rows is the identity."""
+    return rows.shape[0] == n and torch.equal(rows, torch.arange(n, device=rows.device))
+
+
+def take_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """``x.index_select(0, rows)``, or ``x`` itself where ``rows`` are all its rows in order (no
+    copy forward, no scatter into zeros backward)."""
+    return x if every_row(rows, x.shape[0]) else x.index_select(0, rows)
+
+
 def rows_of(x: Tensor, rows: Tensor, n: int) -> Tensor:
     """An [n, d] tensor holding ``x`` at ``rows``, zeros elsewhere: a plan's partial result in node
-    order, so that edges keep node ids (the zero rows are never read). In place into the fresh
-    zeros: the out-of-place ``index_copy`` first cloned the [n, d] zeros, a full copy per call."""
+    order, so that edges keep node ids (the zero rows are never read); ``x`` itself where
+    ``rows`` are all n rows in order. In place into the fresh zeros: the out-of-place
+    ``index_copy`` first cloned the [n, d] zeros, a full copy per call."""
+    if every_row(rows, n):
+        return x
     return x.new_zeros(n, x.shape[1]).index_copy_(0, rows, x)
 
 
@@ -595,13 +610,13 @@ class HANLayer(nn.Module):
             return linear(x, plan.types_of(rows))
 
         fusion = self.fusion
-        v = place(project(self.value, h.index_select(0, plan.v_rows), plan.v_rows), plan.v_rows)
+        v = place(project(self.value, take_rows(h, plan.v_rows), plan.v_rows), plan.v_rows)
         out_hohe = out_heho = h_ho = h_he = None
         if plan.ho_rows is not None:  # phase 1 of hohe at ho_rows: [len(ho_rows), d]
-            h_ho = self._homogeneous(v.index_select(0, plan.ho_rows), v, plan.ho_edges, v_source=v)
+            h_ho = self._homogeneous(take_rows(v, plan.ho_rows), v, plan.ho_edges, v_source=v)
         if plan.he_rows is not None:  # phase 1 of heho at he_rows
-            q = place(project(self.query, h.index_select(0, plan.q_rows), plan.q_rows), plan.q_rows)
-            h_he = self._heterogeneous(project(self.key, h.index_select(0, plan.he_rows), plan.he_rows), q, v, plan.he_edges)
+            q = place(project(self.query, take_rows(h, plan.q_rows), plan.q_rows), plan.q_rows)
+            h_he = self._heterogeneous(project(self.key, take_rows(h, plan.he_rows), plan.he_rows), q, v, plan.he_edges)
         if fusion in ("adaptive", "hohe"):  # phase 2 at the out rows, from h^ho at ho_rows
             q_ho = place(project(self.query, h_ho, plan.ho_rows), plan.ho_rows)
             k_ho = project(self.key, h_ho.index_select(0, plan.out_in_ho), plan.out)
