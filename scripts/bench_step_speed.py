@@ -11,7 +11,9 @@ median round is reported. Also: the dense FLOPs of one step (torch's FlopCounter
 linear layers and attention; sparse kernels, softmax and element-wise work are not counted), the
 FLOP/s this gives, and that as a share of the machine's matmul rate measured on the spot (a
 [4096, d] x [d, d] product, the shape of a projection of every node, and a 2048^3 one), i.e. the
-roofline of the step. ``--valid`` adds one full-ranking pass over the validation split.
+roofline of the step. ``--valid`` adds full-ranking passes over the validation split (one per
+model and round, median) and the epoch estimate with its validation pass, which is what an
+epoch of `mmsr train` costs.
 
 The import path decides which code is measured: run it with PYTHONPATH pointing at another
 checkout to time that one with the same script (docs/benchmarks.md compares commits that way).
@@ -170,12 +172,19 @@ def main() -> None:
         rate = flops[s.name] / med
         print(f"| {s.name} | {med:.3f} | {med / base:.2f} | {med * n_steps:.0f} s | {flops[s.name] / 1e9:.2f} "
               f"| {rate / 1e9:.1f} | {rate / peak_proj:.0%} |")
-    if args.valid:
+    if args.valid:  # one pass per model and round, the models alternating like the steps
+        passes: dict[str, list[float]] = {s.name: [] for s in subjects}
+        for _ in range(args.rounds):
+            for s in subjects:
+                start = time.perf_counter()
+                metrics = evaluate_split(s.model, s.valid, args.batch, torch.device("cpu"))
+                passes[s.name].append(time.perf_counter() - start)
+        epoch = {s.name: statistics.median(seconds[s.name]) * n_steps + statistics.median(passes[s.name]) for s in subjects}
         for s in subjects:
-            start = time.perf_counter()
-            metrics = evaluate_split(s.model, s.valid, args.batch, torch.device("cpu"))
-            print(f"validation pass {s.name}: {time.perf_counter() - start:.2f} s over {metrics['n']} samples "
-                  f"(full ranking, batch {args.batch})")
+            print(f"validation pass {s.name}: {statistics.median(passes[s.name]):.2f} s (median of {args.rounds}; "
+                  f"{', '.join(f'{v:.2f}' for v in passes[s.name])}) over {metrics['n']} samples (full ranking, batch "
+                  f"{args.batch}); epoch with validation {epoch[s.name]:.1f} s, "
+                  f"{epoch[s.name] / epoch[subjects[-1].name]:.2f} x {subjects[-1].name}")
 
 
 if __name__ == "__main__":
