@@ -310,8 +310,9 @@ def experiment_key(config: dict) -> str:
     return json.dumps(key, sort_keys=True)
 
 
-def describe_experiment(config: dict) -> str:
-    """Short label of an experiment: the model plus the options that differ from the defaults."""
+def describe_experiment(config: dict, exact: bool = False) -> str:
+    """Short label of an experiment: the model plus the options that differ from the defaults
+    (floats to 4 significant digits, as tuned learning rates come; ``exact``: as stored)."""
     mdef, tdef = asdict(ModelConfig()), asdict(TrainConfig())
     parts = [config["model"]["model"]]
     for key, value in config["model"].items():
@@ -319,17 +320,22 @@ def describe_experiment(config: dict) -> str:
             continue
         default = list(mdef[key]) if isinstance(mdef[key], tuple) else mdef[key]
         if value != default:
-            parts.append(option_token(key, value))
+            parts.append(option_token(key, value, exact))
     for key, value in config["train"].items():
         if key in NOT_EXPERIMENT or key == "model" or value == tdef.get(key):
             continue
-        parts.append(option_token(key, value))
+        parts.append(option_token(key, value, exact))
     return " ".join(parts)
 
 
-def option_token(key: str, value) -> str:
-    """``key=value`` as experiment labels write a config field (lists comma-joined)."""
-    return f"{key}={','.join(value) if isinstance(value, list) else value}"
+def option_token(key: str, value, exact: bool = False) -> str:
+    """``key=value`` as experiment labels write a config field (lists comma-joined, floats to 4
+    significant digits unless ``exact``)."""
+    if isinstance(value, list):
+        return f"{key}={','.join(value)}"
+    if isinstance(value, float) and not exact:
+        return f"{key}={value:.4g}"
+    return f"{key}={value}"
 
 
 def compare_runs(records: list[dict]) -> list[dict]:
@@ -352,6 +358,10 @@ def compare_runs(records: list[dict]) -> list[dict]:
                 "std": {m: float(v.std()) for m, v in values.items()},
             }
         )
+    labels = [g["experiment"] for g in out]
+    for g, members in zip(out, groups.values()):  # options that differ past 4 digits: as stored
+        if labels.count(g["experiment"]) > 1:
+            g["experiment"] = describe_experiment(members[0]["config"], exact=True)
     labels = [g["experiment"] for g in out]
     for g, members in zip(out, groups.values()):  # same options, other codes: name the codes
         if labels.count(g["experiment"]) > 1:

@@ -361,3 +361,19 @@ def test_pairs_of_one_experiment_in_a_later_dataset_are_refused_before_any_write
     line = one_error_line(report(cli, workdir, "--pairs", "sasrec-loo-s0:pop-loo-s0"))
     assert "--pairs: sasrec-loo-s0 and pop-loo-s0 are seeds of one experiment" in line
     assert _outputs(workdir) == {}
+
+
+def test_tuned_floats_are_labelled_to_four_digits_unless_that_merges_two_experiments(cli, tmp_path):
+    """A tuned learning rate (0.0068286553746408525) reads lr=0.006829 in the tables; two
+    experiments whose learning rates differ past the fourth digit keep them as stored, so that
+    their rows never share a label."""
+    ds = tmp_path / "work" / "beauty"
+    write_run(ds, "pop-s0", "pop", 0, 0.01)
+    write_run(ds, "sasrec-s0", "sasrec", 0, 0.04, lr=0.0068286553746408525)
+    out = tmp_path / "r.md"
+    assert report(cli, tmp_path / "work", "--output", out).exit_code == 0
+    assert "lr=0.006829" in out.read_text() and "0.0068286553746408525" not in out.read_text()
+    write_run(ds, "sasrec-b-s0", "sasrec", 0, 0.045, lr=0.0068291)
+    assert report(cli, tmp_path / "work", "--output", out).exit_code == 0
+    for label in ("sasrec lr=0.0068286553746408525", "sasrec lr=0.0068291"):
+        row(out.read_text(), label)
