@@ -80,8 +80,11 @@ class TypeIndex:
 class CsrGraph:
     """Edges ``col -> row`` sorted by row, as CSR index arrays for the sparse kernels, both ways.
 
-    ``row`` must be sorted (and sorted by ``col`` within a row). The transposed structure
-    (``crow_t``, ``col_t``, ``order_t``: edge order sorted by ``col``) serves the backward passes.
+    ``row`` must be sorted; within a row the columns need not be (the homogeneous graph keeps a
+    target's edges by relation, then source: cuSPARSE documents sorted columns as its assumption,
+    and tests/test_cuda.py compares every HAN piece on a device with the CPU, which does not care).
+    The transposed structure (``crow_t``, ``col_t``, ``order_t``: edge order sorted by ``col``,
+    stable, so each transposed row's columns are sorted) serves the backward passes.
     """
 
     def __init__(self, row: Tensor, col: Tensor, n_rows: int, n_cols: int):
