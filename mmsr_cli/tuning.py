@@ -15,6 +15,10 @@ metric). It lives in ``<dataset>/tune/studies.sqlite3`` (Optuna's RDB storage), 
 * two `tune` processes on one study share the work: a file lock makes "count the trials, start
   one" a single step, so together they run N trials;
 * it writes the best trial's options as ``tune/<study>.toml``, which `mmsr train --config` takes.
+  They come from the study's settings and the trial's parameters, not from the trial's run
+  folder, so a study keeps its results when trial runs are deleted (their checkpoints are most
+  of its disk) or the storage file is carried to another workdir; a trial that died there
+  starts again from its first epoch where its ``last.pt`` is gone.
 
 Only the train and valid splits are read: trials are chosen, pruned and ranked on validation.
 """
@@ -39,7 +43,7 @@ from . import contracts as C
 from .errors import MmsrError
 from .inputs import load_dataset
 from .models import fields_not_read
-from .runs import TrainConfig, default_run_name, read_run_config
+from .runs import TrainConfig, default_run_name
 from . import space as S
 from .training import train
 from .workdir import DatasetDir, full_disk_as_error, write_bytes_atomic
@@ -198,6 +202,15 @@ def _defaults_in(space: dict, model: str) -> dict[str, Any]:
     return out
 
 
+def trial_options(space: dict, params: dict[str, Any]) -> dict[str, Any]:
+    """The options a trial trains with: the space's fixed ones and the trial's ``params``, a
+    stepped float as the search drew it (0.30000000000000004 -> 0.3, as :func:`_suggest` returns it)."""
+    searched = S.searched(space)
+    drawn = {k: round(v, 12) if isinstance(searched.get(k), S.Range) and searched[k].step and isinstance(v, float) else v
+             for k, v in params.items()}
+    return {**S.fixed(space), **drawn}
+
+
 def _suggest(trial, name: str, param) -> Any:
     if isinstance(param, S.Choice):
         return trial.suggest_categorical(name, list(param.values))
@@ -261,7 +274,7 @@ def _tune(ds: DatasetDir, settings: TuneSettings, trials: int, name: str, timeou
         if run is None:
             run = f"tune-{name}-t{trial.number:03d}"
             trial.set_user_attr("run", run)
-        options = {**S.fixed(settings.space), **{k: _suggest(trial, k, p) for k, p in S.searched(settings.space).items()}}
+        options = trial_options(settings.space, {k: _suggest(trial, k, p) for k, p in S.searched(settings.space).items()})
         best = -math.inf
 
         def on_epoch(row: dict) -> None:
@@ -302,7 +315,7 @@ def _tune(ds: DatasetDir, settings: TuneSettings, trials: int, name: str, timeou
         if ran and on_trial is not None:
             on_trial(next(r for r in trial_rows(study) if r.number == ran[-1]))
             ran.clear()
-    return finish(ds, study, name, time.perf_counter() - t0)
+    return finish(ds, study, name, settings, time.perf_counter() - t0)
 
 
 FINISHED = ("complete", "pruned", "error")
@@ -333,34 +346,35 @@ def _last(t) -> float | None:
     return t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
 
 
-def finish(ds: DatasetDir, study, name: str, seconds: float) -> TuneResult:
+def finish(ds: DatasetDir, study, name: str, settings: TuneSettings, seconds: float) -> TuneResult:
     """The trials table and the best trial's config file."""
     rows = trial_rows(study)
-    settings = study.user_attrs["settings"]
     complete = [r for r in rows if r.state == "complete"]
     best = max(complete, key=lambda r: (r.value, -r.number)) if complete else None
     defaults = next((r for r in rows if r.note == "defaults" and r.state == "complete"), None)
     path = None
     if best is not None:
         path = ds.path(C.tune_config_file(name))
-        write_bytes_atomic(path, best_config_toml(ds, study, name, best).encode())
+        write_bytes_atomic(path, best_config_toml(ds, name, settings, best).encode())
     searched = sorted({k for r in rows for k in r.params})
-    return TuneResult(name, settings["metric"], rows, sum(r.state in FINISHED for r in rows), best, defaults, path,
+    return TuneResult(name, settings.metric, rows, sum(r.state in FINISHED for r in rows), best, defaults, path,
                       seconds, searched)
 
 
-def best_config_toml(ds: DatasetDir, study, name: str, best: TrialRow) -> str:
-    """A config file for `mmsr train --config`: the study's fixed options and the best trial's."""
-    config = read_run_config(ds.path(f"{C.RUNS_DIR}/{best.run}/{C.RUN_CONFIG}"))
-    train, model = config["train"], config["model"]
-    options = {"model": train["model"]}
+def best_config_toml(ds: DatasetDir, name: str, settings: TuneSettings, best: TrialRow) -> str:
+    """A config file for `mmsr train --config`: the study's fixed options and the best trial's,
+    with its epoch budget, seed and metric (built as the trial's own options were)."""
+    tc, mc = S.configs(trial_options(settings.space, best.params), settings.model, epochs=settings.epochs,
+                       patience=settings.patience, seed=settings.seed, metric=settings.metric)
+    train, model = asdict(tc), asdict(mc)
+    options = {"model": settings.model}
     for key in ("epochs", "patience", "seed", "metric", *S.TRAIN_OPTIONS):
         options[key] = train[key]
     for key in S.MODEL_OPTIONS:
         options[key] = model[key]
-    ignored = set(fields_not_read(train["model"]))
+    ignored = set(fields_not_read(settings.model))
     lines = [f"# mmsr tune: best trial of study {name} on dataset {ds.name}: trial {best.number} (run {best.run}),",
-             f"# valid {train['metric']} {best.value:.6f}. Train with: mmsr train --config <this file>",
+             f"# valid {settings.metric} {best.value:.6f}. Train with: mmsr train --config <this file>",
              f"dataset = {json.dumps(ds.name)}", "", "[train]"]
     for key, value in options.items():
         if key not in ignored:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,6 +92,17 @@ def test_tune_searches_on_validation_writes_a_train_config_and_never_opens_test(
     assert r.exit_code == 0, r.stderr
     history = json.loads((run_folder(ds, "retrained") / "history.json").read_text())
     assert max(h["valid"]["ndcg@10"] for h in history) == pytest.approx(best.value)
+
+    # the file comes from the study, not from the trial runs: with every trial's folder deleted
+    # (their checkpoints are most of a study's disk), the study writes the same file again
+    written = config.read_text()
+    for t in trials:
+        shutil.rmtree(run_folder(ds, f"tune-s-t{t.number:03d}"))
+    config.unlink()
+    r = tune(ds, "--model", "sasrec", "--trials", "3", "--epochs", "3", "--patience", "0", "--study", "s",
+             "--space", small_space(tmp_path))
+    assert r.exit_code == 0, r.stderr
+    assert config.read_text() == written
 
     # more trials resume the study; other fixed options are refused, naming the difference
     r = tune(ds, "--model", "sasrec", "--trials", "4", "--epochs", "3", "--patience", "0", "--study", "s",
