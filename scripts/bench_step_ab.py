@@ -1,10 +1,10 @@
-"""MMSR's training step in an older checkout against this one, side by side in one process.
+"""A model's training step in an older checkout against this one, side by side in one process.
 
-    python scripts/bench_step_ab.py --old CHECKOUT --workdir W --dataset D [--authors]
+    python scripts/bench_step_ab.py --old CHECKOUT --workdir W --dataset D [--model mmsr] [--authors]
         [--threads 2] [--rounds 5] [--steps 6]
 
 The older checkout's ``mmsr_cli`` package is copied to a temporary folder under another name and
-its MMSR class built with the current config and the current model's initial weights; the two
+its class of ``--model`` (default MMSR) built with the current config and the current model's initial weights; the two
 models then take the same training batches (forward, CE over all items, backward, Adam) in
 alternating rounds, so that load from other jobs hits both alike. Prints the median seconds per
 step of each, and checks that from equal weights one batch gives the same loss and gradients
@@ -37,12 +37,18 @@ from mmsr_cli.workdir import DatasetDir
 AUTHORS = {"variant": "authors", "layers": 1, "dropout": 0.4, "attention_dropout": 0.2}
 
 
-def old_mmsr_class(checkout: Path, scratch: Path):
-    """MMSR of ``checkout``, imported as package ``mmsr_old`` (the models import each other
+def copy_checkout(checkout: Path, scratch: Path) -> None:
+    """``checkout``'s package made importable as ``mmsr_old`` (the models import each other
     relatively, so the copy never reaches the current package)."""
     shutil.copytree(checkout / "mmsr_cli", scratch / "mmsr_old")
     sys.path.insert(0, str(scratch))
-    return importlib.import_module("mmsr_old.models.mmsr").MMSR
+
+
+def old_model_class(name: str):
+    """The class of model ``name`` in the copied checkout (:func:`copy_checkout`)."""
+    module, cls = importlib.import_module("mmsr_old.models").REGISTRY[name].split(":")
+    # the registry names modules absolutely (mmsr_cli.models...): the copy's own module instead
+    return getattr(importlib.import_module(module.replace("mmsr_cli.", "mmsr_old.", 1)), cls)
 
 
 def main() -> None:
@@ -50,6 +56,7 @@ def main() -> None:
     ap.add_argument("--old", required=True, type=Path, help="an older checkout (e.g. a git worktree)")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--dataset", required=True)
+    ap.add_argument("--model", default="mmsr", help="the model to time (default mmsr)")
     ap.add_argument("--authors", action="store_true", help="the authors' Beauty preset instead of the defaults")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
@@ -57,17 +64,21 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     runtime.keep_freed_memory()  # as train does
+    if args.authors and args.model != "mmsr":
+        ap.error("--authors is MMSR's preset")
     options = AUTHORS if args.authors else {}
     batch_size = 128 if args.authors else 512
 
     ds = DatasetDir.open(args.workdir, args.dataset)
-    bundle = load_dataset(ds, ModelConfig(model="mmsr", dim=128, **options))
+    bundle = load_dataset(ds, ModelConfig(model=args.model, dim=128, **options))
     train = bundle.open_split(ds, "train")
     torch.manual_seed(0)
     new = build_model(bundle.model_config, bundle.info)
     scratch = Path(tempfile.mkdtemp(prefix="mmsr-ab-"))  # kept while the old package may import from it
     try:
-        old = old_mmsr_class(args.old.resolve(), scratch)(new.config, bundle.info)
+        copy_checkout(args.old.resolve(), scratch)
+        old_class = old_model_class(args.model)
+        old = old_class(old_class.config_class.from_record(bundle.model_config), bundle.info)
         compare(args, batch_size, train, new, old)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -98,7 +109,7 @@ def compare(args, batch_size: int, train, new, old) -> None:
                 step(name, batch)
             seconds[name].append((time.perf_counter() - start) / args.steps)
     medians = {name: statistics.median(v) for name, v in seconds.items()}
-    print(f"{args.dataset}, {'authors preset' if args.authors else 'defaults'}, batch {batch_size}, "
+    print(f"{args.model}, {args.dataset}, {'authors preset' if args.authors else 'defaults'}, batch {batch_size}, "
           f"{args.threads} threads, {time.strftime('%Y-%m-%d %H:%M')}: old {args.old}")
     for name, v in seconds.items():
         print(f"  {name}: {medians[name]:.4f} s/step (rounds: {', '.join(f'{x:.3f}' for x in v)})")

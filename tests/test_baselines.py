@@ -149,6 +149,25 @@ def test_sasrecf_masks_missing_modalities():
     assert torch.count_nonzero(after[PAD]) == 0  # padding row stays zero
 
 
+def test_sasrecf_fuses_each_distinct_history_item_as_the_whole_table_does():
+    """input_embeddings fuses the batch's distinct items only: the same rows, padding included,
+    and the same gradients as looking the history up in the fused table of every item."""
+    model = make("sasrecf", [image_modality()]).train()
+    history = torch.tensor([[PAD, PAD, 3, 5, 5], [1, 4, 0, 3, 2], [PAD, PAD, PAD, PAD, 6]])
+    weights = torch.randn(*history.shape, model.dim)
+    grads = []
+    for embed in (model.input_embeddings, lambda h: torch.nn.functional.embedding(h, model.fused_item_table())):
+        model.zero_grad()
+        out = embed(history)
+        (out * weights).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (rows, grad), (table_rows, table_grad) = grads
+    assert torch.allclose(rows, table_rows, atol=1e-6) and torch.count_nonzero(rows[history == PAD]) == 0
+    assert grad.keys() == table_grad.keys() and "fuse.weight" in grad
+    for name in grad:
+        assert torch.allclose(grad[name], table_grad[name], atol=1e-5), name
+
+
 def test_sasrecf_without_modalities_is_an_error():
     with pytest.raises(MmsrError, match="sasrecf needs at least one modality"):
         make("sasrecf")

@@ -209,7 +209,7 @@ def test_rank_breakdown_seen_successor_is_a_training_samples_last_item_and_targe
 
 
 def test_step_ab_imports_the_old_checkout_apart_and_it_computes_the_same_model(tmp_path):
-    """scripts/bench_step_ab.py times an older checkout's MMSR beside the current one in one
+    """scripts/bench_step_ab.py times an older checkout's model (MMSR by default) beside the current one in one
     process: the copy is a separate package (its classes, not the current ones, even through the
     relative imports between model files), and given the same weights it computes the same loss."""
     import sys
@@ -219,8 +219,11 @@ def test_step_ab_imports_the_old_checkout_apart_and_it_computes_the_same_model(t
 
     script = load_script("bench_step_ab")
     try:
-        old_class = script.old_mmsr_class(Path(__file__).resolve().parents[1], tmp_path)
+        script.copy_checkout(Path(__file__).resolve().parents[1], tmp_path)
+        old_class = script.old_model_class("mmsr")
         assert old_class is not MMSR and old_class.__module__ == "mmsr_old.models.mmsr"
+        # any registered model, although the registry names the current package's modules
+        assert script.old_model_class("sasrecf").__module__ == "mmsr_old.models.sasrecf"
         assert sys.modules["mmsr_old.models.layers"].HANLayer is not sys.modules["mmsr_cli.models.layers"].HANLayer
         new = model()
         old = old_class(new.config, info()).eval()

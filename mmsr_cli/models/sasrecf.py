@@ -42,9 +42,9 @@ class SASRecF(ModalityCodeChannels, SASRec):
         # to an item row's scale (per-coordinate std 1/sqrt(d)) before the sqrt(d).
         self.fuse_norm = nn.LayerNorm(config.dim)
 
-    def fused_item_table(self) -> torch.Tensor:
-        """Eq. 3 for every item: [n_items + 1, d]; the padding row is zero."""
-        items = torch.arange(self.n_items + 1, device=self.item_emb.weight.device)
+    def fused_items(self, items: torch.Tensor) -> torch.Tensor:
+        """Eq. 3 for ``items`` [n] -> [n, d]; the padding item's row is zero. Row by row: an item's
+        row does not depend on which others are fused with it."""
         channels = [self.item_emb(items)]
         for i in range(len(self.code_tables)):
             emb, _ = self.modality_channel(i, items)  # missing -> zero channel (masked)
@@ -53,6 +53,12 @@ class SASRecF(ModalityCodeChannels, SASRec):
         fused = self.fuse_norm(fused) / math.sqrt(self.dim)
         return fused * (items != self.n_items).unsqueeze(-1)
 
+    def fused_item_table(self) -> torch.Tensor:
+        """Eq. 3 for every item: [n_items + 1, d]; the padding row is zero."""
+        return self.fused_items(torch.arange(self.n_items + 1, device=self.item_emb.weight.device))
+
     def input_embeddings(self, history: torch.Tensor) -> torch.Tensor:
-        # Fusing the whole table is cheaper than fusing B * L history slots once B * L > n_items.
-        return F.embedding(history, self.fused_item_table())
+        # Eq. 3 once per distinct item of the batch: a Beauty batch of 512 histories holds about a
+        # third of the 12,101 items, and B * L history slots are more than all of them.
+        items, slots = torch.unique(history, return_inverse=True)
+        return F.embedding(slots, self.fused_items(items))
