@@ -13,7 +13,9 @@ FLOP/s this gives, and that as a share of the machine's matmul rate measured on 
 [4096, d] x [d, d] product, the shape of a projection of every node, and a 2048^3 one), i.e. the
 roofline of the step. ``--valid`` adds full-ranking passes over the validation split (one per
 model and round, median) and the epoch estimate with its validation pass, which is what an
-epoch of `mmsr train` costs.
+epoch of `mmsr train` costs, beside the epoch's dense FLOPs (steps and one counted validation
+pass): the ratio of those is what a model's epoch would cost against the last model's if both ran
+their dense work equally fast, a floor for the timed ratio wherever the rest is slower too.
 
 The import path decides which code is measured: run it with PYTHONPATH pointing at another
 checkout to time that one with the same script (docs/benchmarks.md compares commits that way).
@@ -105,6 +107,12 @@ class Subject:
         if self.steps % runtime.TRIM_EVERY_STEPS == 0:  # as the training loop does
             runtime.release_freed_memory()
 
+    def valid_flops(self, batch_size: int) -> int:
+        counter = DenseFlopCounter(display=False)
+        with counter:
+            evaluate_split(self.model, self.valid, batch_size, torch.device("cpu"))
+        return counter.get_total_flops()
+
     def step_flops(self, indices: np.ndarray) -> int:
         counter = DenseFlopCounter(display=False)
         with counter:
@@ -174,6 +182,8 @@ def main() -> None:
               f"| {rate / 1e9:.1f} | {rate / peak_proj:.0%} |")
     if args.valid:  # one pass per model and round, the models alternating like the steps
         passes: dict[str, list[float]] = {s.name: [] for s in subjects}
+        valid_flops = {s.name: s.valid_flops(args.batch) for s in subjects}
+        epoch_flops = {s.name: flops[s.name] * n_steps + valid_flops[s.name] for s in subjects}
         for _ in range(args.rounds):
             for s in subjects:
                 start = time.perf_counter()
@@ -184,7 +194,9 @@ def main() -> None:
             print(f"validation pass {s.name}: {statistics.median(passes[s.name]):.2f} s (median of {args.rounds}; "
                   f"{', '.join(f'{v:.2f}' for v in passes[s.name])}) over {metrics['n']} samples (full ranking, batch "
                   f"{args.batch}); epoch with validation {epoch[s.name]:.1f} s, "
-                  f"{epoch[s.name] / epoch[subjects[-1].name]:.2f} x {subjects[-1].name}")
+                  f"{epoch[s.name] / epoch[subjects[-1].name]:.2f} x {subjects[-1].name}; dense GFLOP: validation pass "
+                  f"{valid_flops[s.name] / 1e9:.1f}, epoch {epoch_flops[s.name] / 1e9:.0f} "
+                  f"({epoch_flops[s.name] / epoch_flops[subjects[-1].name]:.2f} x {subjects[-1].name})")
 
 
 if __name__ == "__main__":

@@ -129,6 +129,20 @@ def test_length_groups_bench_times_both_forwards_and_restores_the_grouped_one(tm
     assert all(module.by_length_groups is grouped for module in script.MODULES)
 
 
+def test_step_speed_counts_a_validation_pass_with_its_full_ranking_product(tmp_path):
+    """scripts/bench_step_speed.py's validation FLOPs (the epoch's arithmetic floor) include the
+    scores of every validation user against every item, and MMSR's graph layers on top."""
+    script = load_script("bench_step_speed")
+    ds = make_coded_toy(tmp_path)
+    counted = {}
+    for name in ("sasrec", "mmsr"):
+        subject = script.Subject(ds, name, {"dim": 16})
+        n_users, n_items = len(subject.valid), subject.model.item_embeddings().shape[0]
+        counted[name] = subject.valid_flops(batch_size=8)
+        assert counted[name] >= 2 * n_users * n_items * 16  # the full-ranking score product
+    assert counted["mmsr"] > 2 * len(subject.valid) * n_items * 16
+
+
 def test_length_groups_bench_on_a_missing_dataset_is_a_one_line_error(tmp_path, monkeypatch):
     script = load_script("bench_length_groups")
     monkeypatch.setattr("sys.argv", ["bench_length_groups.py", "--workdir", str(tmp_path), "--dataset", "gone", "--models", "sasrec"])
