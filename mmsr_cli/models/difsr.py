@@ -154,13 +154,15 @@ class DIFSR(SideInfoInput, ModalityCodeChannels, ItemTable):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         history, is_item, keep, r = self.id_input(batch)  # r: item IDs only
         L = history.shape[1]
-        sides, side_masks = self.side_sources(history)
-        side_masks = [m & is_item for m in side_masks]
 
         def encode(rows: torch.Tensor, steps: int) -> torch.Tensor:
             cut = slice(L - steps, L)
-            h, keep_h, allowed = r[rows, cut], keep[rows, cut], causal_allowed(is_item[rows, cut])
-            s, s_masks = [x[rows, cut] for x in sides], [m[rows, cut] for m in side_masks]
+            items = is_item[rows, cut]
+            h, keep_h, allowed = r[rows, cut], keep[rows, cut], causal_allowed(items)
+            # the side sources of the group's own span (each slot's depends on its item and
+            # position alone): no batch-wide tensors sliced, and their gradients zero-filled, per group
+            s, s_masks = self.side_sources(history[rows, cut])
+            s_masks = [m & items for m in s_masks]
             for layer in self.layers:
                 h = layer(h, s, s_masks, allowed, keep_h)
             return h[:, -1]
