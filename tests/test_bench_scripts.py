@@ -297,3 +297,46 @@ def test_tuned_table_trains_each_best_config_tests_it_and_compares_with_p_values
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
         f"tuned: no {ds.path('tune/other-cpu.toml')}; run bench_beauty_tune.sh first"]
+
+
+def test_results_archive_carries_studies_and_tested_runs_to_a_new_workdir(tmp_path):
+    """scripts/bench_results_archive.py: save copies the study database and the tested runs'
+    result files (no checkpoints); restore puts them into a workdir that lacks them and never
+    overwrites a run folder or study file that is there."""
+    import sqlite3
+
+    script = load_script("bench_results_archive")
+    old = tmp_path / "old" / "ds"
+    (old / "tune").mkdir(parents=True)
+    with sqlite3.connect(old / "tune" / "studies.sqlite3") as db:
+        db.execute("create table trials (number int, value real)")
+        db.executemany("insert into trials values (?, ?)", [(0, 0.05), (1, 0.06)])
+    db.close()
+    for run, tested in (("m-tuned-s0", True), ("m-tuned-s1", False), ("tune-m-t000", True)):
+        folder = old / "runs" / run
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(f'{{"run": "{run}"}}')
+        (folder / "best.pt").write_bytes(b"checkpoint")
+        if tested:
+            (folder / "metrics_test.json").write_text('{"ndcg@10": 0.05}')
+            np.save(folder / "ranks_test.npy", np.arange(5))
+    dest = tmp_path / "archive"
+    script.save(old, dest, ["*-tuned-s*"])
+
+    new = tmp_path / "new" / "ds"
+    (new / "runs" / "m-tuned-s0").mkdir(parents=True)  # already there: kept as it is
+    script.restore(new, dest)
+    with sqlite3.connect(new / "tune" / "studies.sqlite3") as db:
+        assert db.execute("select number, value from trials order by number").fetchall() == [(0, 0.05), (1, 0.06)]
+    db.close()
+    assert sorted(p.name for p in (new / "runs").iterdir()) == ["m-tuned-s0"]
+    assert list((new / "runs" / "m-tuned-s0").iterdir()) == []
+
+    fresh = tmp_path / "fresh" / "ds"
+    fresh.mkdir(parents=True)
+    script.restore(fresh, dest)
+    run = fresh / "runs" / "m-tuned-s0"  # only the tested tuned run, without its checkpoint
+    assert sorted(p.name for p in (fresh / "runs").iterdir()) == ["m-tuned-s0"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics_test.json", "ranks_test.npy"]
+    assert np.load(run / "ranks_test.npy").tolist() == [0, 1, 2, 3, 4]
+    assert not [p for p in fresh.rglob(".*")]  # no temporary left behind
