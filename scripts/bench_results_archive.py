@@ -61,6 +61,7 @@ def save(dataset: Path, dest: Path, patterns: list[str]) -> None:
         for run in runs:
             for path in result_files(run):
                 tar.add(path, arcname=f"{run.name}/{path.name}")
+    os.chmod(tmp_name, 0o644)  # mkstemp's 0600 would follow the file into a repository
     os.replace(tmp_name, dest / "runs.tar.xz")
     print(f"saved {len(runs)} runs -> {dest / 'runs.tar.xz'}: {', '.join(r.name for r in runs)}")
 
