@@ -22,7 +22,7 @@ from .errors import MmsrError
 from .metrics import MetricAccumulator, Selection
 from .popularity import BeyondAccuracy, item_popularity
 from .runs import load_run, recorded_codes
-from .runtime import keep_freed_memory, progress, resolve_device
+from .runtime import code_version, keep_freed_memory, progress, resolve_device
 from .significance import write_ranks
 from .workdir import write_json_atomic
 
@@ -253,6 +253,7 @@ def _score(ds, run: str, split: str, checkpoint: str, setting, ev: _Evaluation, 
         "seconds": round(time.perf_counter() - t0, 3),
         "protocol": "full ranking over all items, pessimistic ties, history items not excluded",
         "fingerprints": loaded.config.get("fingerprints", {}),
+        "code": code_version(),  # the code that evaluated; the run's config.json has the code that trained
     }
     if ev.applied is not None:
         record["setting"] = ev.applied

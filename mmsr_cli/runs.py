@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import contracts as C
+from .runtime import code_version
 from .errors import MmsrError, check_typed_fields, parse_list
 from .inputs import DatasetBundle, load_dataset
 from .metrics import check_metric
@@ -153,6 +154,9 @@ def config_record(ds: DatasetDir, tc: TrainConfig, bundle: DatasetBundle) -> dic
         "codes": codes,
         "fingerprints": dict(bundle.fingerprints),
         "data": {"n_items": bundle.info.n_items, "n_users": bundle.info.n_users, "max_len": bundle.info.max_len},
+        # the code of the run's latest training session (a resumed run may have changed code);
+        # not part of what a resume must match (config_difference)
+        "code": code_version(),
     }
 
 

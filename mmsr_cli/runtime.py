@@ -6,8 +6,11 @@ through the same object, so there is one stderr stream however mmsr is driven.""
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import random
+import subprocess
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -22,9 +25,29 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from . import __version__
 from .errors import MmsrError
 
 console = Console(stderr=True)  # progress and summaries; stdout is kept for data (recommend)
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict:
+    """The code that computes a run's numbers, for its config and metrics files: mmsr's version
+    and, where the package sits in a git checkout, the commit and whether the package's files
+    differ from it (None where git or the checkout is absent, as in an installed wheel)."""
+    package = Path(__file__).resolve().parent
+    commit = modified = None
+    try:
+        head = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            commit = head.stdout.strip()
+            status = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--", "."],
+                                    capture_output=True, text=True, timeout=10)
+            modified = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"mmsr": __version__, "commit": commit, "modified": modified}
 
 
 def set_seed(seed: int) -> None:

@@ -181,6 +181,40 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(cli, toy):
     assert len(json.loads((b / "history.json").read_text())) == 1
 
 
+def test_runs_and_metrics_record_the_code_that_made_them(cli, toy, monkeypatch):
+    """config.json and metrics_<split>.json name mmsr's version and, in a git checkout, the commit
+    and whether the package differs from it; a resume on other code is allowed and recorded."""
+    import subprocess
+
+    import mmsr_cli
+    from mmsr_cli import runtime
+
+    assert train(cli, toy, "--model", "pop", "--run-name", "coded").exit_code == 0
+    config = json.loads((run_folder(toy, "coded") / C.RUN_CONFIG).read_text())
+    package = Path(mmsr_cli.__file__).resolve().parent
+    head = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True)
+    expected = head.stdout.strip() if head.returncode == 0 else None
+    assert config["code"]["mmsr"] == mmsr_cli.__version__ and config["code"]["commit"] == expected
+    assert isinstance(config["code"]["modified"], bool) == (expected is not None)
+    assert evaluate(cli, toy, "--run", "coded", "--split", "valid").exit_code == 0
+    metrics = json.loads((run_folder(toy, "coded") / C.metrics_file("valid")).read_text())
+    assert metrics["code"] == config["code"]
+
+    # a resume on other code trains on and records the new code
+    other = {"mmsr": "9.9.9", "commit": "0" * 40, "modified": False}
+    monkeypatch.setattr(runtime, "code_version", lambda: other)
+    monkeypatch.setattr(mmsr_cli.runs, "code_version", lambda: other)
+    common = ["--model", "sasrec", *FAST, "--patience", "0", "--run-name", "moved"]
+    assert train(cli, toy, *common, "--epochs", "1").exit_code == 0
+    monkeypatch.undo()
+    monkeypatch.setattr(mmsr_cli.runs, "code_version", lambda: {**other, "commit": "1" * 40})
+    r = train(cli, toy, *common, "--epochs", "2")
+    assert r.exit_code == 0, r.stderr
+    config = json.loads((run_folder(toy, "moved") / C.RUN_CONFIG).read_text())
+    assert config["code"]["commit"] == "1" * 40
+    assert [h["epoch"] for h in json.loads((run_folder(toy, "moved") / "history.json").read_text())] == [1, 2]
+
+
 def test_pop_matches_a_direct_count_ranking(cli, toy):
     r = train(cli, toy, "--model", "pop")
     assert r.exit_code == 0, r.stderr
