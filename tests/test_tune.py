@@ -229,3 +229,26 @@ def test_shipped_beauty_spaces_search_the_same_ranges_for_every_model(name, mode
     if name.endswith("mmsr-authors"):
         expected.update(variant="authors", attention_dropout=0.2)
     assert fixed(space) == expected
+
+
+@pytest.mark.parametrize("study", ["sasrec", "sasrecf", "mmsr", "mmsr-authors"])
+def test_shipped_tuned_configs_are_what_tune_writes_for_a_trial_of_their_space(study):
+    """configs/tuned/beauty-ratio-*.toml (the best trials of the Beauty studies) hold options of
+    their study's space, and `mmsr tune` would write the same [train] table for those options."""
+    from types import SimpleNamespace
+
+    from mmsr_cli.space import read_space_file, searched
+
+    model = "mmsr" if study.startswith("mmsr") else study
+    space_file = "tune-beauty-cpu-mmsr-authors" if study == "mmsr-authors" else "tune-beauty-cpu"
+    space = read_space_file(CONFIGS / f"{space_file}.toml", model, model_space(model))
+    text = (CONFIGS / "tuned" / f"beauty-ratio-{study}.toml").read_text()
+    train = tomllib.loads(text)["train"]
+    params = {name: train[name.replace("_", "-")] for name in searched(space)}
+    for name, param in searched(space).items():
+        value = params[name]
+        assert value in param.values if isinstance(param, Choice) else param.low <= value <= param.high, name
+    settings = tuning.TuneSettings(model=model, epochs=10, patience=3, seed=0, metric="ndcg@10", space=space)
+    best = tuning.TrialRow(number=0, state="complete", value=0.05, epochs=10, run="r", params=params)
+    written = tuning.best_config_toml(SimpleNamespace(name="beauty-ratio"), "s", settings, best)
+    assert written.split("[train]\n")[1] == text.split("[train]\n")[1]
