@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from . import contracts as C
-from .runtime import code_version
 from .errors import MmsrError, check_typed_fields, parse_list
 from .inputs import DatasetBundle, load_dataset
 from .metrics import check_metric
@@ -34,6 +33,7 @@ from .models.aggregators import check_aggregator
 from .models.base import ModelConfig, Recommender
 from .models.layers import FUSION_MODES
 from .robustness import apply_drop, check_drop_options
+from .runtime import code_version
 from .workdir import DatasetDir, check_regular_file, read_file_text, write_torch_atomic
 
 # Options that may change between a run and its resumption (they do not change the result).

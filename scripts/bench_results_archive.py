@@ -102,10 +102,14 @@ def main() -> None:
     if not dataset.is_dir():
         print(f"bench_results_archive: error: {dataset}: no such dataset folder", file=sys.stderr)
         sys.exit(2)
-    if args.action == "save":
-        save(dataset, args.dest, args.runs or ["*-tuned-s*"])
-    else:
-        restore(dataset, args.dest)
+    try:
+        if args.action == "save":
+            save(dataset, args.dest, args.runs or ["*-tuned-s*"])
+        else:
+            restore(dataset, args.dest)
+    except (OSError, sqlite3.Error, tarfile.TarError) as e:  # a full disk, a damaged archive or database
+        print(f"bench_results_archive: error: {args.dest}: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
