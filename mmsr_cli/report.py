@@ -45,7 +45,8 @@ from .popularity import BUCKETS, RARE_MAX, flat_metrics
 from .runs import (NOT_EXPERIMENT, compare_runs, describe_experiment, experiment_key, option_token, recorded_codes,
                    with_config_defaults)
 from .significance import (ALPHA, MARK, Arm, PairTest, default_pairs, fmt_p, parse_pairs, read_ranks, run_tests,
-                           significant_cells)
+                           seeds_wilcoxon_note, significant_cells)
+from .space import PAPER_SPACE
 from .workdir import DatasetDir, bytes_writer, commit_atomic, read_file_text
 
 SHOWN = METRIC_NAMES  # hr, mrr, ndcg @5/10/20
@@ -260,9 +261,13 @@ def popularity_groups(runs: list[RunFiles], split: str) -> tuple[list[dict], dic
 
 
 def _default_model_options(config: dict) -> bool:
+    """The paper's model: every model option at its default but the hyper-parameters that tuning
+    searches for every model (space.PAPER_SPACE: layers, dropout), so a tuned paper-form MMSR is
+    the headline and a tuned ablation or the authors' variant is not."""
     defaults = with_config_defaults({})["model"]
     model = with_config_defaults(config)["model"]
-    return all(model[k] == v for k, v in defaults.items() if k not in ("model", "max_len", "modalities"))
+    tuned = {"model", "max_len", "modalities", *PAPER_SPACE}
+    return all(model[k] == v for k, v in defaults.items() if k not in tuned)
 
 
 def reference_mmsr(groups: list[Group]) -> Group | None:
@@ -361,6 +366,9 @@ def significance_section(tests: list[PairTest], unranked: list[str]) -> list[str
                       f"{fmt_p(t.t_p)} | {fmt_p(t.wilcoxon_p)} | {t.n_seeds or ''} | {fmt_p(t.seeds_t_p)} | "
                       f"{fmt_p(t.seeds_wilcoxon_p)} |")
         md.append("")
+        note = seeds_wilcoxon_note(tests)
+        if note:
+            md += [note, ""]
     if unranked:
         md += [f"No per-sample ranks for {', '.join(unranked)} (evaluated before `mmsr evaluate` stored them): "
                "re-run `mmsr evaluate` on them for paired tests.", ""]

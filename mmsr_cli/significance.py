@@ -7,7 +7,8 @@ samples are compared on each metric by
 * a paired t-test and a Wilcoxon signed-rank test (scipy.stats) over the test cases, each case's
   value being its metric (HR, MRR or NDCG@k of its rank) averaged over the experiment's seeds;
 * where both experiments have two or more seeds in common, the same two tests over the seeds
-  (each seed's mean metric, paired by seed).
+  (each seed's mean metric, paired by seed). Under six seeds the exact Wilcoxon test cannot give
+  p < 0.05 whatever the gains (``wilcoxon_floor``); the tables say so beside it.
 
 As in the paper's Table 2, a gain is marked significant (``*``) when both tests over the test
 cases give p < 0.05; by default each MMSR experiment is tested against the best baseline on each
@@ -66,6 +67,22 @@ class PairTest:
     @property
     def significant(self) -> bool:
         return self.diff > 0 and self.t_p < ALPHA and self.wilcoxon_p < ALPHA
+
+
+def wilcoxon_floor(n: int) -> float:
+    """The smallest p the exact two-sided Wilcoxon signed-rank test can give over n pairs: every
+    difference of one sign, probability 2 / 2^n (0.25 for three seeds, below 0.05 from six)."""
+    return 2.0 / 2 ** n
+
+
+def seeds_wilcoxon_note(tests: list[PairTest]) -> str:
+    """Why the Wilcoxon test over seeds cannot mark a gain with few seeds ("" where it can)."""
+    few = sorted({t.n_seeds for t in tests if t.n_seeds and wilcoxon_floor(t.n_seeds) >= ALPHA})
+    if not few:
+        return ""
+    floors = ", ".join(f"{wilcoxon_floor(n):.3g} with {n}" for n in few)
+    return (f"Over so few seeds the exact Wilcoxon test cannot reach p < {ALPHA} (its smallest p is 2/2^n: {floors} "
+            f"seeds); it needs six or more, the t-test over seeds does not.")
 
 
 def write_ranks(path: Path, ranks) -> None:

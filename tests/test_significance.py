@@ -48,6 +48,20 @@ def test_a_consistent_gain_is_significant_with_scipy_p_values_and_seed_tests():
     assert np.allclose(sig.case_values(base[0], "ndcg@5"), metrics_from_ranks(torch.from_numpy(base[0]), (5,))["ndcg@5"].numpy())
 
 
+@pytest.mark.parametrize("n", [3, 5, 6, 8])
+def test_the_wilcoxon_floor_over_seeds_is_scipys_smallest_p_and_the_note_says_when_it_blocks(n):
+    """Every seed better is the most extreme case: scipy's exact two-sided p is the floor, and the
+    note that the test cannot mark a gain appears exactly while that floor is >= 0.05."""
+    gains = np.arange(1, n + 1) / 100
+    assert stats.wilcoxon(gains, np.zeros(n)).pvalue == pytest.approx(sig.wilcoxon_floor(n))
+    test = sig.PairTest("mmsr", "sasrec", "ndcg@10", 0.01, 100, 0.01, 0.01, n_seeds=n)
+    note = sig.seeds_wilcoxon_note([test])
+    assert bool(note) == (sig.wilcoxon_floor(n) >= sig.ALPHA) == (n < 6)
+    if note:
+        assert f"{sig.wilcoxon_floor(n):.3g} with {n} seeds" in note
+    assert sig.seeds_wilcoxon_note([sig.PairTest("a", "b", "hr@5", 0.0, 10, 1.0, 1.0)]) == ""  # one seed: no test, no note
+
+
 def test_default_pairs_take_the_best_baseline_per_metric_and_other_samples_are_refused():
     rng = np.random.default_rng(2)
     good_hr = arm("gru4rec", "gru4rec", [np.where(rng.random(200) < 0.5, 15, 100)])  # many hits at rank 15

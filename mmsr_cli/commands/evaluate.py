@@ -167,5 +167,8 @@ def evaluate_command(
             pt.add_row(t.a, t.b, t.metric, f"{t.diff:+.4f}" + (sig.MARK if t.significant else ""), sig.fmt_p(t.t_p),
                        sig.fmt_p(t.wilcoxon_p), str(t.n_seeds or ""), sig.fmt_p(t.seeds_t_p), sig.fmt_p(t.seeds_wilcoxon_p))
         out.print(pt)
+        note = sig.seeds_wilcoxon_note(tests)
+        if note:
+            out.print(note, markup=False, highlight=False)
     console.print(f"compared {len(runs)} runs in {len(groups)} experiment(s); {len(tests)} paired test(s)",
                   markup=False, highlight=False)
