@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The CPU-sized tuning of the Beauty table (issue 17; docs/benchmarks.md): one `mmsr tune` study per
 # model on the same search space (configs/tune-beauty-cpu.toml; for "mmsr-authors" its authors'-form
-# twin) and the same budget, JOBS (default 2) studies at a time, one torch thread each.
+# twin) and the same budget, JOBS (default 2) studies at a time, one torch thread each. The Sports
+# table uses it unchanged on DATASET sports-ratio (scripts/bench_sports_prep.sh with SPLIT=ratio).
+# Two runs of the script on one study (another lane, another machine on the same workdir) share
+# its trials; both return once the study has TRIALS finished ones.
 #
 #   bash scripts/bench_beauty_tune.sh WORKDIR DATASET "MODEL ..." [TRIALS] [SEED]
 #

@@ -4,7 +4,10 @@
 # every seed of SEEDS and tested, JOBS (default 2) trainings at a time, one torch thread each; then
 # one `mmsr evaluate --compare` over all these runs: metrics as mean +- std over the seeds, and the
 # paired tests (t-test and Wilcoxon over the same test cases, and over seeds) of each MMSR form
-# against the best baseline on each metric.
+# against the best baseline on each metric. For Sports: DATASET sports-ratio, as for the studies.
+# Seeds may be split over lanes (one run of the script with "0 1", another with "2"): each run is
+# its own run folder; start them only after every `tune` of the study has returned, since the
+# config file is the study's best at the end.
 #
 #   bash scripts/bench_beauty_tuned.sh WORKDIR DATASET "STUDY ..." ["SEEDS"]
 #
