@@ -231,7 +231,7 @@ def test_shipped_beauty_spaces_search_the_same_ranges_for_every_model(name, mode
     assert fixed(space) == expected
 
 
-@pytest.mark.parametrize("study", ["sasrec", "sasrecf", "mmsr", "mmsr-authors", "bm3", "difsr"])
+@pytest.mark.parametrize("study", ["sasrec", "sasrecf", "mmsr", "mmsr-authors", "bm3", "difsr", "nova"])
 def test_shipped_tuned_configs_are_what_tune_writes_for_a_trial_of_their_space(study):
     """configs/tuned/beauty-ratio-*.toml (the best trials of the Beauty studies) hold options of
     their study's space, and `mmsr tune` would write the same [train] table for those options."""
