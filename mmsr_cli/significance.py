@@ -81,8 +81,9 @@ def seeds_wilcoxon_note(tests: list[PairTest]) -> str:
     if not few:
         return ""
     floors = ", ".join(f"{wilcoxon_floor(n):.3g} with {n}" for n in few)
+    need = next(n for n in range(2, 64) if wilcoxon_floor(n) < ALPHA)
     return (f"Over so few seeds the exact Wilcoxon test cannot reach p < {ALPHA} (its smallest p is 2/2^n: {floors} "
-            f"seeds); it needs six or more, the t-test over seeds does not.")
+            f"seeds); it needs {need} or more, the t-test over seeds does not.")
 
 
 def write_ranks(path: Path, ranks) -> None:
