@@ -231,18 +231,29 @@ def test_shipped_beauty_spaces_search_the_same_ranges_for_every_model(name, mode
     assert fixed(space) == expected
 
 
-@pytest.mark.parametrize("study", ["sasrec", "sasrecf", "mmsr", "mmsr-authors", "bm3", "difsr", "nova"])
-def test_shipped_tuned_configs_are_what_tune_writes_for_a_trial_of_their_space(study):
-    """configs/tuned/beauty-ratio-*.toml (the best trials of the Beauty studies) hold options of
-    their study's space, and `mmsr tune` would write the same [train] table for those options."""
+SHIPPED_TUNED = sorted(p.name for p in (CONFIGS / "tuned").glob("*.toml"))
+
+
+def test_every_beauty_study_has_a_shipped_config():
+    assert {n for n in SHIPPED_TUNED if n.startswith("beauty-ratio-")} == {
+        f"beauty-ratio-{s}.toml" for s in ("sasrec", "sasrecf", "mmsr", "mmsr-authors", "bm3", "difsr", "nova")}
+
+
+@pytest.mark.parametrize("file", SHIPPED_TUNED)
+def test_shipped_tuned_configs_are_what_tune_writes_for_a_trial_of_their_space(file):
+    """configs/tuned/DATASET-STUDY.toml (the best trials of the Beauty and Sports studies) hold
+    options of their study's space, and `mmsr tune` would write the same [train] table for them."""
     from types import SimpleNamespace
 
     from mmsr_cli.space import read_space_file, searched
 
+    text = (CONFIGS / "tuned" / file).read_text()
+    dataset = tomllib.loads(text)["dataset"]
+    assert file.startswith(f"{dataset}-")
+    study = file.removeprefix(f"{dataset}-").removesuffix(".toml")
     model = "mmsr" if study.startswith("mmsr") else study
     space_file = "tune-beauty-cpu-mmsr-authors" if study == "mmsr-authors" else "tune-beauty-cpu"
     space = read_space_file(CONFIGS / f"{space_file}.toml", model, model_space(model))
-    text = (CONFIGS / "tuned" / f"beauty-ratio-{study}.toml").read_text()
     train = tomllib.loads(text)["train"]
     params = {name: train[name.replace("_", "-")] for name in searched(space)}
     for name, param in searched(space).items():
@@ -250,5 +261,5 @@ def test_shipped_tuned_configs_are_what_tune_writes_for_a_trial_of_their_space(s
         assert value in param.values if isinstance(param, Choice) else param.low <= value <= param.high, name
     settings = tuning.TuneSettings(model=model, epochs=10, patience=3, seed=0, metric="ndcg@10", space=space)
     best = tuning.TrialRow(number=0, state="complete", value=0.05, epochs=10, run="r", params=params)
-    written = tuning.best_config_toml(SimpleNamespace(name="beauty-ratio"), "s", settings, best)
+    written = tuning.best_config_toml(SimpleNamespace(name=dataset), "s", settings, best)
     assert written.split("[train]\n")[1] == text.split("[train]\n")[1]
