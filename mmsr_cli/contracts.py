@@ -86,6 +86,7 @@ RANGE_HEADS = Range(1, 64)
 RANGE_TOP_K = Range(1, 1000)
 # tune (its trials train with --epochs and --patience as above)
 RANGE_TRIALS = Range(1, 10000)
+RANGE_PRUNE_AFTER = Range(0, 10000)  # tune --prune-after; 0 = no pruning
 
 # ----------------------------------------------------------------------------------------------
 # Stage names (manifest keys). Per-modality stages are suffixed with ":<modality>".

@@ -6,7 +6,8 @@ metric). It lives in ``<dataset>/tune/studies.sqlite3`` (Optuna's RDB storage), 
 
 * every trial is an ordinary run, ``runs/tune-<study>-t<NNN>/`` (config, checkpoints, history),
   trained by ``training.train``; it reports its best validation metric so far after each epoch
-  and the median pruner stops trials below the median of earlier ones at the same epoch;
+  and the median pruner stops trials below the median of earlier ones at the same epoch (from
+  epoch ``prune_after`` on; 0 turns pruning off);
 * trial 0 of a new study runs the defaults of `mmsr train` (where the space holds them);
 * a killed `tune` resumes where it stopped: a trial whose process died stops beating (Optuna's
   heartbeat), is marked failed and queued again with the same options, and the retry continues its
@@ -52,7 +53,7 @@ HEARTBEAT_SECONDS = 10  # a running trial records a heartbeat this often
 GRACE_SECONDS = 30  # ... and is taken as dead (killed) when silent this long
 STARTUP_TRIALS = 5  # TPE samples at random until this many trials have finished
 PRUNE_AFTER_TRIALS = 3  # the median pruner waits for this many finished trials ...
-PRUNE_AFTER_EPOCHS = 2  # ... and prunes a trial from this epoch on
+PRUNE_AFTER_EPOCHS = 2  # ... and, by default, prunes a trial from this epoch on
 
 
 @dataclass
@@ -65,9 +66,17 @@ class TuneSettings:
     seed: int
     metric: str
     space: dict[str, Any]  # option -> Range | Choice | fixed value
+    prune_after: int = PRUNE_AFTER_EPOCHS  # first epoch the median pruner may stop a trial; 0: never
 
     def record(self) -> dict:
         return {**asdict(self), "space": {k: S.describe(v) for k, v in sorted(self.space.items())}}
+
+    def pruner(self):
+        optuna = _optuna()
+        if self.prune_after == 0:
+            return optuna.pruners.NopPruner()
+        # Optuna's first prunable step is n_warmup_steps; a trial reports epochs 1, 2, ... as steps
+        return optuna.pruners.MedianPruner(n_startup_trials=PRUNE_AFTER_TRIALS, n_warmup_steps=self.prune_after)
 
 
 @dataclass
@@ -171,11 +180,12 @@ def open_study(ds: DatasetDir, name: str, settings: TuneSettings | None):
                 return optuna.load_study(study_name=name, storage=storage), lock
             except KeyError:
                 raise MmsrError(f"{path}: no study '{name}'; run `mmsr tune` first") from None
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNE_AFTER_TRIALS, n_warmup_steps=PRUNE_AFTER_EPOCHS)
-        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", pruner=pruner,
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", pruner=settings.pruner(),
                                     load_if_exists=True)
         record = settings.record()
         old = study.user_attrs.get("settings")
+        if old is not None and "prune_after" not in old:  # a study from before --prune-after pruned from epoch 2
+            old = {**old, "prune_after": PRUNE_AFTER_EPOCHS}
         if old is None:
             study.set_user_attr("settings", record)
             defaults = _defaults_in(S.searched(settings.space), settings.model)
@@ -234,6 +244,7 @@ def tune(
     no trial starts after that), then write the best options; see the module docstring. A full
     disk (however SQLite words it) is the one-line error; a storage it left half set up is removed."""
     C.RANGE_TRIALS.check("--trials", trials)
+    C.RANGE_PRUNE_AFTER.check("--prune-after", settings.prune_after)
     S.check_space(settings.space, settings.model, where="--space")
     if not S.searched(settings.space):
         raise MmsrError("--space: no option is searched (every entry is fixed)")

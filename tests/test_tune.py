@@ -144,6 +144,59 @@ def test_tune_refuses_pop_and_bad_options(tmp_path):
     assert "--trials: must be an integer in 1..10000, got 0" in one_error_line(tune(ds, "--model", "sasrec", "--trials", "0"))
 
 
+# Validation NDCG@10 after each epoch: trials 0-2 set the median (0.5 at epoch 2), trial 3 is
+# below it at every epoch and would end as the best trial but for pruning.
+CURVES = {0: [0.3, 0.5, 0.6, 0.6], 1: [0.3, 0.5, 0.6, 0.6], 2: [0.3, 0.5, 0.6, 0.6], 3: [0.1, 0.2, 0.25, 0.9]}
+
+
+@pytest.mark.parametrize("prune_after, pruned_at", [(None, 2), (1, 1), (3, 3), (0, None)])
+def test_the_median_pruner_stops_a_trial_below_the_median_from_prune_after_on(tmp_path, monkeypatch, prune_after, pruned_at):
+    """Trials follow CURVES (a scripted training): the fourth, below the median of the first three,
+    stops at --prune-after's epoch (default 2); with 0 it runs to the end and is the best."""
+    from types import SimpleNamespace
+
+    def scripted_train(ds, tc, mc, resume, on_epoch):
+        curve = CURVES[int(tc.run_name.rsplit("-t", 1)[1])]
+        for epoch, value in enumerate(curve, 1):
+            on_epoch({"epoch": epoch, "valid": {"ndcg@10": value}})
+        return SimpleNamespace(best_valid={"ndcg@10": max(curve)})
+
+    monkeypatch.setattr(tuning, "train", scripted_train)
+    ds = make_toy(tmp_path / "work")
+    args = ["--model", "sasrec", "--trials", "4", "--epochs", "4", "--study", "p", "--space", small_space(tmp_path)]
+    r = tune(ds, *args, *([] if prune_after is None else ["--prune-after", str(prune_after)]))
+    assert r.exit_code == 0, r.stderr
+    trials = studies(ds, "p").get_trials()
+    assert [t.state.name for t in trials[:3]] == ["COMPLETE"] * 3
+    last = trials[3]
+    if pruned_at is None:
+        assert last.state.name == "COMPLETE" and last.value == 0.9
+        assert tomllib.loads(ds.path(C.tune_config_file("p")).read_text())["train"]["lr"] == last.params["lr"]
+    else:
+        assert last.state.name == "PRUNED" and last.user_attrs["epochs"] == pruned_at
+    # the study keeps its pruning: resumed with another --prune-after, it is refused by name
+    other = "0" if prune_after != 0 else "2"
+    r = tune(ds, *args, "--trials", "5", "--prune-after", other)
+    assert "the study exists with another prune_after" in one_error_line(r) and r.exit_code == 2
+
+
+def test_a_study_from_before_prune_after_resumes_with_its_epoch_2_pruning(tmp_path, monkeypatch):
+    """Studies created before --prune-after recorded no such setting; they pruned from epoch 2 and
+    resume under the default, not under another --prune-after."""
+    ds = make_toy(tmp_path / "work")
+    args = ["--model", "sasrec", "--epochs", "1", "--patience", "0", "--study", "old", "--space", small_space(tmp_path)]
+    assert tune(ds, *args, "--trials", "1").exit_code == 0
+    study = studies(ds, "old")
+    settings = dict(study.user_attrs["settings"])
+    assert settings.pop("prune_after") == 2
+    study.set_user_attr("settings", settings)  # as such a study's storage holds it
+    r = tune(ds, *args, "--trials", "2", "--prune-after", "1")
+    assert "the study exists with another prune_after (2)" in one_error_line(r) and r.exit_code == 2
+    r = tune(ds, *args, "--trials", "2")
+    assert r.exit_code == 0, r.stderr
+    assert len(studies(ds, "old").get_trials()) == 2
+
+
 # `mmsr ARGS[1:]` that sends itself SIGKILL when run ARGS[0] is about to write its history of 3
 # epochs (last.pt of epoch 3 is saved, history.json still holds 2).
 KILL_AT_EPOCH_3 = r"""

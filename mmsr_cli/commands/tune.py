@@ -15,7 +15,7 @@ from ..distributed import launched
 from ..errors import MmsrError
 from ..models import check_model_name
 from ..space import model_space, read_space_file
-from ..tuning import TuneSettings, parse_timeout, tune
+from ..tuning import PRUNE_AFTER_EPOCHS, TuneSettings, parse_timeout, tune
 from ..workdir import DatasetDir
 
 
@@ -35,6 +35,7 @@ def tune_command(
     study: Annotated[Optional[str], typer.Option("--study", help="Study name [default: <model>-<split>-s<seed>].")] = None,
     epochs: Annotated[int, ranged("--epochs", rng=C.RANGE_EPOCHS, help="Maximum epochs per trial.")] = 50,
     patience: Annotated[int, ranged("--patience", rng=C.RANGE_PATIENCE, help="Early stopping of each trial (epochs without validation gain); 0 = never.")] = 5,
+    prune_after: Annotated[int, ranged("--prune-after", rng=C.RANGE_PRUNE_AFTER, help="First epoch at which the median pruner may stop a trial below the median of earlier trials; 0 = no pruning.")] = PRUNE_AFTER_EPOCHS,
     metric: Annotated[str, typer.Option("--metric", help="Validation metric the study maximises.")] = "ndcg@10",
     seed: SeedOpt = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
@@ -53,7 +54,8 @@ def tune_command(
     search = model_space(model)
     if space is not None:
         search = read_space_file(space, model, search)
-    settings = TuneSettings(model=model, epochs=epochs, patience=patience, seed=seed, metric=metric, space=search)
+    settings = TuneSettings(model=model, epochs=epochs, patience=patience, seed=seed, metric=metric, space=search,
+                            prune_after=prune_after)
     ds = DatasetDir.open(workdir, dataset)
 
     def progress(row) -> None:
