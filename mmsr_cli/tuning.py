@@ -13,6 +13,10 @@ metric). It lives in ``<dataset>/tune/studies.sqlite3`` (Optuna's RDB storage), 
   heartbeat), is marked failed and queued again with the same options, and the retry continues its
   run from ``last.pt``; ``--trials N`` counts the study's finished trials (complete, pruned, or
   ended by an error such as a diverging loss), so no trial is lost or counted twice;
+* a trial whose process was only silent (stopped, as by SIGSTOP or a suspended shell, or starved
+  past the grace period) and is still alive holds its run's lock: the retry waits for that lock
+  rather than fail, and the silent process, once it runs again, finds its trial failed at its next
+  report and lets go of the run, which the retry then continues from ``last.pt``;
 * two `tune` processes on one study share the work: a file lock makes "count the trials, start
   one" a single step, so together they run N trials;
 * it writes the best trial's options as ``tune/<study>.toml``, which `mmsr train --config` takes.
@@ -47,7 +51,7 @@ from .models import fields_not_read
 from .runs import TrainConfig, default_run_name
 from . import space as S
 from .training import train
-from .workdir import DatasetDir, full_disk_as_error, write_bytes_atomic
+from .workdir import DatasetDir, LockHeldError, full_disk_as_error, write_bytes_atomic
 
 HEARTBEAT_SECONDS = 10  # a running trial records a heartbeat this often
 GRACE_SECONDS = 30  # ... and is taken as dead (killed) when silent this long
@@ -239,9 +243,12 @@ def tune(
     timeout: float | None = None,
     device: str = "auto",
     on_trial: Callable[[TrialRow], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> TuneResult:
     """Run the study until it has ``trials`` finished trials (or ``timeout`` seconds have passed:
-    no trial starts after that), then write the best options; see the module docstring. A full
+    no trial starts after that), then write the best options; see the module docstring. ``on_trial``
+    sees each trial this process ends, ``on_note`` a line when a retry waits for a live holder of its
+    run or this process's trial was taken over by a retry. A full
     disk (however SQLite words it) is the one-line error; a storage it left half set up is removed."""
     C.RANGE_TRIALS.check("--trials", trials)
     C.RANGE_PRUNE_AFTER.check("--prune-after", settings.prune_after)
@@ -258,7 +265,7 @@ def tune(
     try:
         # SQLite says "database or disk is full" without an errno: the free space tells (workdir)
         with full_disk_as_error(storage):
-            return _tune(ds, settings, trials, name, timeout, device, on_trial, opened)
+            return _tune(ds, settings, trials, name, timeout, device, on_trial, on_note or (lambda line: None), opened)
     except MmsrError as e:
         if "no space left on device" in str(e) and not opened:  # a storage it could not even set up: removed
             for path in reversed(created):
@@ -268,7 +275,7 @@ def tune(
 
 
 def _tune(ds: DatasetDir, settings: TuneSettings, trials: int, name: str, timeout: float | None, device: str,
-          on_trial: Callable[[TrialRow], None] | None, opened: list[bool]) -> TuneResult:
+          on_trial: Callable[[TrialRow], None] | None, on_note: Callable[[str], None], opened: list[bool]) -> TuneResult:
     optuna = _optuna()
     study, lock = open_study(ds, name, settings)
     opened.append(True)
@@ -299,7 +306,20 @@ def _tune(ds: DatasetDir, settings: TuneSettings, trials: int, name: str, timeou
         try:
             tc, mc = S.configs(options, settings.model, run_name=run, epochs=settings.epochs, patience=settings.patience,
                                seed=settings.seed, metric=settings.metric, device=device)
-            result = train(ds, tc, mc, resume=resume, on_epoch=on_epoch)
+            waited = False
+            while True:
+                try:
+                    result = train(ds, tc, mc, resume=resume, on_epoch=on_epoch)
+                    break
+                except LockHeldError as e:
+                    if not resume:
+                        raise
+                    # The "dead" trial's process lives (it was stopped, not killed) and holds the run:
+                    # it lets go at its next report (see below) or when it dies; this trial beats meanwhile.
+                    if not waited:
+                        on_note(f"trial {trial.number} (a retry) waits for its run: {e}")
+                        waited = True
+                    time.sleep(HEARTBEAT_SECONDS)
         except MmsrError as e:
             trial.set_user_attr("error", str(e))
             raise
@@ -320,7 +340,16 @@ def _tune(ds: DatasetDir, settings: TuneSettings, trials: int, name: str, timeou
             # seeded by the trial's number: a resumed or second process draws other options
             study.sampler = optuna.samplers.TPESampler(
                 n_startup_trials=STARTUP_TRIALS, seed=int(np.random.SeedSequence([settings.seed, len(states)]).generate_state(1)[0]))
-            study.optimize(objective, n_trials=1, catch=(MmsrError,))
+            try:
+                study.optimize(objective, n_trials=1, catch=(MmsrError,))
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+                # Another process failed this trial as silent and queued its retry: the report (or
+                # Optuna's final tell) found it finished. The run is the retry's now; nothing is lost.
+                if not (ran and _state(_trial(study, ran[-1])) == "killed"):
+                    raise
+                on_note(f"trial {ran[-1]} was taken over by its retry (this process was silent for over "
+                        f"{GRACE_SECONDS} s); the retry continues run {_trial(study, ran[-1]).user_attrs.get('run')}")
+                ran.clear()
         finally:
             lock.release()
         if ran and on_trial is not None:
@@ -330,6 +359,10 @@ def _tune(ds: DatasetDir, settings: TuneSettings, trials: int, name: str, timeou
 
 
 FINISHED = ("complete", "pruned", "error")
+
+
+def _trial(study, number: int):
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
 
 
 def _state(t) -> str:

@@ -362,6 +362,10 @@ def read_parquet(path: Path, schema: pa.Schema | None = None, later: tuple[str, 
 # Writer locks
 
 
+class LockHeldError(MmsrError):
+    """:func:`writer_lock` found its lock held by a live process (named in the message)."""
+
+
 @contextlib.contextmanager
 def writer_lock(lock_file: Path, what: str) -> Iterator[None]:
     """Hold an exclusive lock on ``lock_file`` while writing ``what``; a second writer gets a
@@ -379,7 +383,7 @@ def writer_lock(lock_file: Path, what: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 500, 0).decode("utf-8", "replace").strip() or "another process"
-            raise MmsrError(
+            raise LockHeldError(
                 f"{lock_file}: {what} is being written by {holder}; wait for it to finish or stop it"
             ) from None
         try:  # who holds it, for the error above; best effort (a full disk still locks)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -247,6 +248,83 @@ def test_a_killed_tune_resumes_with_no_trial_lost_or_counted_twice(tmp_path, mon
     new = [t for t in trials if t.number > 1 and t is not retry]  # trial 2 or 3, whichever began first
     assert len(new) == 1 and new[0].user_attrs["run"] == f"tune-k-t{new[0].number:03d}"
     assert "process died; queued again" in r.stdout
+
+
+# `mmsr ARGS[1:]` with a 1 s heartbeat and a 2 s grace period that stops itself (SIGSTOP, as a
+# suspended shell or a hung machine would) when run ARGS[0] is about to write its history of 3 epochs.
+# ARGS[0] "-": no stop.
+STOP_AT_EPOCH_3 = r"""
+import os, signal, sys
+from mmsr_cli import training, tuning
+tuning.HEARTBEAT_SECONDS, tuning.GRACE_SECONDS = 1, 2
+run, args = sys.argv[1], sys.argv[2:]
+original = training.write_history
+def hooked(folder, history, *rest, **kw):
+    if folder.name == run and len(history) == 3:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return original(folder, history, *rest, **kw)
+training.write_history = hooked
+from mmsr_cli.app import main
+main(args)
+"""
+
+
+def _process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _wait_for(condition, what: str, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_stopped_trial_is_taken_over_by_its_retry_which_waits_for_the_run(tmp_path):
+    """A tune stopped (not killed) during trial 1 stops beating; a second tune fails the trial and
+    its retry waits for the run the stopped process still holds. Woken, the stopped process finds
+    its trial taken over at its next report and lets go; the retry continues the run from last.pt.
+    No trial ends in an error, none is lost, and --trials finished trials result."""
+    ds = make_toy(tmp_path / "work")
+    args = ["tune", "--workdir", str(ds.workdir), "--dataset", ds.name, "--model", "sasrec", "--trials", "3",
+            "--epochs", "6", "--patience", "0", "--study", "s", "--space", str(small_space(tmp_path))]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-c", STOP_AT_EPOCH_3, "tune-s-t001", *args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second = None
+    try:
+        _wait_for(lambda: first.poll() is not None or _process_state(first.pid) == "T", "the first tune to stop")
+        assert first.poll() is None, first.stdout.read()[-2000:]
+        second = subprocess.Popen([sys.executable, "-c", STOP_AT_EPOCH_3, "-", *args], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+        def retry_running() -> bool:
+            return any(t.number > 1 and t.state.name == "RUNNING" and t.user_attrs.get("run") == "tune-s-t001"
+                       for t in studies(ds, "s").get_trials())
+
+        _wait_for(lambda: second.poll() is not None or retry_running(), "the retry of trial 1")
+        time.sleep(3)  # the retry meets the run's lock, held by the stopped process
+        os.kill(first.pid, signal.SIGCONT)
+        out_first, _ = first.communicate(timeout=600)
+        out_second, _ = second.communicate(timeout=600)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert first.returncode == 0, out_first[-2000:]
+    assert second.returncode == 0, out_second[-2000:]
+    assert "trial 1 was taken over by its retry" in out_first
+    assert "(a retry) waits for its run" in out_second and "run-tune-s-t001.lock" in out_second
+    trials = studies(ds, "s").get_trials()
+    states = [tuning._state(t) for t in trials]
+    assert states.count("complete") == 3 and states.count("killed") == 1 and "error" not in states, states
+    retry = next(t for t in trials if t.number > 1 and t.user_attrs["run"] == "tune-s-t001")
+    assert retry.state.name == "COMPLETE" and retry.params == trials[1].params
+    history = json.loads((run_folder(ds, "tune-s-t001") / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, 7))  # the retry went on from epoch 3, no epoch twice
+    assert sorted(retry.intermediate_values) == list(range(1, 7))
 
 
 def test_a_space_can_pin_the_authors_variant_and_is_checked_as_a_whole(tmp_path):

@@ -63,7 +63,11 @@ def tune_command(
         console.print(f"trial {row.number} {row.state}{value} ({_params(row.params)}) {row.note}".rstrip(),
                       markup=False, highlight=False, soft_wrap=True)
 
-    result = tune(ds, settings, trials, study_name=study, timeout=seconds, device=device, on_trial=progress)
+    def note(line: str) -> None:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    result = tune(ds, settings, trials, study_name=study, timeout=seconds, device=device, on_trial=progress,
+                  on_note=note)
 
     out = Console()  # stdout: the trials table is the command's data
     if not out.is_terminal:
