@@ -8,7 +8,7 @@
   backup, safe while `mmsr tune` writes to it). Restored, `mmsr tune` resumes every study. A
   trial that was running is retried from its first epoch, since its ``last.pt`` stays behind.
 * ``runs.tar.xz``: of every run matching a GLOB (default ``*-tuned-s*``, the runs of
-  bench_beauty_tuned.sh) that has test metrics, the files that `mmsr report` and `mmsr evaluate
+  bench_tuned.sh) that has test metrics, the files that `mmsr report` and `mmsr evaluate
   --compare` read: config, history, metrics and per-sample ranks. Checkpoints are left out.
 
 ``restore`` puts both back: the study file only where the workdir has none, and each run only

@@ -254,7 +254,7 @@ def test_step_ab_imports_the_old_checkout_apart_and_it_computes_the_same_model(t
 
 @pytest.mark.slow  # two trainings, two evaluations and the comparison in fresh processes
 def test_tuned_table_trains_each_best_config_tests_it_and_compares_with_p_values(tmp_path):
-    """scripts/bench_beauty_tuned.sh: every study's best config file trained with each seed and
+    """scripts/bench_tuned.sh: every study's best config file trained with each seed and
     tested, then one --compare with the paired tests; run again, it trains nothing and compares
     the same runs; a study without its config file stops it before any training."""
     import json
@@ -269,7 +269,7 @@ def test_tuned_table_trains_each_best_config_tests_it_and_compares_with_p_values
         (tune / f"{study}.toml").write_text(
             f'dataset = "{ds.name}"\n\n[train]\nmodel = "{model}"\nepochs = 1\ndim = 8\nbatch-size = 64\n'
             'lr = 0.003\ndevice = "cpu"\n')
-    script = SCRIPT.with_name("bench_beauty_tuned.sh")
+    script = SCRIPT.with_name("bench_tuned.sh")
     env = {**os.environ, "MMSR": f"{sys.executable} -m mmsr_cli", "JOBS": "1",
            "PYTHONPATH": f"{SCRIPT.parents[1]}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     args = ["bash", str(script), str(ds.workdir), ds.name, "base-cpu ours-cpu", "3"]
@@ -296,7 +296,7 @@ def test_tuned_table_trains_each_best_config_tests_it_and_compares_with_p_values
     missing = subprocess.run(["bash", str(script), str(ds.workdir), ds.name, "base-cpu other-cpu"], env=env,
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
-        f"tuned: no {ds.path('tune/other-cpu.toml')}; run bench_beauty_tune.sh first"]
+        f"tuned: no {ds.path('tune/other-cpu.toml')}; run bench_tune.sh first"]
 
 
 def test_results_archive_carries_studies_and_tested_runs_to_a_new_workdir(tmp_path):

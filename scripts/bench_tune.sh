@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The CPU-sized tuning of the Beauty table (issue 17; docs/benchmarks.md): one `mmsr tune` study per
+# The CPU-sized tuning of Table 2 (issue 17; docs/benchmarks.md): one `mmsr tune` study per
 # model on the same search space (configs/tune-beauty-cpu.toml; for "mmsr-authors" its authors'-form
 # twin) and the same budget, JOBS (default 2) studies at a time, one torch thread each. The Sports
 # table uses it unchanged on DATASET sports-ratio (scripts/bench_sports_prep.sh with SPLIT=ratio).
 # Two runs of the script on one study (another lane, another machine on the same workdir) share
 # its trials; both return once the study has TRIALS finished ones.
 #
-#   bash scripts/bench_beauty_tune.sh WORKDIR DATASET "MODEL ..." [TRIALS] [SEED]
+#   bash scripts/bench_tune.sh WORKDIR DATASET "MODEL ..." [TRIALS] [SEED]
 #
 # MODEL is a model name (study MODEL-cpu) or mmsr-authors (study mmsr-authors-cpu). Each study runs
 # until it has TRIALS (default 12) finished trials, with the Table-2 epoch budget (--epochs 10
@@ -16,7 +16,7 @@
 # once with its table. Each study's
 # best options are written to WORKDIR/DATASET/tune/STUDY.toml for `mmsr train --config`.
 set -euo pipefail
-WORKDIR=${1:?usage: bench_beauty_tune.sh WORKDIR DATASET "MODEL ..." [TRIALS] [SEED]}
+WORKDIR=${1:?usage: bench_tune.sh WORKDIR DATASET "MODEL ..." [TRIALS] [SEED]}
 DATASET=${2:?dataset name}
 MODELS=${3:?models, e.g. "sasrec sasrecf mmsr mmsr-authors"}
 TRIALS=${4:-12}
