@@ -198,16 +198,18 @@ def test_a_study_from_before_prune_after_resumes_with_its_epoch_2_pruning(tmp_pa
     assert len(studies(ds, "old").get_trials()) == 2
 
 
-# `mmsr ARGS[1:]` that sends itself SIGKILL when run ARGS[0] is about to write its history of 3
-# epochs (last.pt of epoch 3 is saved, history.json still holds 2).
-KILL_AT_EPOCH_3 = r"""
+# `mmsr ARGS[2:]` (heartbeat every 1 s, silent after 2 s) that sends itself signal ARGS[0] (KILL:
+# killed; STOP: stopped, as by Ctrl-Z or a hung machine) when run ARGS[1] is about to write its
+# history of 3 epochs (last.pt of epoch 3 is saved, history.json still holds 2). ARGS[1] "-": never.
+SIGNAL_AT_EPOCH_3 = r"""
 import os, signal, sys
-from mmsr_cli import training
-run, args = sys.argv[1], sys.argv[2:]
+from mmsr_cli import training, tuning
+tuning.HEARTBEAT_SECONDS, tuning.GRACE_SECONDS = 1, 2
+sig, run, args = getattr(signal, "SIG" + sys.argv[1]), sys.argv[2], sys.argv[3:]
 original = training.write_history
 def hooked(folder, history, *rest, **kw):
     if folder.name == run and len(history) == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), sig)
     return original(folder, history, *rest, **kw)
 training.write_history = hooked
 from mmsr_cli.app import main
@@ -223,9 +225,9 @@ def test_a_killed_tune_resumes_with_no_trial_lost_or_counted_twice(tmp_path, mon
             "--epochs", "6", "--patience", "0", "--study", "k", "--space", str(small_space(tmp_path))]
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    # The child kills itself as trial 1 is about to record its third epoch (KILL_AT_EPOCH_3): no
+    # The child kills itself as trial 1 is about to record its third epoch (SIGNAL_AT_EPOCH_3): no
     # polling from here, so the kill point does not depend on the machine's load.
-    proc = subprocess.run([sys.executable, "-c", KILL_AT_EPOCH_3, "tune-k-t001", *args], env=env,
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT_EPOCH_3, "KILL", "tune-k-t001", *args], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     history = run_folder(ds, "tune-k-t001") / "history.json"
@@ -250,25 +252,6 @@ def test_a_killed_tune_resumes_with_no_trial_lost_or_counted_twice(tmp_path, mon
     assert "process died; queued again" in r.stdout
 
 
-# `mmsr ARGS[1:]` with a 1 s heartbeat and a 2 s grace period that stops itself (SIGSTOP, as a
-# suspended shell or a hung machine would) when run ARGS[0] is about to write its history of 3 epochs.
-# ARGS[0] "-": no stop.
-STOP_AT_EPOCH_3 = r"""
-import os, signal, sys
-from mmsr_cli import training, tuning
-tuning.HEARTBEAT_SECONDS, tuning.GRACE_SECONDS = 1, 2
-run, args = sys.argv[1], sys.argv[2:]
-original = training.write_history
-def hooked(folder, history, *rest, **kw):
-    if folder.name == run and len(history) == 3:
-        os.kill(os.getpid(), signal.SIGSTOP)
-    return original(folder, history, *rest, **kw)
-training.write_history = hooked
-from mmsr_cli.app import main
-main(args)
-"""
-
-
 def _process_state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
@@ -291,13 +274,13 @@ def test_a_stopped_trial_is_taken_over_by_its_retry_which_waits_for_the_run(tmp_
             "--epochs", "6", "--patience", "0", "--study", "s", "--space", str(small_space(tmp_path))]
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-c", STOP_AT_EPOCH_3, "tune-s-t001", *args], env=env,
+    first = subprocess.Popen([sys.executable, "-c", SIGNAL_AT_EPOCH_3, "STOP", "tune-s-t001", *args], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     second = None
     try:
         _wait_for(lambda: first.poll() is not None or _process_state(first.pid) == "T", "the first tune to stop")
         assert first.poll() is None, first.stdout.read()[-2000:]
-        second = subprocess.Popen([sys.executable, "-c", STOP_AT_EPOCH_3, "-", *args], env=env,
+        second = subprocess.Popen([sys.executable, "-c", SIGNAL_AT_EPOCH_3, "STOP", "-", *args], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
         def retry_running() -> bool:
