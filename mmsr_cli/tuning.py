@@ -158,9 +158,9 @@ def _optuna():
     return optuna
 
 
-def open_study(ds: DatasetDir, name: str, settings: TuneSettings | None):
+def open_study(ds: DatasetDir, name: str, settings: TuneSettings):
     """The study ``name`` of the dataset's storage; created with ``settings`` (and trial 0 queued
-    with the defaults) or checked against them. ``settings`` None: an existing study as it is."""
+    with the defaults) or checked against them."""
     optuna = _optuna()
     # optuna: only for `mmsr tune`
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -179,11 +179,6 @@ def open_study(ds: DatasetDir, name: str, settings: TuneSettings | None):
     lock = _StudyLock(path.with_suffix(".lock"))
     lock.acquire()
     try:
-        if settings is None:
-            try:
-                return optuna.load_study(study_name=name, storage=storage), lock
-            except KeyError:
-                raise MmsrError(f"{path}: no study '{name}'; run `mmsr tune` first") from None
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize", pruner=settings.pruner(),
                                     load_if_exists=True)
         record = settings.record()
