@@ -337,13 +337,15 @@ def _tune(ds: DatasetDir, settings: TuneSettings, trials: int, name: str, timeou
                 n_startup_trials=STARTUP_TRIALS, seed=int(np.random.SeedSequence([settings.seed, len(states)]).generate_state(1)[0]))
             try:
                 study.optimize(objective, n_trials=1, catch=(MmsrError,))
-            except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
-                # Another process failed this trial as silent and queued its retry: the report (or
-                # Optuna's final tell) found it finished. The run is the retry's now; nothing is lost.
-                if not (ran and _state(_trial(study, ran[-1])) == "killed"):
+            except ValueError:
+                # Another process failed this trial as silent and queued its retry: the trial's report
+                # raised, and Optuna's final tell refuses a finished trial ("Cannot tell a FAIL trial").
+                # The run is the retry's now; nothing is lost.
+                taken = _trial(study, ran[-1]) if ran else None
+                if taken is None or _state(taken) != "killed":
                     raise
-                on_note(f"trial {ran[-1]} was taken over by its retry (this process was silent for over "
-                        f"{GRACE_SECONDS} s); the retry continues run {_trial(study, ran[-1]).user_attrs.get('run')}")
+                on_note(f"trial {taken.number} was taken over by its retry (this process was silent for over "
+                        f"{GRACE_SECONDS} s); the retry continues run {taken.user_attrs.get('run')}")
                 ran.clear()
         finally:
             lock.release()

@@ -217,14 +217,21 @@ main(args)
 """
 
 
+def _three_trial_study(tmp_path: Path, study: str):
+    """The toy dataset, `mmsr tune` arguments for a 3-trial SASRec study of 6 epochs each, and the
+    environment of a child process that runs them."""
+    ds = make_toy(tmp_path / "work")
+    args = ["tune", "--workdir", str(ds.workdir), "--dataset", ds.name, "--model", "sasrec", "--trials", "3",
+            "--epochs", "6", "--patience", "0", "--study", study, "--space", str(small_space(tmp_path))]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    return ds, args, env
+
+
 def test_a_killed_tune_resumes_with_no_trial_lost_or_counted_twice(tmp_path, monkeypatch):
     """kill -9 while trial 1 trains: a new `tune` fails the silent trial, retries it from its
     last.pt under the same run, and ends with exactly --trials finished trials."""
-    ds = make_toy(tmp_path / "work")
-    args = ["tune", "--workdir", str(ds.workdir), "--dataset", ds.name, "--model", "sasrec", "--trials", "3",
-            "--epochs", "6", "--patience", "0", "--study", "k", "--space", str(small_space(tmp_path))]
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    ds, args, env = _three_trial_study(tmp_path, "k")
     # The child kills itself as trial 1 is about to record its third epoch (SIGNAL_AT_EPOCH_3): no
     # polling from here, so the kill point does not depend on the machine's load.
     proc = subprocess.run([sys.executable, "-c", SIGNAL_AT_EPOCH_3, "KILL", "tune-k-t001", *args], env=env,
@@ -269,11 +276,7 @@ def test_a_stopped_trial_is_taken_over_by_its_retry_which_waits_for_the_run(tmp_
     its retry waits for the run the stopped process still holds. Woken, the stopped process finds
     its trial taken over at its next report and lets go; the retry continues the run from last.pt.
     No trial ends in an error, none is lost, and --trials finished trials result."""
-    ds = make_toy(tmp_path / "work")
-    args = ["tune", "--workdir", str(ds.workdir), "--dataset", ds.name, "--model", "sasrec", "--trials", "3",
-            "--epochs", "6", "--patience", "0", "--study", "s", "--space", str(small_space(tmp_path))]
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    ds, args, env = _three_trial_study(tmp_path, "s")
     first = subprocess.Popen([sys.executable, "-c", SIGNAL_AT_EPOCH_3, "STOP", "tune-s-t001", *args], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     second = None
